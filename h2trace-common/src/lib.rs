@@ -1,0 +1,306 @@
+//! Wire types shared by the h2trace eBPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, has explicit padding and no `bool` or Rust enum, so
+//! both sides agree on the bytes. Each has a `const` size assertion: changing a layout is a
+//! wire change and must change both sides at once. Numeric ids (`kind`, states, owner sources)
+//! are stable: the agent's NDJSON output and recorded fixtures depend on them.
+#![no_std]
+
+/// Record kinds, the first field of every record's [`Header`].
+pub mod kind {
+    /// A socket's whole life, emitted once when the kernel destroys the socket.
+    pub const LIFE: u16 = 1;
+    /// One state transition (only with `--events all`, or entering CLOSE_WAIT).
+    pub const STATE: u16 = 2;
+    /// The socket sent a RST (`tcp:tcp_send_reset`).
+    pub const RESET_SENT: u16 = 3;
+    /// The socket processed a RST (`tcp:tcp_receive_reset`; also fires on local aborts).
+    pub const RESET_RECEIVED: u16 = 4;
+    /// A retransmission on an established socket (`tcp:tcp_retransmit_skb`).
+    pub const RETRANSMIT: u16 = 5;
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+/// Where the owner of a socket was learned. Higher is more trustworthy: a later, stronger
+/// source replaces a weaker one, never the other way round.
+pub mod owner_src {
+    /// Not known yet (the socket was only seen in softirq context).
+    pub const NONE: u8 = 0;
+    /// Inherited from the process that listens on the socket's local port.
+    pub const LISTENER: u8 = 1;
+    /// The process that closed the socket (`close()`/`shutdown()`, process context).
+    pub const CLOSE: u8 = 2;
+    /// The first process to send or receive on the socket.
+    pub const IO: u8 = 3;
+    /// The process that called `connect()`.
+    pub const CONNECT: u8 = 4;
+}
+
+/// How the agent first saw a socket's life.
+pub mod origin {
+    /// `connect()`: CLOSE → SYN_SENT.
+    pub const ACTIVE: u8 = 1;
+    /// Created by a listener: LISTEN → SYN_RECV (or SYN_RECV → ESTABLISHED).
+    pub const PASSIVE: u8 = 2;
+    /// First seen mid-life: the socket predates the tracer, or its entry was evicted.
+    pub const MID_LIFE: u8 = 3;
+}
+
+/// Indexes into the kernel's per-CPU `COUNTERS` array.
+pub mod counter {
+    /// `bpf_ringbuf_output` failed: the ring was full. Every such record is lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// `bpf_perf_event_output` failed. Every such record is lost.
+    pub const PERF_OUTPUT_FAIL: u32 = 1;
+    /// A socket life started being tracked.
+    pub const SOCK_TRACKED: u32 = 2;
+    /// A socket could not be tracked (map update failed).
+    pub const SOCK_TRACK_FAIL: u32 = 3;
+    /// A tracked socket life ended and its record was emitted (or its emission failed).
+    pub const SOCK_ENDED: u32 = 4;
+    /// More transitions than a record holds; the extra ones are only counted.
+    pub const TRANSITIONS_TRUNCATED: u32 = 5;
+    /// A listener's owner could not be stored.
+    pub const LISTENER_TRACK_FAIL: u32 = 6;
+    pub const COUNT: u32 = 8;
+}
+
+/// Flags in [`ProgConfig::flags`].
+pub mod flags {
+    /// Emit every state transition live (`--events all`).
+    pub const EMIT_ALL_TRANSITIONS: u32 = 1;
+    /// Send records through the perf event array instead of the ring buffer.
+    pub const USE_PERF: u32 = 2;
+    /// No destroy hook: end a life at the transition to CLOSE.
+    pub const END_AT_CLOSE: u32 = 4;
+    /// [`SockOffsets`] hold valid offsets (BTF was readable).
+    pub const HAVE_SOCK_OFFSETS: u32 = 8;
+}
+
+/// An offset that a tracepoint or structure does not have on this kernel.
+pub const ABSENT: u16 = u16::MAX;
+
+/// Common start of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// One of [`kind`].
+    pub kind: u16,
+    pub _pad: u16,
+    /// The CPU the record was produced on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was produced.
+    pub ts_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Header>() == 16);
+
+/// Identity, endpoints and owner of a socket. Addresses are in network byte order; IPv4
+/// addresses use the first four bytes. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockMeta {
+    /// Kernel address of `struct sock`; reused after free, so a life is `(skaddr, start_ns)`.
+    pub skaddr: u64,
+    /// When the life was first seen.
+    pub start_ns: u64,
+    pub cgroup_id: u64,
+    /// Inode of the socket's network namespace (0 when BTF offsets were not available).
+    pub netns: u32,
+    /// Owner process (thread group id) and thread; 0 when not known yet.
+    pub tgid: u32,
+    pub pid: u32,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    /// One of [`owner_src`].
+    pub owner_src: u8,
+    /// One of [`origin`].
+    pub origin: u8,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SockMeta>() == 96);
+
+/// Transitions a life record holds; a TCP life rarely has more than seven.
+pub const MAX_TRANSITIONS: usize = 12;
+
+/// Everything the kernel keeps about one socket life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockLife {
+    pub meta: SockMeta,
+    /// Kernel time of each transition.
+    pub trans_ns: [u64; MAX_TRANSITIONS],
+    /// New state of each transition.
+    pub trans_state: [u8; MAX_TRANSITIONS],
+    /// Old state of the first transition seen.
+    pub first_state: u8,
+    /// Transitions seen (saturating); only the first [`MAX_TRANSITIONS`] are stored.
+    pub n_trans: u8,
+    pub _pad: [u8; 2],
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub last_send_ns: u64,
+    pub last_recv_ns: u64,
+    pub rst_sent: u16,
+    pub rst_recv: u16,
+    pub retrans: u32,
+    /// Kernel time of the first RST sent / processed (0: none).
+    pub first_rst_sent_ns: u64,
+    pub first_rst_recv_ns: u64,
+    /// `enum sk_rst_reason` of the first RST sent (`u32::MAX` when the kernel has none).
+    pub rst_sent_reason: u32,
+    /// Socket state when the first RST was processed.
+    pub rst_recv_state: u8,
+    pub _pad2: [u8; 3],
+    pub last_retrans_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockLife>() == 280);
+
+/// All-zero values for the kernel's statics and scratch buffers.
+macro_rules! zeroed {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub const fn zeroed() -> Self {
+                // SAFETY: integers and arrays of integers only: all-zero is a valid value.
+                unsafe { core::mem::zeroed() }
+            }
+        }
+    )*};
+}
+zeroed!(SockLife, LifeRecord, LiveRecord, ProgConfig);
+
+/// [`kind::LIFE`]: a socket's life, emitted when it ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LifeRecord {
+    pub hdr: Header,
+    pub life: SockLife,
+}
+const _: () = assert!(core::mem::size_of::<LifeRecord>() == 296);
+
+/// [`kind::STATE`], [`kind::RESET_SENT`], [`kind::RESET_RECEIVED`], [`kind::RETRANSMIT`]:
+/// something that must be seen while it happens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveRecord {
+    pub hdr: Header,
+    /// The socket as known when the event happened (owner may still be unknown).
+    pub meta: SockMeta,
+    /// STATE: old → new. Resets and retransmissions: the socket's state in `new_state`.
+    pub old_state: u8,
+    pub new_state: u8,
+    pub _pad: u16,
+    /// RESET_SENT: `enum sk_rst_reason` (`u32::MAX` if the kernel has none).
+    /// RETRANSMIT: the transmit error (`err`), as an `i32`'s bits.
+    pub reason: u32,
+}
+const _: () = assert!(core::mem::size_of::<LiveRecord>() == 120);
+
+/// Offsets of the fields of `sock:inet_sock_set_state` in this kernel's trace record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetStateLayout {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
+
+/// Offsets in the trace records of the `tcp:*` events that name a socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkEventLayout {
+    pub skaddr: u16,
+    /// `state` ([`ABSENT`] where the event has none).
+    pub state: u16,
+    /// `reason` of `tcp_send_reset`, `err` of `tcp_retransmit_skb` ([`ABSENT`] if none).
+    pub reason: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SkEventLayout>() == 8);
+
+/// Offsets in `sock:sock_send_length` / `sock:sock_recv_length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LengthLayout {
+    pub sk: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub ret: u16,
+}
+const _: () = assert!(core::mem::size_of::<LengthLayout>() == 8);
+
+/// Offsets in kernel structures, from the kernel's BTF, for the kprobe path and the netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `struct sock_common` members (a `struct sock` starts with one).
+    pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_dport: u16,
+    pub skc_num: u16,
+    pub skc_family: u16,
+    pub skc_state: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    /// `skc_net` (a `possible_net_t`, whose first member is the `struct net *`).
+    pub skc_net: u16,
+    /// `struct net` → `ns` → `inum`.
+    pub net_ns_inum: u16,
+    pub _pad: [u16; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockOffsets>() == 24);
+
+/// Everything the agent hands the programs at load time (the `CONFIG` global).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgConfig {
+    /// [`flags`].
+    pub flags: u32,
+    /// Ring buffer: wake the agent only once this many bytes wait (batched wake-ups).
+    pub wake_bytes: u32,
+    pub set_state: SetStateLayout,
+    pub send_reset: SkEventLayout,
+    pub receive_reset: SkEventLayout,
+    pub retransmit: SkEventLayout,
+    pub destroy: SkEventLayout,
+    pub length: LengthLayout,
+    pub sock: SockOffsets,
+}
+const _: () = assert!(core::mem::size_of::<ProgConfig>() == 96);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and only integer fields,
+    // so every bit pattern is valid and none has implicit padding.
+    unsafe impl aya::Pod for super::ProgConfig {}
+    unsafe impl aya::Pod for super::SockLife {}
+}

@@ -1,0 +1,549 @@
+//! h2trace kernel programs: keep facts per TCP socket life, emit one record when it ends.
+//!
+//! Policy (what is a churn, what is a finding) lives in userspace; these programs only
+//! record what happened to each socket and when. Every record that cannot be delivered is
+//! counted in `COUNTERS`, which the agent reports as loss.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, ptr::addr_of};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_perf_event_output, bpf_probe_read_kernel,
+        bpf_ringbuf_output, bpf_ringbuf_query,
+    },
+    macros::{kprobe, map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, PerfEventArray, RingBuf},
+    programs::{ProbeContext, TracePointContext},
+};
+use h2trace_common::{
+    ABSENT, Header, LiveRecord, LifeRecord, MAX_TRANSITIONS, ProgConfig, SockLife, SockMeta,
+    counter, flags, kind, origin, owner_src, tcp_state,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u8 = 6;
+const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Set by the agent at load time (tracepoint layouts, BTF offsets, mode flags).
+#[unsafe(no_mangle)]
+static CONFIG: ProgConfig = ProgConfig::zeroed();
+
+/// Read a field of [`CONFIG`] through a volatile load, so the compiler cannot fold the
+/// all-zero initial value that the agent replaces at load time.
+macro_rules! config {
+    ($($field:tt)+) => {
+        unsafe { core::ptr::read_volatile(&CONFIG.$($field)+) }
+    };
+}
+
+/// Socket lives in progress, keyed by `struct sock *`. LRU so that a flood of sockets can
+/// never exhaust it; evictions are reconciled from the counters by the agent.
+#[map]
+static SOCKS: LruHashMap<u64, SockLife> = LruHashMap::with_max_entries(65536, 0);
+
+/// Owner of each listening socket, keyed by (netns, family, port), so that sockets created
+/// by the listener in softirq context start with a plausible owner.
+#[map]
+static LISTENERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(4096, 0);
+
+/// Per-CPU scratch space: a `LifeRecord` does not fit the 512-byte stack with the rest.
+#[map]
+static SCRATCH: PerCpuArray<LifeRecord> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map]
+static RING: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+#[map]
+static EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Owner {
+    tgid: u32,
+    pid: u32,
+    cgroup_id: u64,
+    comm: [u8; 16],
+}
+
+/// Endpoints as the hook saw them.
+#[derive(Clone, Copy)]
+struct Tuple {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+unsafe fn read<T>(base: *const u8, off: u16) -> Option<T> {
+    if off == ABSENT {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T).ok() }
+}
+
+/// Deliver one record through the transport the agent chose.
+#[inline(always)]
+fn emit<C: EbpfContext, T>(ctx: &C, data: *const T) {
+    let len = core::mem::size_of::<T>() as u64;
+    if config!(flags) & flags::USE_PERF != 0 {
+        let map = addr_of!(EVENTS) as *mut c_void;
+        let r = unsafe {
+            bpf_perf_event_output(ctx.as_ptr(), map, BPF_F_CURRENT_CPU, data as *mut c_void, len)
+        };
+        if r < 0 {
+            count(counter::PERF_OUTPUT_FAIL);
+        }
+    } else {
+        let map = addr_of!(RING) as *mut c_void;
+        // Batch wake-ups: the agent also drains on a short timer, so it only needs a wake-up
+        // when enough has piled up.
+        let waiting = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
+        let wake = if waiting >= config!(wake_bytes) as u64 {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        let r = unsafe { bpf_ringbuf_output(map, data as *mut c_void, len, wake) };
+        if r < 0 {
+            count(counter::RINGBUF_FULL);
+        }
+    }
+}
+
+#[inline(always)]
+fn header(k: u16, now: u64) -> Header {
+    Header {
+        kind: k,
+        _pad: 0,
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: now,
+    }
+}
+
+#[inline(always)]
+fn current_owner() -> Option<Owner> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == 0 {
+        return None; // idle task / softirq on an idle CPU
+    }
+    Some(Owner {
+        tgid,
+        pid: pid_tgid as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    })
+}
+
+/// Take the current task as owner if `src` is stronger than what the socket has. Only call
+/// from hooks that run in the owner's process context.
+#[inline(always)]
+fn claim_owner(meta: &mut SockMeta, src: u8) {
+    if meta.owner_src >= src {
+        return;
+    }
+    if let Some(o) = current_owner() {
+        set_owner(meta, &o, src);
+    }
+}
+
+#[inline(always)]
+fn set_owner(meta: &mut SockMeta, o: &Owner, src: u8) {
+    meta.tgid = o.tgid;
+    meta.pid = o.pid;
+    meta.cgroup_id = o.cgroup_id;
+    meta.comm = o.comm;
+    meta.owner_src = src;
+}
+
+/// Network namespace inode of a socket: `sk->__sk_common.skc_net.net->ns.inum`.
+#[inline(always)]
+fn netns_of(sk: *const u8) -> u32 {
+    if config!(flags) & flags::HAVE_SOCK_OFFSETS == 0 {
+        return 0;
+    }
+    let (net_off, inum_off) = (config!(sock.skc_net), config!(sock.net_ns_inum));
+    let net: u64 = match unsafe { read(sk, net_off) } {
+        Some(p) => p,
+        None => return 0,
+    };
+    unsafe { read(net as *const u8, inum_off) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn listener_key(netns: u32, family: u16, port: u16) -> u64 {
+    ((netns as u64) << 32) | ((family as u64) << 16) | port as u64
+}
+
+fn emit_live<C: EbpfContext>(ctx: &C, k: u16, meta: &SockMeta, old: u8, new: u8, reason: u32, now: u64) {
+    let rec = LiveRecord {
+        hdr: header(k, now),
+        meta: *meta,
+        old_state: old,
+        new_state: new,
+        _pad: 0,
+        reason,
+    };
+    emit(ctx, &rec as *const LiveRecord);
+}
+
+/// Emit the life record of a tracked socket (the entry stays; callers remove or reuse it).
+#[inline(always)]
+fn end_life<C: EbpfContext>(ctx: &C, life: *const SockLife, now: u64) {
+    count(counter::SOCK_ENDED);
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    unsafe {
+        (*rec).hdr = header(kind::LIFE, now);
+        (*rec).life = *life;
+    }
+    emit(ctx, rec as *const LifeRecord);
+}
+
+/// Start tracking a socket life; returns the map entry.
+#[inline(always)]
+fn start_life(sk: u64, old: u8, new: u8, t: &Tuple, netns: u32, now: u64) -> Option<*mut SockLife> {
+    let rec = SCRATCH.get_ptr_mut(0)?;
+    let life = unsafe { &mut (*rec).life };
+    *life = SockLife::zeroed();
+    life.rst_sent_reason = u32::MAX;
+    life.first_state = old;
+    life.meta.skaddr = sk;
+    life.meta.start_ns = now;
+    life.meta.netns = netns;
+    life.meta.family = t.family;
+    life.meta.origin = if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        origin::ACTIVE
+    } else if new == tcp_state::SYN_RECV || old == tcp_state::SYN_RECV {
+        origin::PASSIVE
+    } else {
+        origin::MID_LIFE
+    };
+    if life.meta.origin == origin::PASSIVE {
+        let key = listener_key(netns, t.family, t.sport);
+        if let Some(o) = unsafe { LISTENERS.get(&key) } {
+            set_owner(&mut life.meta, o, owner_src::LISTENER);
+        }
+    }
+    if SOCKS.insert(&sk, &*life, 0).is_err() {
+        count(counter::SOCK_TRACK_FAIL);
+        return None;
+    }
+    count(counter::SOCK_TRACKED);
+    SOCKS.get_ptr_mut(&sk)
+}
+
+/// Shared by the tracepoint and the kprobe: one state transition of one TCP socket.
+#[inline(always)]
+fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let emit_all = config!(flags) & flags::EMIT_ALL_TRANSITIONS != 0;
+    let netns = netns_of(sk as *const u8);
+
+    // Listening sockets have no connection life; remember who listens, for the children.
+    if new == tcp_state::LISTEN || old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        let key = listener_key(netns, t.family, t.sport);
+        if new == tcp_state::LISTEN {
+            if let Some(o) = current_owner() {
+                if LISTENERS.insert(&key, &o, 0).is_err() {
+                    count(counter::LISTENER_TRACK_FAIL);
+                }
+            }
+        } else {
+            let _ = LISTENERS.remove(&key);
+        }
+        if emit_all {
+            let mut meta = SockMeta::default();
+            meta.skaddr = sk;
+            meta.start_ns = now;
+            meta.netns = netns;
+            fill_tuple(&mut meta, t);
+            if let Some(o) = current_owner() {
+                set_owner(&mut meta, &o, owner_src::CLOSE);
+            }
+            emit_live(ctx, kind::STATE, &meta, old, new, 0, now);
+        }
+        return;
+    }
+
+    let life = match SOCKS.get_ptr_mut(&sk) {
+        // CLOSE → SYN_SENT on a socket we know: connect() after a disconnect; a new life.
+        Some(p) if old == tcp_state::CLOSE => {
+            end_life(ctx, p, now);
+            start_life(sk, old, new, t, netns, now)
+        }
+        Some(p) => Some(p),
+        None => start_life(sk, old, new, t, netns, now),
+    };
+    let Some(life) = life else { return };
+    let life = unsafe { &mut *life };
+
+    // The source port is picked after CLOSE → SYN_SENT: refresh endpoints while they fill in.
+    if t.sport != 0 || life.meta.sport == 0 {
+        fill_tuple(&mut life.meta, t);
+    }
+    let n = life.n_trans as usize;
+    if n < MAX_TRANSITIONS {
+        life.trans_ns[n] = now;
+        life.trans_state[n] = new;
+    } else {
+        count(counter::TRANSITIONS_TRUNCATED);
+    }
+    life.n_trans = life.n_trans.saturating_add(1);
+
+    // Only these transitions run in the owner's process context (connect(), close(),
+    // shutdown()); the others run in softirq on whatever task was on the CPU.
+    match (old, new) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => claim_owner(&mut life.meta, owner_src::CONNECT),
+        (tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)
+        | (tcp_state::SYN_RECV, tcp_state::FIN_WAIT1)
+        | (tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK) => claim_owner(&mut life.meta, owner_src::CLOSE),
+        _ => {}
+    }
+
+    if emit_all || new == tcp_state::CLOSE_WAIT {
+        emit_live(ctx, kind::STATE, &life.meta, old, new, 0, now);
+    }
+    if new == tcp_state::CLOSE && config!(flags) & flags::END_AT_CLOSE != 0 {
+        end_life(ctx, life, now);
+        let _ = SOCKS.remove(&sk);
+    }
+}
+
+#[inline(always)]
+fn fill_tuple(meta: &mut SockMeta, t: &Tuple) {
+    meta.family = t.family;
+    meta.sport = t.sport;
+    meta.dport = t.dport;
+    meta.saddr = t.saddr;
+    meta.daddr = t.daddr;
+}
+
+/// `sock:inet_sock_set_state` (`inet_sk_state_store`/`tcp_set_state`, Linux ≥ 4.16).
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state_tp(&ctx);
+    0
+}
+
+fn try_set_state_tp(ctx: &TracePointContext) -> Option<()> {
+    let l = config!(set_state);
+    let base = ctx.as_ptr() as *const u8;
+    // The width of `protocol` changed between kernels (u8 → u16); little-endian, so the first
+    // byte is the protocol either way.
+    let proto: u8 = unsafe { read(base, l.protocol)? };
+    if proto != IPPROTO_TCP {
+        return None;
+    }
+    let family: u16 = unsafe { read(base, l.family)? };
+    let mut t = Tuple {
+        family,
+        sport: unsafe { read(base, l.sport)? },
+        dport: unsafe { read(base, l.dport)? },
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if family == AF_INET {
+        let s: [u8; 4] = unsafe { read(base, l.saddr)? };
+        let d: [u8; 4] = unsafe { read(base, l.daddr)? };
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        t.saddr = unsafe { read(base, l.saddr_v6)? };
+        t.daddr = unsafe { read(base, l.daddr_v6)? };
+    } else {
+        return None;
+    }
+    let sk: u64 = unsafe { read(base, l.skaddr)? };
+    let old: i32 = unsafe { read(base, l.oldstate)? };
+    let new: i32 = unsafe { read(base, l.newstate)? };
+    on_state(ctx, sk, old as u8, new as u8, &t);
+    Some(())
+}
+
+/// `tcp_set_state(struct sock *sk, int state)` for kernels without the tracepoint. Reads the
+/// old state and the endpoints from `struct sock_common` with offsets from the kernel's BTF.
+#[kprobe]
+pub fn tcp_set_state(ctx: ProbeContext) -> u32 {
+    let _ = try_set_state_kprobe(&ctx);
+    0
+}
+
+fn try_set_state_kprobe(ctx: &ProbeContext) -> Option<()> {
+    if config!(flags) & flags::HAVE_SOCK_OFFSETS == 0 {
+        return None;
+    }
+    let sk: *const u8 = ctx.arg(0)?;
+    let new: i32 = ctx.arg(1)?;
+    let o = config!(sock);
+    let old: u8 = unsafe { read(sk, o.skc_state)? };
+    let family: u16 = unsafe { read(sk, o.skc_family)? };
+    let dport_be: u16 = unsafe { read(sk, o.skc_dport)? };
+    let mut t = Tuple {
+        family,
+        sport: unsafe { read(sk, o.skc_num)? },
+        dport: u16::from_be(dport_be),
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if family == AF_INET {
+        let s: [u8; 4] = unsafe { read(sk, o.skc_rcv_saddr)? };
+        let d: [u8; 4] = unsafe { read(sk, o.skc_daddr)? };
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        t.saddr = unsafe { read(sk, o.skc_v6_rcv_saddr)? };
+        t.daddr = unsafe { read(sk, o.skc_v6_daddr)? };
+    } else {
+        return None;
+    }
+    on_state(ctx, sk as u64, old, new as u8, &t);
+    Some(())
+}
+
+/// `tcp:tcp_send_reset` (`tcp_v4_send_reset`/`tcp_send_active_reset`).
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let l = config!(send_reset);
+    let base = ctx.as_ptr() as *const u8;
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
+    let reason = unsafe { read::<u32>(base, l.reason) }.unwrap_or(u32::MAX);
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let life = unsafe { &mut *life };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if life.rst_sent == 0 {
+        life.first_rst_sent_ns = now;
+        life.rst_sent_reason = reason;
+    }
+    life.rst_sent = life.rst_sent.saturating_add(1);
+    let state = current_state(life);
+    emit_live(&ctx, kind::RESET_SENT, &life.meta, state, state, reason, now);
+    0
+}
+
+/// `tcp:tcp_receive_reset` (`tcp_reset`). Also fires when the kernel aborts a socket itself
+/// (data after close): userspace tells the two apart with the RST it then sends.
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let l = config!(receive_reset);
+    let base = ctx.as_ptr() as *const u8;
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let life = unsafe { &mut *life };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let state = current_state(life);
+    if life.rst_recv == 0 {
+        life.first_rst_recv_ns = now;
+        life.rst_recv_state = state;
+    }
+    life.rst_recv = life.rst_recv.saturating_add(1);
+    emit_live(&ctx, kind::RESET_RECEIVED, &life.meta, state, state, u32::MAX, now);
+    0
+}
+
+/// `tcp:tcp_retransmit_skb` (`__tcp_retransmit_skb`).
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let l = config!(retransmit);
+    let base = ctx.as_ptr() as *const u8;
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let life = unsafe { &mut *life };
+    let now = unsafe { bpf_ktime_get_ns() };
+    life.retrans = life.retrans.saturating_add(1);
+    life.last_retrans_ns = now;
+    let state = current_state(life);
+    // On an established socket a retransmission is the only trace a black hole leaves.
+    if state == tcp_state::ESTABLISHED || config!(flags) & flags::EMIT_ALL_TRANSITIONS != 0 {
+        let err = unsafe { read::<i32>(base, l.reason) }.unwrap_or(0);
+        emit_live(&ctx, kind::RETRANSMIT, &life.meta, state, state, err as u32, now);
+    }
+    0
+}
+
+/// `tcp:tcp_destroy_sock` (`tcp_v4_destroy_sock`): the socket's life is over, after any
+/// RST that followed its move to CLOSE.
+#[tracepoint]
+pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    let l = config!(destroy);
+    let base = ctx.as_ptr() as *const u8;
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    end_life(&ctx, life, unsafe { bpf_ktime_get_ns() });
+    let _ = SOCKS.remove(&sk);
+    0
+}
+
+/// `sock:sock_send_length` (`sock_sendmsg`), process context: bytes, activity, owner.
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    on_length(&ctx, true);
+    0
+}
+
+/// `sock:sock_recv_length` (`sock_recvmsg`), process context: bytes, activity, owner.
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    on_length(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
+    let l = config!(length);
+    let base = ctx.as_ptr() as *const u8;
+    let proto: u8 = unsafe { read(base, l.protocol)? };
+    if proto != IPPROTO_TCP {
+        return None;
+    }
+    let sk: u64 = unsafe { read(base, l.sk)? };
+    let life = unsafe { &mut *SOCKS.get_ptr_mut(&sk)? };
+    let ret: i32 = unsafe { read(base, l.ret)? };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if ret > 0 {
+        if send {
+            life.bytes_sent += ret as u64;
+            life.last_send_ns = now;
+        } else {
+            life.bytes_recv += ret as u64;
+            life.last_recv_ns = now;
+        }
+    }
+    claim_owner(&mut life.meta, owner_src::IO);
+    Some(())
+}
+
+#[inline(always)]
+fn current_state(life: &SockLife) -> u8 {
+    match life.n_trans as usize {
+        0 => life.first_state,
+        n => life.trans_state[(n - 1).min(MAX_TRANSITIONS - 1)],
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what building and testing h2trace needs on a fresh Debian 12 machine, idempotently:
+# Debian's Rust 1.96 with the prebuilt `core` for bpfel-unknown-none (the eBPF side), bpf-linker
+# 0.13.0 linked against Debian's libLLVM 22, iproute2 for the namespace tests, and a mounted
+# tracefs. Safe to run again: every step checks first.
+set -euo pipefail
+
+log() { printf 'install-toolchain: %s\n' "$*" >&2; }
+
+# apt on these machines can trip over a concurrent run (another apt holding the lock, or
+# downloaded packages cleaned between update and install): retry a few times.
+apt_install() {
+	local missing=()
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	log "apt-get install ${missing[*]}"
+	local i
+	for i in 1 2 3 4 5; do
+		if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends "${missing[@]}"; then
+			return 0
+		fi
+		log "apt failed (try $i), retrying in $((i * 5)) s"
+		sleep $((i * 5))
+	done
+	log "apt-get install ${missing[*]} failed"
+	return 1
+}
+
+apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 iproute2 ca-certificates
+
+# tracefs: the tracepoint format files and the tracepoints themselves live there.
+if [ ! -e /sys/kernel/tracing/events ]; then
+	log "mounting tracefs on /sys/kernel/tracing"
+	mount -t tracefs nodev /sys/kernel/tracing || log "could not mount tracefs (not root?)"
+fi
+
+# bpf-linker 0.13.0 against Debian's libLLVM 22. Its build script looks for
+# $LLVM_PREFIX/lib/libLLVM.so, so a prefix holding one symlink is enough.
+linker_ok() { command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; }
+if ! linker_ok; then
+	libllvm=$(ls /usr/lib/x86_64-linux-gnu/libLLVM.so.22* 2>/dev/null | head -n1)
+	[ -n "$libllvm" ] || { log "libLLVM 22 not found after installing libllvm22"; exit 1; }
+	prefix=${XDG_CACHE_HOME:-$HOME/.cache}/h2trace/llvm-22
+	mkdir -p "$prefix/lib"
+	ln -sf "$libllvm" "$prefix/lib/libLLVM.so"
+	log "building bpf-linker 0.13.0 (llvm-22, ~70 s)"
+	LLVM_PREFIX=$prefix LLVM_SYS_221_PREFIX=$prefix cargo install bpf-linker --version 0.13.0 --locked \
+		--no-default-features --features llvm-22
+	linker_ok || { log "bpf-linker did not install"; exit 1; }
+fi
+log "toolchain ready"

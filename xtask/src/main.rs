@@ -1,0 +1,123 @@
+//! Developer and CI entry points: `cargo xtask setup | build-ebpf | test | run`.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "h2trace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain and test tools if missing (Debian packages, bpf-linker).
+    Setup,
+    /// Build the eBPF object (release, with BTF) that the agent embeds.
+    BuildEbpf,
+    /// Set up, build the eBPF object, and run the whole test suite. As root this includes
+    /// the kernel integration tests.
+    Test {
+        /// Skip the kernel integration tests even when running as root.
+        #[arg(long)]
+        no_kernel: bool,
+    },
+    /// Build everything and run h2trace with the given arguments (as root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Test { no_kernel } => {
+            setup()?;
+            build_ebpf()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--all-targets"]);
+            if no_kernel {
+                cmd.env("H2TRACE_SKIP_KERNEL_TESTS", "1");
+            }
+            run(&mut cmd)
+        }
+        Cmd::Run { args } => {
+            setup()?;
+            build_ebpf()?;
+            run(cargo().args(["run", "--release", "--package", "h2trace", "--"]).args(args))
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn setup() -> Result<()> {
+    let script = root().join("scripts/install-toolchain.sh");
+    if !is_root() {
+        // Without root we cannot install; the build below says what is missing.
+        eprintln!("xtask: not root, skipping {}", script.display());
+        return Ok(());
+    }
+    run(Command::new("bash").arg(script))
+}
+
+/// Debian's Rust 1.96 builds the programs: it ships a prebuilt `core` for bpfel-unknown-none.
+/// Everything rustup's cargo exported to us must be cleared, or Debian's cargo would call
+/// rustup's rustc.
+fn build_ebpf() -> Result<()> {
+    let debian_cargo = Path::new("/usr/bin/cargo");
+    if !debian_cargo.exists() {
+        bail!("/usr/bin/cargo (Debian's cargo-web) is missing: run `cargo xtask setup` as root");
+    }
+    let dir = root().join("h2trace-ebpf");
+    let mut cmd = Command::new(debian_cargo);
+    cmd.current_dir(&dir);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO") || k.starts_with("RUSTUP") || k.starts_with("RUSTC") || k == "RUSTFLAGS" {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTDOC", "/usr/bin/rustdoc")
+        // aya-ebpf uses asm_experimental_arch.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["build", "--release"]);
+    run(&mut cmd).context("building the eBPF programs")?;
+    let obj = dir.join("target/bpfel-unknown-none/release/h2trace");
+    println!("xtask: eBPF object {}", obj.display());
+    Ok(())
+}
