@@ -15,9 +15,9 @@ use aya_ebpf::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_perf_event_output, bpf_probe_read_kernel,
         bpf_ringbuf_output, bpf_ringbuf_query,
     },
-    macros::{kprobe, map, tracepoint},
+    macros::{fentry, kprobe, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, PerfEventArray, RingBuf},
-    programs::{ProbeContext, TracePointContext},
+    programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use h2trace_common::{
     ABSENT, Header, LiveRecord, LifeRecord, MAX_TRANSITIONS, ProgConfig, SockLife, SockMeta,
@@ -385,17 +385,26 @@ fn try_set_state_tp(ctx: &TracePointContext) -> Option<()> {
 /// `tcp_set_state(struct sock *sk, int state)` for kernels without the tracepoint. Reads the
 /// old state and the endpoints from `struct sock_common` with offsets from the kernel's BTF.
 #[kprobe]
-pub fn tcp_set_state(ctx: ProbeContext) -> u32 {
-    let _ = try_set_state_kprobe(&ctx);
+pub fn tcp_set_state_kprobe(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(new)) = (ctx.arg::<*const u8>(0), ctx.arg::<i32>(1)) {
+        let _ = set_state_from_sock(&ctx, sk, new);
+    }
     0
 }
 
-fn try_set_state_kprobe(ctx: &ProbeContext) -> Option<()> {
+/// The same hook as an fentry program, where the kernel allows it (cheaper than a kprobe).
+#[fentry(function = "tcp_set_state")]
+pub fn tcp_set_state_fentry(ctx: FEntryContext) -> u32 {
+    let sk: *const u8 = ctx.arg(0);
+    let new: i32 = ctx.arg(1);
+    let _ = set_state_from_sock(&ctx, sk, new);
+    0
+}
+
+fn set_state_from_sock<C: EbpfContext>(ctx: &C, sk: *const u8, new: i32) -> Option<()> {
     if config!(flags) & flags::HAVE_SOCK_OFFSETS == 0 {
         return None;
     }
-    let sk: *const u8 = ctx.arg(0)?;
-    let new: i32 = ctx.arg(1)?;
     let o = config!(sock);
     let old: u8 = unsafe { read(sk, o.skc_state)? };
     let family: u16 = unsafe { read(sk, o.skc_family)? };

@@ -1,1 +1,16 @@
-
+//! h2trace: explains, from the kernel, why HTTP/2 and gRPC clients fail to reuse connections.
+//!
+//! Data flow: `probe` (load and attach the kernel programs) → `source` (ring or perf
+//! buffers, loss counters) → `event` (decode) → `order` (merge by kernel time) → `filter`
+//! (`--pid`, ports, family) → `output` (NDJSON or text). `run` wires them together; `check`
+//! reports what the kernel allows.
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod filter;
+pub mod order;
+pub mod output;
+pub mod probe;
+pub mod run;
+pub mod source;

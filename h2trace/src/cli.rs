@@ -1,0 +1,102 @@
+//! Command-line options, as typed. `config` validates and resolves them.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::probe::{ProbeChoice, TransportChoice};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "h2trace",
+    version,
+    about = "Explain, from the kernel, why HTTP/2 and gRPC clients fail to reuse connections",
+    long_about = "h2trace follows every TCP connection of a process (or of the whole host) from the \
+kernel: when it opened, each state it went through, who sent FIN or RST first, bytes each way, \
+retransmissions. It prints one record per finished connection, plus the few events that must be \
+seen live (CLOSE_WAIT, resets, retransmissions on established connections).",
+    after_help = "Examples:
+  sudo h2trace --pid 1234                 follow one service's connections (text on a terminal)
+  sudo h2trace -D 443 --duration 30s -o conns.ndjson
+                                          connections to port 443 for 30 s, as NDJSON
+  sudo h2trace --events all -4            every TCP state change on the host, IPv4 only
+  sudo h2trace check                      what this kernel supports, and what is missing
+
+Output: text on a terminal, NDJSON otherwise (one JSON object per line; see docs/ndjson.md).
+Exit status: 0 done (or --duration over, or SIGTERM), 130 interrupted (SIGINT), 1 cannot trace
+(privileges, kernel), 2 bad usage (flags, a pid that does not exist)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report what this kernel and these privileges allow: BTF, tracefs, each hook and
+    /// transport (works, or why not), capabilities. Exit 0 if tracing can run.
+    Check,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people, and a summary at exit.
+    Text,
+    /// One JSON object per line (ECS field names), for log pipelines.
+    Ndjson,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Events {
+    /// One record per finished connection, plus CLOSE_WAIT, resets and retransmissions live.
+    Default,
+    /// Also every state transition as it happens (like tcpstates), for debugging.
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Only sockets owned by these processes (all their threads), comma-separated.
+    #[arg(short, long, value_delimiter = ',', value_name = "PID")]
+    pub pid: Vec<u32>,
+    /// Stop after this long (e.g. 30s, 5m, 1h). Default: until Ctrl-C or SIGTERM.
+    #[arg(short, long, value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Output format. Default: text on a terminal, NDJSON otherwise.
+    #[arg(short, long, value_enum)]
+    pub format: Option<Format>,
+    /// Write records to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Only sockets with these local ports, comma-separated.
+    #[arg(short = 'L', long = "local-port", value_delimiter = ',', value_name = "PORT")]
+    pub local_port: Vec<u16>,
+    /// Only sockets with these remote ports, comma-separated.
+    #[arg(short = 'D', long = "remote-port", value_delimiter = ',', value_name = "PORT")]
+    pub remote_port: Vec<u16>,
+    /// IPv4 only.
+    #[arg(short = '4', long, conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// IPv6 only.
+    #[arg(short = '6', long)]
+    pub ipv6: bool,
+    /// Which events to emit live.
+    #[arg(long, value_enum, default_value = "default")]
+    pub events: Events,
+    /// How to observe TCP state changes (auto: tracepoint, else fentry, else kprobe).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub probe: ProbeChoice,
+    /// How records leave the kernel (auto: ring buffer when the kernel has it).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportChoice,
+    /// Ring buffer size (a power of two, e.g. 8MiB).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB")]
+    pub ring_size: String,
+    /// Perf buffer pages per CPU (a power of two).
+    #[arg(long, value_name = "PAGES", default_value_t = 256)]
+    pub perf_pages: usize,
+    /// Socket lives tracked at once in the kernel (LRU; evictions are counted).
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub max_sockets: u32,
+}

@@ -1,0 +1,120 @@
+//! Options validated and resolved into what the run needs.
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+
+use crate::{
+    cli::{Events, Format, TraceArgs},
+    filter::Filter,
+    probe::ProbeOptions,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no process with pid {0} (is it running? h2trace follows live processes only)")]
+    NoSuchPid(u32),
+    #[error("invalid --duration {0:?}: {1} (examples: 30s, 5m, 1h30m)")]
+    Duration(String, String),
+    #[error("invalid --ring-size {0:?}: {1}")]
+    RingSize(String, String),
+    #[error("invalid --perf-pages {0}: must be a power of two")]
+    PerfPages(usize),
+    #[error("invalid --max-sockets 0: must be at least 1")]
+    MaxSockets,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub filter: Filter,
+    pub duration: Option<Duration>,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub probe: ProbeOptions,
+    pub perf_pages: usize,
+}
+
+/// Wake the agent when this much waits in the ring (it also drains on a timer).
+const WAKE_BYTES: u32 = 256 * 1024;
+
+pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
+    for &pid in &a.pid {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() || pid == 0 {
+            return Err(ConfigError::NoSuchPid(pid));
+        }
+    }
+    let duration = a
+        .duration
+        .as_ref()
+        .map(|d| humantime::parse_duration(d).map_err(|e| ConfigError::Duration(d.clone(), e.to_string())))
+        .transpose()?;
+    let ring: bytesize::ByteSize =
+        a.ring_size.parse().map_err(|e: String| ConfigError::RingSize(a.ring_size.clone(), e))?;
+    let ring_bytes = u32::try_from(ring.as_u64())
+        .ok()
+        .filter(|b| b.is_power_of_two() && *b >= 4096)
+        .ok_or_else(|| ConfigError::RingSize(a.ring_size.clone(), "must be a power of two from 4KiB to 2GiB".into()))?;
+    if !a.perf_pages.is_power_of_two() {
+        return Err(ConfigError::PerfPages(a.perf_pages));
+    }
+    if a.max_sockets == 0 {
+        return Err(ConfigError::MaxSockets);
+    }
+    let format = a.format.unwrap_or(if a.output.is_none() && std::io::stdout().is_terminal() {
+        Format::Text
+    } else {
+        Format::Ndjson
+    });
+    Ok(Config {
+        filter: Filter {
+            pids: (!a.pid.is_empty()).then(|| a.pid.iter().copied().collect()),
+            local_ports: a.local_port.clone(),
+            remote_ports: a.remote_port.clone(),
+            ipv6: if a.ipv4 { Some(false) } else if a.ipv6 { Some(true) } else { None },
+        },
+        duration,
+        format,
+        output: a.output.clone(),
+        probe: ProbeOptions {
+            probe: a.probe,
+            transport: a.transport,
+            emit_all_transitions: a.events == Events::All,
+            ring_bytes,
+            max_sockets: a.max_sockets,
+            wake_bytes: WAKE_BYTES.min(ring_bytes / 4),
+        },
+        perf_pages: a.perf_pages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+
+    fn args(v: &[&str]) -> TraceArgs {
+        Cli::try_parse_from(std::iter::once("h2trace").chain(v.iter().copied())).unwrap().trace
+    }
+
+    #[test]
+    fn resolves_defaults_and_filters() {
+        let me = std::process::id().to_string();
+        let c = resolve(&args(&["--pid", &me, "-L", "80,443", "-4", "--duration", "1m30s", "-f", "ndjson"])).unwrap();
+        assert_eq!(c.filter.pids.unwrap().len(), 1);
+        assert_eq!(c.filter.local_ports, [80, 443]);
+        assert_eq!(c.filter.ipv6, Some(false));
+        assert_eq!(c.duration, Some(Duration::from_secs(90)));
+        assert_eq!(c.probe.ring_bytes, 8 << 20);
+        assert!(!c.probe.emit_all_transitions);
+    }
+
+    #[test]
+    fn rejects_bad_values_with_their_reason() {
+        let err = resolve(&args(&["--pid", "4194304"])).unwrap_err();
+        assert!(matches!(err, ConfigError::NoSuchPid(4194304)));
+        assert!(resolve(&args(&["--duration", "soon"])).unwrap_err().to_string().contains("soon"));
+        assert!(resolve(&args(&["--ring-size", "3000"])).is_err());
+        assert!(resolve(&args(&["--perf-pages", "3"])).is_err());
+        assert!(Cli::try_parse_from(["h2trace", "-4", "-6"]).is_err());
+        assert!(Cli::try_parse_from(["h2trace", "--probe", "uprobe"]).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! Kernel records decoded into typed events. Pure: bytes in, values out.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use h2trace_common::{
+    Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife, SockMeta, kind, origin, owner_src,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than a header")]
+    Short(usize),
+    #[error("record kind {kind}: {len} bytes, expected {expected}")]
+    Size { kind: u16, len: usize, expected: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u16),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+/// TCP state names as the kernel spells them, without the `TCP_` prefix.
+pub fn state_name(s: u8) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// A socket life is `(kernel address, first-seen time)`: addresses are reused after free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId {
+    pub skaddr: u64,
+    pub start_ns: u64,
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{:x}", self.skaddr, self.start_ns)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerSource {
+    Listener,
+    Close,
+    Io,
+    Connect,
+}
+
+impl OwnerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Listener => "listener",
+            Self::Close => "close",
+            Self::Io => "io",
+            Self::Connect => "connect",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub source: OwnerSource,
+}
+
+/// How the life began, as far as the tracer saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `connect()`: this side is the client.
+    Active,
+    /// Created by a listener: this side is the server.
+    Passive,
+    /// First seen mid-life (the socket predates the tracer, or its entry was evicted).
+    MidLife,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Socket {
+    pub id: SocketId,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub owner: Option<Owner>,
+    pub origin: Origin,
+}
+
+impl Socket {
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub ts_ns: u64,
+    pub state: u8,
+}
+
+/// The kernel's facts about one finished socket life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Life {
+    pub first_state: u8,
+    pub transitions: Vec<Transition>,
+    /// Transitions that happened but did not fit the record.
+    pub transitions_dropped: u32,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_send_ns: Option<u64>,
+    pub last_recv_ns: Option<u64>,
+    pub resets_sent: u16,
+    pub resets_received: u16,
+    pub first_reset_sent_ns: Option<u64>,
+    pub first_reset_received_ns: Option<u64>,
+    pub reset_sent_reason: Option<u32>,
+    pub reset_received_state: Option<u8>,
+    pub retransmits: u32,
+    pub last_retransmit_ns: Option<u64>,
+}
+
+impl Life {
+    /// The states in order, starting with the state before the first transition.
+    pub fn states(&self) -> impl Iterator<Item = u8> + '_ {
+        std::iter::once(self.first_state).chain(self.transitions.iter().map(|t| t.state))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// The socket's life ended (the kernel destroyed it).
+    Life(Box<Life>),
+    State { old: u8, new: u8 },
+    ResetSent { state: u8, reason: Option<u32> },
+    ResetReceived { state: u8 },
+    Retransmit { state: u8, err: i32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Kernel time (CLOCK_MONOTONIC ns).
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub socket: Socket,
+    pub body: Body,
+}
+
+fn read<T: Copy>(bytes: &[u8], k: u16) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
+    // Perf samples carry up to 7 bytes of alignment padding after the payload.
+    if bytes.len() < expected || bytes.len() > expected + 7 {
+        return Err(DecodeError::Size { kind: k, len: bytes.len(), expected });
+    }
+    // SAFETY: length checked; T is a repr(C) integer-only wire type, valid for any bits.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn nonzero(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+/// Decode one record as the kernel wrote it.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() < size_of::<Header>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked above; Header is integer-only.
+    let hdr: Header = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    match hdr.kind {
+        kind::LIFE => {
+            let rec: LifeRecord = read(bytes, hdr.kind)?;
+            let socket = socket(&rec.life.meta)?;
+            Ok(Event { ts_ns: hdr.ts_ns, cpu: hdr.cpu, socket, body: Body::Life(Box::new(life(&rec.life))) })
+        }
+        kind::STATE | kind::RESET_SENT | kind::RESET_RECEIVED | kind::RETRANSMIT => {
+            let rec: LiveRecord = read(bytes, hdr.kind)?;
+            let body = match hdr.kind {
+                kind::STATE => Body::State { old: rec.old_state, new: rec.new_state },
+                kind::RESET_SENT => Body::ResetSent {
+                    state: rec.new_state,
+                    reason: (rec.reason != u32::MAX).then_some(rec.reason),
+                },
+                kind::RESET_RECEIVED => Body::ResetReceived { state: rec.new_state },
+                _ => Body::Retransmit { state: rec.new_state, err: rec.reason as i32 },
+            };
+            Ok(Event { ts_ns: hdr.ts_ns, cpu: hdr.cpu, socket: socket(&rec.meta)?, body })
+        }
+        k => Err(DecodeError::UnknownKind(k)),
+    }
+}
+
+fn life(l: &SockLife) -> Life {
+    let stored = (l.n_trans as usize).min(MAX_TRANSITIONS);
+    Life {
+        first_state: l.first_state,
+        transitions: (0..stored)
+            .map(|i| Transition { ts_ns: l.trans_ns[i], state: l.trans_state[i] })
+            .collect(),
+        transitions_dropped: u32::from(l.n_trans) - stored as u32,
+        bytes_sent: l.bytes_sent,
+        bytes_received: l.bytes_recv,
+        last_send_ns: nonzero(l.last_send_ns),
+        last_recv_ns: nonzero(l.last_recv_ns),
+        resets_sent: l.rst_sent,
+        resets_received: l.rst_recv,
+        first_reset_sent_ns: nonzero(l.first_rst_sent_ns),
+        first_reset_received_ns: nonzero(l.first_rst_recv_ns),
+        reset_sent_reason: (l.rst_sent > 0 && l.rst_sent_reason != u32::MAX).then_some(l.rst_sent_reason),
+        reset_received_state: (l.rst_recv > 0).then_some(l.rst_recv_state),
+        retransmits: l.retrans,
+        last_retransmit_ns: nonzero(l.last_retrans_ns),
+    }
+}
+
+fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
+    let (local, remote) = match m.family {
+        AF_INET => {
+            let ip = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+            (ip(&m.saddr), ip(&m.daddr))
+        }
+        AF_INET6 => (IpAddr::V6(Ipv6Addr::from(m.saddr)), IpAddr::V6(Ipv6Addr::from(m.daddr))),
+        f => return Err(DecodeError::Family(f)),
+    };
+    let source = match m.owner_src {
+        owner_src::LISTENER => Some(OwnerSource::Listener),
+        owner_src::CLOSE => Some(OwnerSource::Close),
+        owner_src::IO => Some(OwnerSource::Io),
+        owner_src::CONNECT => Some(OwnerSource::Connect),
+        _ => None,
+    };
+    let owner = source.filter(|_| m.tgid != 0).map(|source| Owner {
+        tgid: m.tgid,
+        pid: m.pid,
+        comm: comm(&m.comm),
+        cgroup_id: m.cgroup_id,
+        source,
+    });
+    Ok(Socket {
+        id: SocketId { skaddr: m.skaddr, start_ns: m.start_ns },
+        netns: m.netns,
+        local: SocketAddr::new(local, m.sport),
+        remote: SocketAddr::new(remote, m.dport),
+        owner,
+        origin: match m.origin {
+            origin::ACTIVE => Origin::Active,
+            origin::PASSIVE => Origin::Passive,
+            _ => Origin::MidLife,
+        },
+    })
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use h2trace_common::tcp_state::*;
+
+    pub fn meta(family: u16) -> SockMeta {
+        let mut m = SockMeta {
+            skaddr: 0xffff_8880_1234_5678,
+            start_ns: 1_000,
+            netns: 4026531840,
+            tgid: 42,
+            pid: 43,
+            family,
+            sport: 40000,
+            dport: 8080,
+            owner_src: owner_src::CONNECT,
+            origin: origin::ACTIVE,
+            ..Default::default()
+        };
+        m.comm[..4].copy_from_slice(b"curl");
+        if family == AF_INET {
+            m.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+            m.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        } else {
+            m.saddr = Ipv6Addr::LOCALHOST.octets();
+            m.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        }
+        m
+    }
+
+    pub fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: test-only view of an integer-only repr(C) value.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_a_life_record() {
+        let mut life = SockLife::zeroed();
+        life.meta = meta(AF_INET);
+        life.first_state = CLOSE;
+        for (i, s) in [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE].into_iter().enumerate() {
+            life.trans_ns[i] = 1_000 + i as u64 * 10;
+            life.trans_state[i] = s;
+        }
+        life.n_trans = 5;
+        life.bytes_sent = 100;
+        life.rst_sent_reason = u32::MAX;
+        let rec = LifeRecord { hdr: Header { kind: kind::LIFE, _pad: 0, cpu: 1, ts_ns: 2_000 }, life };
+        let ev = decode(&bytes_of(&rec)).unwrap();
+        assert_eq!(ev.ts_ns, 2_000);
+        assert_eq!(ev.socket.local, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(ev.socket.remote, "127.0.0.2:8080".parse().unwrap());
+        assert_eq!(ev.socket.owner.as_ref().unwrap().comm, "curl");
+        assert_eq!(ev.socket.origin, Origin::Active);
+        let Body::Life(l) = ev.body else { panic!("not a life") };
+        assert_eq!(l.states().collect::<Vec<_>>(), [CLOSE, SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE]);
+        assert_eq!(l.bytes_sent, 100);
+        assert_eq!(l.reset_sent_reason, None);
+        assert_eq!(l.last_send_ns, None);
+    }
+
+    #[test]
+    fn decodes_live_records_and_unknown_owner() {
+        let mut m = meta(AF_INET6);
+        m.owner_src = owner_src::NONE;
+        let rec = LiveRecord {
+            hdr: Header { kind: kind::RESET_SENT, _pad: 0, cpu: 0, ts_ns: 5 },
+            meta: m,
+            old_state: ESTABLISHED,
+            new_state: ESTABLISHED,
+            _pad: 0,
+            reason: 12,
+        };
+        let ev = decode(&bytes_of(&rec)).unwrap();
+        assert_eq!(ev.body, Body::ResetSent { state: ESTABLISHED, reason: Some(12) });
+        assert!(ev.socket.owner.is_none());
+        assert!(ev.socket.is_ipv6());
+        assert_eq!(ev.socket.remote.ip(), "fd00::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        assert_eq!(decode(&[0; 4]), Err(DecodeError::Short(4)));
+        let mut b = vec![0u8; 120];
+        b[0] = 99;
+        assert_eq!(decode(&b), Err(DecodeError::UnknownKind(99)));
+        b[0] = kind::LIFE as u8;
+        assert!(matches!(decode(&b), Err(DecodeError::Size { kind: 1, len: 120, .. })));
+        b[0] = kind::STATE as u8;
+        assert_eq!(decode(&b), Err(DecodeError::Family(0)));
+    }
+
+    #[test]
+    fn accepts_perf_alignment_padding() {
+        let rec = LiveRecord {
+            hdr: Header { kind: kind::STATE, _pad: 0, cpu: 0, ts_ns: 5 },
+            meta: meta(AF_INET),
+            old_state: ESTABLISHED,
+            new_state: CLOSE_WAIT,
+            _pad: 0,
+            reason: 0,
+        };
+        let mut b = bytes_of(&rec);
+        b.extend_from_slice(&[0; 4]);
+        assert_eq!(decode(&b).unwrap().body, Body::State { old: ESTABLISHED, new: CLOSE_WAIT });
+    }
+}

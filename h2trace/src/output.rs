@@ -1,0 +1,640 @@
+//! Sinks: NDJSON for log pipelines, aligned text for people.
+//!
+//! The NDJSON shape is documented in `docs/ndjson.md` and `docs/h2trace.schema.json`; field
+//! names follow Elastic ECS where ECS has one, everything else is under `h2trace.*`.
+//! `source` is always the local end of the socket and `destination` the remote end.
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+    net::{IpAddr, SocketAddr},
+};
+
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::json;
+use sha1::{Digest, Sha1};
+
+use crate::event::{Body, Event, Life, Origin, Socket, state_name};
+
+pub const SCHEMA: &str = "h2trace/1";
+
+/// Converts kernel CLOCK_MONOTONIC time to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Wall-clock ns minus monotonic ns, measured once at start.
+    pub offset_ns: i128,
+}
+
+impl Clock {
+    pub fn rfc3339(&self, ktime_ns: u64) -> String {
+        let wall = ktime_ns as i128 + self.offset_ns;
+        let secs = wall.div_euclid(1_000_000_000) as i64;
+        let nanos = wall.rem_euclid(1_000_000_000) as u32;
+        chrono::DateTime::from_timestamp(secs, nanos)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    }
+}
+
+/// Community ID v1 (seed 0) of a TCP flow: the same for both ends of a connection, so
+/// records from client and server (and from other tools) join on it.
+pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
+    let key = |s: &SocketAddr| match s.ip() {
+        IpAddr::V4(ip) => (ip.octets().to_vec(), s.port()),
+        IpAddr::V6(ip) => (ip.octets().to_vec(), s.port()),
+    };
+    let (mut src, mut dst) = (key(&a), key(&b));
+    if src > dst {
+        std::mem::swap(&mut src, &mut dst);
+    }
+    let mut h = Sha1::new();
+    h.update(0u16.to_be_bytes());
+    h.update(&src.0);
+    h.update(&dst.0);
+    h.update([6u8, 0]);
+    h.update(src.1.to_be_bytes());
+    h.update(dst.1.to_be_bytes());
+    format!("1:{}", base64::engine::general_purpose::STANDARD.encode(h.finalize()))
+}
+
+/// Loss and health counters, cumulative since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Losses {
+    /// Records the kernel could not put in the ring buffer (it was full).
+    pub ringbuf_full: u64,
+    /// Records `bpf_perf_event_output` refused.
+    pub perf_output_failed: u64,
+    /// Samples the perf buffers reported lost.
+    pub perf_lost: u64,
+    /// Socket lives the kernel could not start tracking.
+    pub sockets_untracked: u64,
+    /// Listener owners the kernel could not remember.
+    pub listeners_untracked: u64,
+    /// Records that did not decode.
+    pub malformed: u64,
+    /// `--pid` events dropped because too many waited for their owner.
+    pub filter_overflow: u64,
+}
+
+impl Losses {
+    pub fn total(&self) -> u64 {
+        self.ringbuf_full
+            + self.perf_output_failed
+            + self.perf_lost
+            + self.sockets_untracked
+            + self.listeners_untracked
+            + self.malformed
+            + self.filter_overflow
+    }
+}
+
+/// What a run saw, for the summary at exit.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub duration_ns: u64,
+    pub connections: u64,
+    pub events: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub retransmits: u64,
+    /// Socket lives tracked in the kernel.
+    pub tracked: u64,
+    /// Socket lives whose end was seen.
+    pub ended: u64,
+    /// Lives still open at exit.
+    pub open_at_exit: u64,
+    /// Lives the kernel's LRU map evicted before they ended (tracked − ended − open).
+    pub evicted: u64,
+    /// Records that arrived after newer ones had been emitted.
+    pub out_of_order: u64,
+    pub losses: Losses,
+}
+
+/// Everything the run reports that is not a kernel event.
+pub enum Notice<'a> {
+    Started { ktime_ns: u64, probe: &'a serde_json::Value },
+    Loss { ktime_ns: u64, losses: &'a Losses },
+    Summary { ktime_ns: u64, summary: &'a Summary },
+}
+
+pub trait Sink {
+    fn event(&mut self, ev: &Event) -> io::Result<()>;
+    fn notice(&mut self, n: &Notice<'_>) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+pub struct Ndjson<W: Write> {
+    out: W,
+    clock: Clock,
+    reset_reasons: HashMap<u32, String>,
+}
+
+impl<W: Write> Ndjson<W> {
+    pub fn new(out: W, clock: Clock, reset_reasons: HashMap<u32, String>) -> Self {
+        Self { out, clock, reset_reasons }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+#[derive(Serialize)]
+struct Record<'a> {
+    #[serde(rename = "@timestamp")]
+    timestamp: String,
+    schema: &'static str,
+    event: EcsEvent,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<Process<'a>>,
+    source: Endpoint,
+    destination: Endpoint,
+    network: Network,
+    h2trace: H2<'a>,
+}
+
+#[derive(Serialize)]
+struct EcsEvent {
+    kind: &'static str,
+    category: [&'static str; 1],
+    #[serde(rename = "type")]
+    ty: [&'static str; 1],
+    action: &'static str,
+    dataset: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Process<'a> {
+    pid: u32,
+    name: &'a str,
+    thread: Thread,
+}
+
+#[derive(Serialize)]
+struct Thread {
+    id: u32,
+}
+
+#[derive(Serialize)]
+struct Endpoint {
+    ip: IpAddr,
+    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Network {
+    transport: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    iana_number: &'static str,
+    community_id: String,
+}
+
+#[derive(Serialize)]
+struct H2<'a> {
+    ktime_ns: u64,
+    cpu: u32,
+    socket: SocketInfo,
+    netns: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner_source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<StateChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset: Option<Reset<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retransmit: Option<Retransmit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection: Option<Connection<'a>>,
+}
+
+#[derive(Serialize)]
+struct SocketInfo {
+    id: String,
+    seen_from: &'static str,
+    role: &'static str,
+}
+
+#[derive(Serialize)]
+struct StateChange {
+    old: &'static str,
+    new: &'static str,
+}
+
+#[derive(Serialize)]
+struct Reset<'a> {
+    direction: &'static str,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Retransmit {
+    state: &'static str,
+    err: i32,
+}
+
+#[derive(Serialize)]
+struct Connection<'a> {
+    start_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed_ns: Option<u64>,
+    first_state: &'static str,
+    states: Vec<StateAt>,
+    #[serde(skip_serializing_if = "is_zero")]
+    transitions_dropped: u32,
+    bytes_sent: u64,
+    bytes_received: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_send_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_recv_ns: Option<u64>,
+    resets_sent: u16,
+    resets_received: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_sent_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_received_state: Option<&'static str>,
+    retransmits: u32,
+}
+
+#[derive(Serialize)]
+struct StateAt {
+    state: &'static str,
+    offset_ns: u64,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+fn seen_from(s: &Socket) -> &'static str {
+    match s.origin {
+        Origin::Active => "connect",
+        Origin::Passive => "accept",
+        Origin::MidLife => "mid-life",
+    }
+}
+
+fn role(s: &Socket) -> &'static str {
+    match s.origin {
+        Origin::Active => "client",
+        Origin::Passive => "server",
+        Origin::MidLife => "unknown",
+    }
+}
+
+/// When the socket moved to CLOSE (the end of its TCP life, before the kernel freed it).
+pub fn closed_ns(l: &Life) -> Option<u64> {
+    l.transitions.iter().rev().find(|t| t.state == h2trace_common::tcp_state::CLOSE).map(|t| t.ts_ns)
+}
+
+fn reason_name<'a>(names: &'a HashMap<u32, String>, code: u32) -> &'a str {
+    names.get(&code).map(String::as_str).unwrap_or("UNKNOWN")
+}
+
+impl<W: Write> Ndjson<W> {
+    fn record<'a>(clock: &Clock, reasons: &'a HashMap<u32, String>, ev: &'a Event) -> Record<'a> {
+        let s = &ev.socket;
+        let (action, ty, state, reset, retransmit, connection) = match &ev.body {
+            Body::Life(l) => {
+                let start = s.id.start_ns;
+                let conn = Connection {
+                    start_ns: start,
+                    closed_ns: closed_ns(l),
+                    first_state: state_name(l.first_state),
+                    states: l
+                        .transitions
+                        .iter()
+                        .map(|t| StateAt { state: state_name(t.state), offset_ns: t.ts_ns.saturating_sub(start) })
+                        .collect(),
+                    transitions_dropped: l.transitions_dropped,
+                    bytes_sent: l.bytes_sent,
+                    bytes_received: l.bytes_received,
+                    last_send_ns: l.last_send_ns,
+                    last_recv_ns: l.last_recv_ns,
+                    resets_sent: l.resets_sent,
+                    resets_received: l.resets_received,
+                    reset_sent_reason: l.reset_sent_reason.map(|r| reason_name(reasons, r)),
+                    reset_received_state: l.reset_received_state.map(state_name),
+                    retransmits: l.retransmits,
+                };
+                ("connection-closed", "end", None, None, None, Some(conn))
+            }
+            Body::State { old, new } => (
+                "state-change",
+                "change",
+                Some(StateChange { old: state_name(*old), new: state_name(*new) }),
+                None,
+                None,
+                None,
+            ),
+            Body::ResetSent { state, reason } => (
+                "reset-sent",
+                "info",
+                None,
+                Some(Reset {
+                    direction: "sent",
+                    state: state_name(*state),
+                    reason: reason.map(|r| reason_name(reasons, r)),
+                }),
+                None,
+                None,
+            ),
+            Body::ResetReceived { state } => (
+                "reset-received",
+                "info",
+                None,
+                Some(Reset { direction: "received", state: state_name(*state), reason: None }),
+                None,
+                None,
+            ),
+            Body::Retransmit { state, err } => (
+                "retransmit",
+                "info",
+                None,
+                None,
+                Some(Retransmit { state: state_name(*state), err: *err }),
+                None,
+            ),
+        };
+        let (sent, received) = match &ev.body {
+            Body::Life(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
+            _ => (None, None),
+        };
+        let duration = connection.as_ref().map(|c| c.closed_ns.unwrap_or(ev.ts_ns).saturating_sub(c.start_ns));
+        Record {
+            timestamp: clock.rfc3339(ev.ts_ns),
+            schema: SCHEMA,
+            event: EcsEvent {
+                kind: "event",
+                category: ["network"],
+                ty: [ty],
+                action,
+                dataset: if connection.is_some() { "h2trace.connection" } else { "h2trace.tcp" },
+                duration,
+            },
+            process: s.owner.as_ref().map(|o| Process { pid: o.tgid, name: &o.comm, thread: Thread { id: o.pid } }),
+            source: Endpoint { ip: s.local.ip(), port: s.local.port(), bytes: sent },
+            destination: Endpoint { ip: s.remote.ip(), port: s.remote.port(), bytes: received },
+            network: Network {
+                transport: "tcp",
+                ty: if s.is_ipv6() { "ipv6" } else { "ipv4" },
+                iana_number: "6",
+                community_id: community_id(s.local, s.remote),
+            },
+            h2trace: H2 {
+                ktime_ns: ev.ts_ns,
+                cpu: ev.cpu,
+                socket: SocketInfo { id: s.id.to_string(), seen_from: seen_from(s), role: role(s) },
+                netns: s.netns,
+                cgroup_id: s.owner.as_ref().map(|o| o.cgroup_id),
+                owner_source: s.owner.as_ref().map(|o| o.source.as_str()),
+                state,
+                reset,
+                retransmit,
+                connection,
+            },
+        }
+    }
+
+    fn line(&mut self, v: &impl Serialize) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n")
+    }
+}
+
+impl<W: Write> Sink for Ndjson<W> {
+    fn event(&mut self, ev: &Event) -> io::Result<()> {
+        let rec = Self::record(&self.clock, &self.reset_reasons, ev);
+        serde_json::to_writer(&mut self.out, &rec)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
+        let (ktime, kind, action, body) = match n {
+            Notice::Started { ktime_ns, probe } => (*ktime_ns, "event", "started", json!({ "probe": probe })),
+            Notice::Loss { ktime_ns, losses } => (*ktime_ns, "metric", "loss", json!({ "loss": losses })),
+            Notice::Summary { ktime_ns, summary } => (*ktime_ns, "metric", "summary", json!({ "summary": summary })),
+        };
+        let mut h2 = body;
+        h2["ktime_ns"] = json!(ktime);
+        let v = json!({
+            "@timestamp": self.clock.rfc3339(ktime),
+            "schema": SCHEMA,
+            "event": { "kind": kind, "category": ["process"], "type": ["info"], "action": action, "dataset": "h2trace.agent" },
+            "h2trace": h2,
+        });
+        self.line(&v)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Aligned columns, like tcpstates/tcplife.
+pub struct Text<W: Write> {
+    out: W,
+    clock: Clock,
+    reset_reasons: HashMap<u32, String>,
+    header_done: bool,
+}
+
+impl<W: Write> Text<W> {
+    pub fn new(out: W, clock: Clock, reset_reasons: HashMap<u32, String>) -> Self {
+        Self { out, clock, reset_reasons, header_done: false }
+    }
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.3}ms", ns as f64 / 1e6)
+}
+
+impl<W: Write> Sink for Text<W> {
+    fn event(&mut self, ev: &Event) -> io::Result<()> {
+        if !self.header_done {
+            writeln!(
+                self.out,
+                "{:<15} {:<10} {:>7} {:<15} {:<45} {:<45} DETAIL",
+                "TIME", "EVENT", "PID", "COMM", "LOCAL", "REMOTE"
+            )?;
+            self.header_done = true;
+        }
+        let s = &ev.socket;
+        let time = self.clock.rfc3339(ev.ts_ns);
+        let time = time.get(11..23).unwrap_or(&time);
+        let (pid, comm) = match &s.owner {
+            Some(o) => (o.tgid.to_string(), o.comm.as_str()),
+            None => ("-".to_string(), "-"),
+        };
+        let (what, detail) = match &ev.body {
+            Body::Life(l) => {
+                let states: Vec<_> = l.states().map(state_name).collect();
+                let life = closed_ns(l).unwrap_or(ev.ts_ns).saturating_sub(s.id.start_ns);
+                let mut d = format!(
+                    "{} {} {} tx={} rx={}",
+                    role(s),
+                    states.join(">"),
+                    ms(life),
+                    l.bytes_sent,
+                    l.bytes_received
+                );
+                if l.resets_sent > 0 {
+                    let reason = l.reset_sent_reason.map(|r| reason_name(&self.reset_reasons, r)).unwrap_or("-");
+                    d.push_str(&format!(" rst_sent={}({reason})", l.resets_sent));
+                }
+                if l.resets_received > 0 {
+                    d.push_str(&format!(" rst_recv={}", l.resets_received));
+                }
+                if l.retransmits > 0 {
+                    d.push_str(&format!(" retrans={}", l.retransmits));
+                }
+                ("close", d)
+            }
+            Body::State { old, new } => ("state", format!("{} -> {}", state_name(*old), state_name(*new))),
+            Body::ResetSent { state, reason } => (
+                "rst-sent",
+                format!(
+                    "in {} reason {}",
+                    state_name(*state),
+                    reason.map(|r| reason_name(&self.reset_reasons, r)).unwrap_or("-")
+                ),
+            ),
+            Body::ResetReceived { state } => ("rst-recv", format!("in {}", state_name(*state))),
+            Body::Retransmit { state, err } => ("retrans", format!("in {} err {err}", state_name(*state))),
+        };
+        writeln!(
+            self.out,
+            "{time:<15} {what:<10} {pid:>7} {comm:<15} {:<45} {:<45} {detail}",
+            s.local.to_string(),
+            s.remote.to_string()
+        )
+    }
+
+    fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
+        match n {
+            Notice::Started { probe, .. } => writeln!(
+                self.out,
+                "h2trace: tracing with {} (transport {}); Ctrl-C to stop",
+                probe["state_hook"].as_str().unwrap_or("?"),
+                probe["transport"].as_str().unwrap_or("?")
+            ),
+            Notice::Loss { losses, .. } => writeln!(self.out, "h2trace: LOSS so far: {}", serde_json::to_string(losses)?),
+            Notice::Summary { summary: s, .. } => {
+                writeln!(self.out, "\nSummary over {:.1}s:", s.duration_ns as f64 / 1e9)?;
+                writeln!(self.out, "  connections closed   {}", s.connections)?;
+                writeln!(self.out, "  live events          {}", s.events)?;
+                writeln!(self.out, "  resets sent/received {}/{}", s.resets_sent, s.resets_received)?;
+                writeln!(self.out, "  retransmissions      {}", s.retransmits)?;
+                writeln!(self.out, "  open at exit         {}", s.open_at_exit)?;
+                writeln!(self.out, "  evicted (untraced)   {}", s.evicted)?;
+                writeln!(self.out, "  records lost         {}", s.losses.total())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Owner, OwnerSource, SocketId, Transition};
+
+    #[test]
+    fn community_id_matches_the_spec_example() {
+        // The example flow of the Community ID specification (TCP, seed 0).
+        let a: SocketAddr = "128.232.110.120:34855".parse().unwrap();
+        let b: SocketAddr = "66.35.250.204:80".parse().unwrap();
+        assert_eq!(community_id(a, b), "1:LQU9qZlK+B5F3KDmev6m5PMibrg=");
+        assert_eq!(community_id(b, a), community_id(a, b));
+    }
+
+    #[test]
+    fn clock_formats_rfc3339_with_nanoseconds() {
+        let c = Clock { offset_ns: 1_700_000_000_000_000_000 };
+        assert_eq!(c.rfc3339(123), "2023-11-14T22:13:20.000000123Z");
+    }
+
+    pub fn life_event() -> Event {
+        use h2trace_common::tcp_state::*;
+        Event {
+            ts_ns: 5_000,
+            cpu: 1,
+            socket: Socket {
+                id: SocketId { skaddr: 0xabc, start_ns: 1_000 },
+                netns: 4026531840,
+                local: "127.0.0.1:40000".parse().unwrap(),
+                remote: "127.0.0.1:8080".parse().unwrap(),
+                owner: Some(Owner { tgid: 7, pid: 8, comm: "client".into(), cgroup_id: 9, source: OwnerSource::Connect }),
+                origin: Origin::Active,
+            },
+            body: Body::Life(Box::new(Life {
+                first_state: CLOSE,
+                transitions: [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| Transition { ts_ns: 1_000 + 100 * i as u64, state: *s })
+                    .collect(),
+                transitions_dropped: 0,
+                bytes_sent: 10,
+                bytes_received: 20,
+                last_send_ns: Some(1_100),
+                last_recv_ns: None,
+                resets_sent: 1,
+                resets_received: 0,
+                first_reset_sent_ns: Some(1_450),
+                first_reset_received_ns: None,
+                reset_sent_reason: Some(12),
+                reset_received_state: None,
+                retransmits: 0,
+                last_retransmit_ns: None,
+            })),
+        }
+    }
+
+    #[test]
+    fn ndjson_life_record_shape() {
+        let mut sink = Ndjson::new(Vec::new(), Clock { offset_ns: 0 }, [(12, "TCP_ABORT_ON_LINGER".into())].into());
+        sink.event(&life_event()).unwrap();
+        let out = String::from_utf8(sink.into_inner()).unwrap();
+        assert!(out.ends_with('\n') && out.lines().count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["schema"], SCHEMA);
+        assert_eq!(v["event"]["action"], "connection-closed");
+        assert_eq!(v["event"]["duration"], 400);
+        assert_eq!(v["process"]["pid"], 7);
+        assert_eq!(v["process"]["thread"]["id"], 8);
+        assert_eq!(v["source"]["port"], 40000);
+        assert_eq!(v["source"]["bytes"], 10);
+        assert_eq!(v["destination"]["ip"], "127.0.0.1");
+        assert_eq!(v["network"]["type"], "ipv4");
+        let c = &v["h2trace"]["connection"];
+        assert_eq!(c["states"][4]["state"], "CLOSE");
+        assert_eq!(c["states"][4]["offset_ns"], 400);
+        assert_eq!(c["reset_sent_reason"], "TCP_ABORT_ON_LINGER");
+        assert_eq!(v["h2trace"]["socket"]["role"], "client");
+        assert_eq!(v["h2trace"]["owner_source"], "connect");
+    }
+
+    #[test]
+    fn text_has_header_and_states() {
+        let mut sink = Text::new(Vec::new(), Clock { offset_ns: 0 }, HashMap::new());
+        sink.event(&life_event()).unwrap();
+        let out = String::from_utf8(sink.out).unwrap();
+        let lines: Vec<_> = out.lines().collect();
+        assert!(lines[0].starts_with("TIME"));
+        assert!(lines[1].contains("CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE"), "{}", lines[1]);
+        assert!(lines[1].contains("rst_sent=1(UNKNOWN)"));
+    }
+}

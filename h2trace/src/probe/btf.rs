@@ -1,0 +1,124 @@
+//! Offsets of kernel structure members from the kernel's BTF.
+//!
+//! Rust eBPF programs get no CO-RE relocations, so the kprobe path (which reads
+//! `struct sock_common` itself) and the netns lookup take their offsets from here.
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use h2trace_common::SockOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("reading {path}: {msg}")]
+    Read { path: String, msg: String },
+    #[error("BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("BTF: struct {0} has no member {1}")]
+    NoMember(String, String),
+}
+
+/// Byte offset of `path` (dotted member names) inside struct `name`. Members of anonymous
+/// structs and unions are found as if they were direct members, as in C.
+fn offset_of(btf: &Btf, name: &str, path: &str) -> Result<u16, BtfError> {
+    let mut ty = find_struct(btf, name)?;
+    let mut total = 0u32;
+    for member in path.split('.') {
+        let (bits, next) = find_member(btf, &ty, member)
+            .ok_or_else(|| BtfError::NoMember(name.to_string(), path.to_string()))?;
+        total += bits;
+        ty = next;
+    }
+    u16::try_from(total / 8).map_err(|_| BtfError::NoMember(name.to_string(), path.to_string()))
+}
+
+fn find_struct(btf: &Btf, name: &str) -> Result<Type, BtfError> {
+    btf.resolve_types_by_name(name)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+        .ok_or_else(|| BtfError::NoStruct(name.to_string()))
+}
+
+/// Returns the member's bit offset and its (typedef/qualifier-stripped) type.
+fn find_member(btf: &Btf, ty: &Type, name: &str) -> Option<(u32, Type)> {
+    let (Type::Struct(s) | Type::Union(s)) = ty else { return None };
+    for m in &s.members {
+        let mty = strip(btf, btf.resolve_chained_type(m).ok()?);
+        let mname = btf.resolve_name(m).unwrap_or_default();
+        if mname == name {
+            return Some((m.bit_offset(), mty));
+        }
+        if mname.is_empty() {
+            if let Some((inner, t)) = find_member(btf, &mty, name) {
+                return Some((m.bit_offset() + inner, t));
+            }
+        }
+    }
+    None
+}
+
+fn strip(btf: &Btf, mut ty: Type) -> Type {
+    loop {
+        let next = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t),
+            Type::Const(t) => btf.resolve_chained_type(t),
+            Type::Volatile(t) => btf.resolve_chained_type(t),
+            _ => return ty,
+        };
+        match next {
+            Ok(n) => ty = n,
+            Err(_) => return ty,
+        }
+    }
+}
+
+/// The `struct sock_common` and `struct net` offsets the programs need.
+pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
+    let btf = Btf::from_file(path).map_err(|e| BtfError::Read {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    let sc = |m: &str| offset_of(&btf, "sock_common", m);
+    Ok(SockOffsets {
+        skc_daddr: sc("skc_daddr")?,
+        skc_rcv_saddr: sc("skc_rcv_saddr")?,
+        skc_dport: sc("skc_dport")?,
+        skc_num: sc("skc_num")?,
+        skc_family: sc("skc_family")?,
+        skc_state: sc("skc_state")?,
+        skc_v6_daddr: sc("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
+        skc_net: sc("skc_net")?,
+        net_ns_inum: offset_of(&btf, "net", "ns.inum")?,
+        _pad: [0; 2],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads this machine's BTF when it has one; the offsets of these long-stable members are
+    /// fixed by the kernel's layout of `struct sock_common`.
+    #[test]
+    fn resolves_sock_common_members_through_anonymous_unions() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: no {VMLINUX_BTF}");
+            return;
+        }
+        let o = sock_offsets(path).expect("sock offsets");
+        // skc_daddr opens sock_common (inside two anonymous aggregates); skc_rcv_saddr follows.
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, 4);
+        // skc_dport and skc_num share the 32-bit skc_portpair after the hash.
+        assert_eq!(o.skc_dport, 12);
+        assert_eq!(o.skc_num, 14);
+        assert_eq!(o.skc_family, 16);
+        assert_eq!(o.skc_state, 18);
+        assert!(o.skc_v6_daddr > o.skc_net && o.skc_v6_rcv_saddr == o.skc_v6_daddr + 16);
+        assert!(o.net_ns_inum > 0);
+    }
+}

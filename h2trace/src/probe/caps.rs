@@ -1,0 +1,33 @@
+//! Which capabilities h2trace has, and which it needs.
+use caps::{CapSet, Capability};
+
+use super::ProbeError;
+
+/// Each capability h2trace may use and what for (also printed by `check`).
+pub const USED: [(Capability, &str); 5] = [
+    (Capability::CAP_BPF, "load eBPF programs and create maps (Linux ≥ 5.8)"),
+    (Capability::CAP_PERFMON, "attach tracepoints/kprobes and read kernel memory from programs (Linux ≥ 5.8)"),
+    (Capability::CAP_SYS_ADMIN, "mount tracefs if needed; replaces CAP_BPF+CAP_PERFMON on older kernels"),
+    (Capability::CAP_DAC_READ_SEARCH, "read tracefs format files and /proc of other users"),
+    (Capability::CAP_NET_ADMIN, "read conntrack over netlink (later features)"),
+];
+
+pub fn has(cap: Capability) -> bool {
+    caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false)
+}
+
+/// Tracing needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN (which implies both).
+pub fn require_tracing_caps() -> Result<(), ProbeError> {
+    if has(Capability::CAP_SYS_ADMIN) || has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON) {
+        return Ok(());
+    }
+    let missing = [Capability::CAP_BPF, Capability::CAP_PERFMON]
+        .into_iter()
+        .filter(|c| !has(*c))
+        .map(|c| match c {
+            Capability::CAP_BPF => "CAP_BPF",
+            _ => "CAP_PERFMON",
+        })
+        .collect();
+    Err(ProbeError::Privileges(missing))
+}

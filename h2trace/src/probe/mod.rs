@@ -1,0 +1,473 @@
+//! Load the kernel programs, pick a mechanism for each hook at run time, attach them.
+//!
+//! State changes come from the first of these that works (unless `--probe` names one):
+//! the `sock:inet_sock_set_state` tracepoint (stable, Linux ≥ 4.16), an fentry on
+//! `tcp_set_state`, a kprobe on `tcp_set_state`. Everything else is tracepoints; a missing
+//! optional hook degrades a fact (bytes, resets, ...) and is reported, never silently.
+pub mod btf;
+pub mod caps;
+pub mod tracefs;
+
+use std::{collections::HashMap, path::Path};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::MapType,
+    programs::{FEntry, KProbe, ProgramError, TracePoint},
+};
+use h2trace_common::{ProgConfig, SockOffsets, flags};
+
+use self::tracefs::{FormatError, Tracefs};
+
+/// The kernel programs, built by `cargo xtask build-ebpf`. Empty when the agent was built
+/// without them (unit tests do not need them).
+pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/h2trace.bpf.o"));
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeChoice {
+    /// The first that works: tracepoint, then fentry, then kprobe.
+    Auto,
+    Tracepoint,
+    Fentry,
+    Kprobe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// Ring buffer when the kernel has it (Linux ≥ 5.8), else perf buffers.
+    Auto,
+    Ringbuf,
+    Perf,
+}
+
+/// The state-change mechanisms, in the order `auto` tries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateHook {
+    Tracepoint,
+    Fentry,
+    Kprobe,
+}
+
+impl StateHook {
+    pub const ALL: [StateHook; 3] = [Self::Tracepoint, Self::Fentry, Self::Kprobe];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tracepoint => "tracepoint sock:inet_sock_set_state",
+            Self::Fentry => "fentry tcp_set_state",
+            Self::Kprobe => "kprobe tcp_set_state",
+        }
+    }
+
+    fn from_choice(c: ProbeChoice) -> Option<Self> {
+        match c {
+            ProbeChoice::Auto => None,
+            ProbeChoice::Tracepoint => Some(Self::Tracepoint),
+            ProbeChoice::Fentry => Some(Self::Fentry),
+            ProbeChoice::Kprobe => Some(Self::Kprobe),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Ringbuf,
+    Perf,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ringbuf => "ringbuf",
+            Self::Perf => "perf",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("this h2trace was built without its eBPF programs: run `cargo xtask build-ebpf`, then build h2trace again")]
+    NoObject,
+    #[error(
+        "missing capabilities: {}. h2trace loads eBPF programs and reads tracefs: run it as root \
+         (sudo h2trace ...) or grant them (setcap cap_bpf,cap_perfmon,cap_sys_admin,cap_net_admin+ep)",
+        .0.join(", ")
+    )]
+    Privileges(Vec<&'static str>),
+    #[error("tracefs is not available")]
+    Tracefs(#[source] std::io::Error),
+    #[error("reading tracepoint layouts")]
+    Format(#[from] FormatError),
+    #[error("loading the eBPF programs")]
+    Load(#[from] aya::EbpfError),
+    #[error("the ring buffer is not supported by this kernel (Linux ≥ 5.8): use --transport perf")]
+    NoRingbuf,
+    #[error("no way to observe TCP state changes on this kernel:\n  {}", .0.join("\n  "))]
+    NoStateHook(Vec<String>),
+    #[error("{hook}: {source}")]
+    Program {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// What the agent asks of the probes.
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    pub probe: ProbeChoice,
+    pub transport: TransportChoice,
+    pub emit_all_transitions: bool,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_bytes: u32,
+    /// Socket lives tracked at once in the kernel.
+    pub max_sockets: u32,
+    /// Wake the agent once this many bytes wait in the ring buffer.
+    pub wake_bytes: u32,
+}
+
+/// One hook and how it fared, for `check` and the `started` record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HookStatus {
+    pub hook: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The loaded and attached programs. Dropping this detaches everything.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub state_hook: StateHook,
+    pub transport: Transport,
+    /// `enum sk_rst_reason` names from this kernel's `tcp:tcp_send_reset` format.
+    pub reset_reasons: HashMap<u32, String>,
+    pub hooks: Vec<HookStatus>,
+}
+
+impl Probes {
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state_hook": self.state_hook.name(),
+            "transport": self.transport.name(),
+            "hooks": self.hooks,
+        })
+    }
+}
+
+/// The optional tracepoints: (program, category, name, what is lost without it).
+const OPTIONAL_TRACEPOINTS: [(&str, &str, &str, &str); 6] = [
+    ("tcp_send_reset", "tcp", "tcp_send_reset", "RSTs sent are not seen"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset", "RSTs received are not seen"),
+    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb", "retransmissions are not seen"),
+    ("tcp_destroy_sock", "tcp", "tcp_destroy_sock", "lives end at CLOSE; RSTs sent after it are missed"),
+    ("sock_send_length", "sock", "sock_send_length", "bytes sent and send-time owners are not seen"),
+    ("sock_recv_length", "sock", "sock_recv_length", "bytes received and receive-time owners are not seen"),
+];
+
+/// Layouts and offsets gathered before loading.
+struct KernelFacts {
+    config: ProgConfig,
+    set_state_error: Option<String>,
+    sock_offsets_error: Option<String>,
+    missing_tracepoints: HashMap<&'static str, String>,
+    reset_reasons: HashMap<u32, String>,
+}
+
+fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
+    let mut config = ProgConfig::zeroed();
+    let mut missing = HashMap::new();
+    let set_state_error = match tracefs.format("sock", "inet_sock_set_state").and_then(|f| f.set_state_layout()) {
+        Ok(l) => {
+            config.set_state = l;
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    let mut reset_reasons = HashMap::new();
+    for (prog, cat, name, _) in OPTIONAL_TRACEPOINTS {
+        let layout = tracefs.format(cat, name).and_then(|f| {
+            match prog {
+                "tcp_send_reset" => {
+                    reset_reasons = f.symbols("reason");
+                    config.send_reset = f.sk_event_layout("reason")?;
+                }
+                "tcp_receive_reset" => config.receive_reset = f.sk_event_layout("reason")?,
+                "tcp_retransmit_skb" => config.retransmit = f.sk_event_layout("err")?,
+                "tcp_destroy_sock" => config.destroy = f.sk_event_layout("reason")?,
+                _ => config.length = f.length_layout()?,
+            }
+            Ok(())
+        });
+        if let Err(e) = layout {
+            missing.insert(prog, e.to_string());
+        }
+    }
+    if missing.contains_key("tcp_destroy_sock") {
+        config.flags |= flags::END_AT_CLOSE;
+    }
+    let sock_offsets_error = match btf::sock_offsets(Path::new(btf::VMLINUX_BTF)) {
+        Ok(o) => {
+            config.sock = o;
+            config.flags |= flags::HAVE_SOCK_OFFSETS;
+            None
+        }
+        Err(e) => {
+            config.sock = SockOffsets::default();
+            Some(e.to_string())
+        }
+    };
+    KernelFacts { config, set_state_error, sock_offsets_error, missing_tracepoints: missing, reset_reasons }
+}
+
+pub fn ringbuf_supported() -> bool {
+    aya::sys::is_map_supported(MapType::RingBuf).unwrap_or(false)
+}
+
+fn page_size() -> u32 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u32
+}
+
+fn loader_for(facts: &KernelFacts, opts: &ProbeOptions, transport: Transport) -> Result<Ebpf, ProbeError> {
+    if EBPF_OBJ.is_empty() {
+        return Err(ProbeError::NoObject);
+    }
+    let mut config = facts.config;
+    if opts.emit_all_transitions {
+        config.flags |= flags::EMIT_ALL_TRANSITIONS;
+    }
+    let ring = match transport {
+        Transport::Perf => {
+            config.flags |= flags::USE_PERF;
+            page_size() // the ring is unused; keep it tiny
+        }
+        Transport::Ringbuf => opts.ring_bytes,
+    };
+    config.wake_bytes = opts.wake_bytes;
+    Ok(EbpfLoader::new()
+        .override_global("CONFIG", &config, true)
+        .map_max_entries("RING", ring)
+        .map_max_entries("SOCKS", opts.max_sockets)
+        .load(EBPF_OBJ)?)
+}
+
+fn program_error(hook: &str, source: ProgramError) -> ProbeError {
+    ProbeError::Program { hook: hook.to_string(), source }
+}
+
+/// Why a state hook cannot be used before even trying (missing layout or offsets).
+fn precondition(facts: &KernelFacts, hook: StateHook) -> Option<String> {
+    match hook {
+        StateHook::Tracepoint => facts.set_state_error.clone(),
+        StateHook::Fentry | StateHook::Kprobe => facts
+            .sock_offsets_error
+            .as_ref()
+            .map(|e| format!("needs struct sock_common offsets from BTF: {e}")),
+    }
+}
+
+fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError> {
+    let err = |e| program_error(hook.name(), e);
+    match hook {
+        StateHook::Tracepoint => {
+            let p: &mut TracePoint = prog(ebpf, "inet_sock_set_state")?.try_into().map_err(err)?;
+            p.load().map_err(err)?;
+            p.attach("sock", "inet_sock_set_state").map_err(err)?;
+        }
+        StateHook::Fentry => {
+            let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+            let p: &mut FEntry = prog(ebpf, "tcp_set_state_fentry")?.try_into().map_err(err)?;
+            p.load("tcp_set_state", &btf).map_err(err)?;
+            p.attach().map_err(err)?;
+        }
+        StateHook::Kprobe => {
+            let p: &mut KProbe = prog(ebpf, "tcp_set_state_kprobe")?.try_into().map_err(err)?;
+            p.load().map_err(err)?;
+            p.attach("tcp_set_state", 0).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, ProbeError> {
+    ebpf.program_mut(name).ok_or_else(|| ProbeError::NoStateHook(vec![format!("program {name} missing from the object")]))
+}
+
+/// The state hooks to try for a `--probe` choice, in order.
+pub fn state_hook_chain(choice: ProbeChoice) -> Vec<StateHook> {
+    match StateHook::from_choice(choice) {
+        Some(h) => vec![h],
+        None => StateHook::ALL.to_vec(),
+    }
+}
+
+/// Try each hook of the chain until one attaches; collect why the others did not.
+/// `attempt` is the real attach in production; tests pass their own.
+pub fn first_working<F>(chain: &[StateHook], mut attempt: F) -> Result<(StateHook, Vec<String>), ProbeError>
+where
+    F: FnMut(StateHook) -> Result<(), String>,
+{
+    let mut failures = Vec::new();
+    for &hook in chain {
+        match attempt(hook) {
+            Ok(()) => return Ok((hook, failures)),
+            Err(why) => failures.push(format!("{}: {why}", hook.name())),
+        }
+    }
+    Err(ProbeError::NoStateHook(failures))
+}
+
+/// Check privileges, read the kernel's layouts, load the programs and attach them.
+pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
+    caps::require_tracing_caps()?;
+    let tracefs = Tracefs::find_or_mount().map_err(ProbeError::Tracefs)?;
+    let facts = kernel_facts(&tracefs);
+    let transport = match opts.transport {
+        TransportChoice::Perf => Transport::Perf,
+        TransportChoice::Ringbuf if !ringbuf_supported() => return Err(ProbeError::NoRingbuf),
+        TransportChoice::Ringbuf => Transport::Ringbuf,
+        TransportChoice::Auto if ringbuf_supported() => Transport::Ringbuf,
+        TransportChoice::Auto => Transport::Perf,
+    };
+    let mut ebpf = loader_for(&facts, opts, transport)?;
+    let chain = state_hook_chain(opts.probe);
+    let (state_hook, fallbacks) = first_working(&chain, |hook| {
+        if let Some(why) = precondition(&facts, hook) {
+            return Err(why);
+        }
+        attach_state_hook(&mut ebpf, hook).map_err(|e| error_chain(&e))
+    })?;
+    let mut hooks = vec![HookStatus { hook: state_hook.name().into(), ok: true, detail: "attached".into() }];
+    hooks.extend(fallbacks.into_iter().map(|f| HookStatus {
+        hook: f.split(':').next().unwrap_or_default().into(),
+        ok: false,
+        detail: f,
+    }));
+    for (name, cat, tp, consequence) in OPTIONAL_TRACEPOINTS {
+        let result = match facts.missing_tracepoints.get(name) {
+            Some(why) => Err(why.clone()),
+            None => attach_tracepoint(&mut ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
+        };
+        hooks.push(match result {
+            Ok(()) => HookStatus { hook: format!("tracepoint {cat}:{tp}"), ok: true, detail: "attached".into() },
+            Err(why) => HookStatus {
+                hook: format!("tracepoint {cat}:{tp}"),
+                ok: false,
+                detail: format!("{why}; {consequence}"),
+            },
+        });
+    }
+    Ok(Probes { ebpf, state_hook, transport, reset_reasons: facts.reset_reasons, hooks })
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, prog_name: &str, cat: &str, name: &str) -> Result<(), ProbeError> {
+    let hook = format!("tracepoint {cat}:{name}");
+    let p: &mut TracePoint = prog(ebpf, prog_name)?.try_into().map_err(|e| program_error(&hook, e))?;
+    p.load().map_err(|e| program_error(&hook, e))?;
+    p.attach(cat, name).map_err(|e| program_error(&hook, e))?;
+    Ok(())
+}
+
+/// An error and its causes on one line (verifier logs included).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// For `check`: load every program (the verifier runs) and try to attach it, without keeping
+/// anything. One line per hook, truthfully.
+pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
+    let tracefs = Tracefs::find_or_mount().map_err(ProbeError::Tracefs)?;
+    let facts = kernel_facts(&tracefs);
+    let transport = if ringbuf_supported() { Transport::Ringbuf } else { Transport::Perf };
+    let mut out = Vec::new();
+    for hook in StateHook::ALL {
+        // A fresh object per hook: a program can be loaded only once.
+        let mut ebpf = loader_for(&facts, opts, transport)?;
+        let status = match precondition(&facts, hook) {
+            Some(why) => Err(why),
+            None => attach_state_hook(&mut ebpf, hook).map_err(|e| error_chain(&e)),
+        };
+        out.push(match status {
+            Ok(()) => HookStatus { hook: hook.name().into(), ok: true, detail: "loads and attaches".into() },
+            Err(why) => {
+                let loaded = ebpf
+                    .program(match hook {
+                        StateHook::Tracepoint => "inet_sock_set_state",
+                        StateHook::Fentry => "tcp_set_state_fentry",
+                        StateHook::Kprobe => "tcp_set_state_kprobe",
+                    })
+                    .is_some_and(|p| p.fd().is_ok());
+                let detail = if loaded { format!("passes the verifier, cannot attach: {why}") } else { why };
+                HookStatus { hook: hook.name().into(), ok: false, detail }
+            }
+        });
+    }
+    let mut ebpf = loader_for(&facts, opts, transport)?;
+    for (name, cat, tp, consequence) in OPTIONAL_TRACEPOINTS {
+        let result = match facts.missing_tracepoints.get(name) {
+            Some(why) => Err(why.clone()),
+            None => attach_tracepoint(&mut ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
+        };
+        out.push(match result {
+            Ok(()) => HookStatus { hook: format!("tracepoint {cat}:{tp}"), ok: true, detail: "loads and attaches".into() },
+            Err(why) => HookStatus { hook: format!("tracepoint {cat}:{tp}"), ok: false, detail: format!("{why}; {consequence}") },
+        });
+    }
+    if let Some(e) = &facts.sock_offsets_error {
+        out.push(HookStatus { hook: "BTF struct offsets".into(), ok: false, detail: format!("{e}; netns ids are 0") });
+    }
+    Ok(out)
+}
+
+/// Load the kprobe program only (no attach): proves it passes this kernel's verifier.
+pub fn verify_kprobe(opts: &ProbeOptions) -> Result<(), ProbeError> {
+    let tracefs = Tracefs::find_or_mount().map_err(ProbeError::Tracefs)?;
+    let facts = kernel_facts(&tracefs);
+    let mut ebpf = loader_for(&facts, opts, Transport::Ringbuf)?;
+    let hook = StateHook::Kprobe.name();
+    let p: &mut KProbe = prog(&mut ebpf, "tcp_set_state_kprobe")?.try_into().map_err(|e| program_error(hook, e))?;
+    p.load().map_err(|e| program_error(hook, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_falls_back_in_order_and_reports_every_reason() {
+        let chain = state_hook_chain(ProbeChoice::Auto);
+        assert_eq!(chain, [StateHook::Tracepoint, StateHook::Fentry, StateHook::Kprobe]);
+        let (hook, why) = first_working(&chain, |h| match h {
+            StateHook::Tracepoint => Err("tracepoint sock:inet_sock_set_state does not exist".into()),
+            StateHook::Fentry => Err("refused at load: EPERM".into()),
+            StateHook::Kprobe => Ok(()),
+        })
+        .unwrap();
+        assert_eq!(hook, StateHook::Kprobe);
+        assert_eq!(why.len(), 2);
+        assert!(why[1].starts_with("fentry tcp_set_state: refused"));
+    }
+
+    #[test]
+    fn nothing_works_is_an_error_naming_each_mechanism() {
+        let err = first_working(&state_hook_chain(ProbeChoice::Auto), |_| Err("no".into())).unwrap_err();
+        let msg = err.to_string();
+        for h in StateHook::ALL {
+            assert!(msg.contains(h.name()), "{msg}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_choice_is_not_a_chain() {
+        assert_eq!(state_hook_chain(ProbeChoice::Kprobe), [StateHook::Kprobe]);
+        assert!(first_working(&state_hook_chain(ProbeChoice::Tracepoint), |_| Err("x".into())).is_err());
+    }
+}

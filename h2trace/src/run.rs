@@ -1,0 +1,219 @@
+//! The tracing run: probes → source → order → filter → sink, until a signal, the end of
+//! `--duration`, or a closed output.
+use std::{
+    fs::File,
+    io::{self, BufWriter, Write},
+    time::{Duration, Instant},
+};
+
+use nix::time::{ClockId, clock_gettime};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::Format,
+    config::Config,
+    event::{Body, Event, decode},
+    filter::Selector,
+    order::Reorder,
+    output::{Clock, Losses, Ndjson, Notice, Sink, Summary, Text},
+    probe::{self, Probes},
+    source::{CounterValues, Counters, Reader, live_sockets},
+};
+
+/// How often the buffers are drained even without a wake-up (batching bound on latency).
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// How often loss counters are checked.
+const LOSS_EVERY: Duration = Duration::from_secs(1);
+/// A record is in its buffer this long after its timestamp at the latest (see `order`).
+const ORDER_SLACK_NS: u64 = 5_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `--duration` ended, SIGTERM, or the reader of our output went away.
+    Done,
+    /// SIGINT.
+    Interrupted,
+}
+
+fn now_ns(clock: ClockId) -> i128 {
+    clock_gettime(clock).map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128).unwrap_or(0)
+}
+
+fn monotonic() -> u64 {
+    now_ns(ClockId::CLOCK_MONOTONIC) as u64
+}
+
+/// Everything between the reader and the sink.
+struct Pipeline {
+    reorder: Reorder,
+    selector: Selector,
+    sink: Box<dyn Sink>,
+    summary: Summary,
+    /// First write error (a closed pipe ends the run quietly).
+    write_error: Option<io::Error>,
+}
+
+impl Pipeline {
+    fn ingest(&mut self, bytes: &[u8]) {
+        match decode(bytes) {
+            Ok(ev) => self.reorder.push(ev),
+            Err(_) => self.summary.losses.malformed += 1,
+        }
+    }
+
+    fn release(&mut self, until: u64) {
+        let Self { reorder, selector, sink, summary, write_error } = self;
+        let mut deliver = |ev: Event| {
+            if write_error.is_some() {
+                return;
+            }
+            if let Err(e) = sink.event(&ev) {
+                *write_error = Some(e);
+            }
+        };
+        reorder.release(until, &mut |ev| {
+            match &ev.body {
+                Body::Life(_) => summary.connections += 1,
+                Body::ResetSent { .. } => summary.resets_sent += 1,
+                Body::ResetReceived { .. } => summary.resets_received += 1,
+                Body::Retransmit { .. } => summary.retransmits += 1,
+                Body::State { .. } => {}
+            }
+            if !matches!(ev.body, Body::Life(_)) {
+                summary.events += 1;
+            }
+            selector.offer(ev, &mut deliver);
+        });
+        summary.out_of_order = reorder.late;
+        summary.losses.filter_overflow = selector.overflowed;
+    }
+
+    fn notice(&mut self, n: &Notice<'_>) {
+        if self.write_error.is_none() {
+            if let Err(e) = self.sink.notice(n) {
+                self.write_error = Some(e);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.write_error.is_none() {
+            if let Err(e) = self.sink.flush() {
+                self.write_error = Some(e);
+            }
+        }
+    }
+}
+
+fn apply_counters(l: &mut Losses, c: &CounterValues, perf_lost: u64) {
+    l.ringbuf_full = c.ringbuf_full;
+    l.perf_output_failed = c.perf_output_failed;
+    l.perf_lost = perf_lost;
+    l.sockets_untracked = c.track_failed;
+    l.listeners_untracked = c.listener_failed;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    #[error("reading from the kernel")]
+    Source(#[from] crate::source::SourceError),
+    #[error("opening {0}")]
+    Output(String, #[source] io::Error),
+    #[error("writing output")]
+    Write(#[source] io::Error),
+    #[error("installing signal handlers")]
+    Signal(#[source] io::Error),
+}
+
+pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
+    let mut probes: Probes = probe::load(&cfg.probe)?;
+    let mut reader = Reader::open(&mut probes.ebpf, probes.transport, cfg.perf_pages)?;
+    let counters = Counters::open(&mut probes.ebpf)?;
+
+    let clock = Clock { offset_ns: now_ns(ClockId::CLOCK_REALTIME) - now_ns(ClockId::CLOCK_MONOTONIC) };
+    let out: Box<dyn Write> = match &cfg.output {
+        Some(p) => Box::new(File::create(p).map_err(|e| RunError::Output(p.display().to_string(), e))?),
+        None => Box::new(io::stdout()),
+    };
+    let out = BufWriter::with_capacity(64 * 1024, out);
+    let reasons = probes.reset_reasons.clone();
+    let sink: Box<dyn Sink> = match cfg.format {
+        Format::Ndjson => Box::new(Ndjson::new(out, clock, reasons)),
+        Format::Text => Box::new(Text::new(out, clock, reasons)),
+    };
+    let mut p = Pipeline {
+        reorder: Reorder::default(),
+        selector: Selector::new(cfg.filter.clone()),
+        sink,
+        summary: Summary::default(),
+        write_error: None,
+    };
+    let started = monotonic();
+    let describe = probes.describe();
+    p.notice(&Notice::Started { ktime_ns: started, probe: &describe });
+    p.flush();
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_loss_check = Instant::now();
+    let mut reported = Losses::default();
+    let mut perf_lost = 0u64;
+
+    let outcome = loop {
+        let stop = tokio::select! {
+            _ = sigint.recv() => Some(Outcome::Interrupted),
+            _ = sigterm.recv() => Some(Outcome::Done),
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => Some(Outcome::Done),
+            _ = reader.readable() => None,
+            _ = tick.tick() => None,
+        };
+        // Everything stamped before `now` is in the buffers once they are drained.
+        let now = monotonic();
+        perf_lost += reader.drain(&mut |b| p.ingest(b));
+        p.release(now.saturating_sub(ORDER_SLACK_NS));
+        if last_loss_check.elapsed() >= LOSS_EVERY {
+            last_loss_check = Instant::now();
+            apply_counters(&mut p.summary.losses, &counters.read(), perf_lost);
+            if p.summary.losses != reported {
+                reported = p.summary.losses.clone();
+                p.notice(&Notice::Loss { ktime_ns: now, losses: &reported });
+            }
+        }
+        p.flush();
+        if p.write_error.is_some() {
+            break Outcome::Done;
+        }
+        if let Some(o) = stop {
+            break o;
+        }
+    };
+
+    // Drain what is left, then report.
+    perf_lost += reader.drain(&mut |b| p.ingest(b));
+    p.release(u64::MAX);
+    let c = counters.read();
+    apply_counters(&mut p.summary.losses, &c, perf_lost);
+    let end = monotonic();
+    let s = &mut p.summary;
+    s.duration_ns = end - started;
+    s.tracked = c.tracked;
+    s.ended = c.ended;
+    s.open_at_exit = live_sockets(&probes.ebpf);
+    s.evicted = c.tracked.saturating_sub(c.ended + s.open_at_exit);
+    let summary = p.summary.clone();
+    if summary.losses != reported {
+        p.notice(&Notice::Loss { ktime_ns: end, losses: &summary.losses });
+    }
+    p.notice(&Notice::Summary { ktime_ns: end, summary: &summary });
+    p.flush();
+    drop(probes); // detaches every program
+    match p.write_error {
+        Some(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(RunError::Write(e)),
+        _ => Ok(outcome),
+    }
+}
