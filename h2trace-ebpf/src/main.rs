@@ -280,7 +280,7 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
             meta.netns = netns;
             fill_tuple(&mut meta, t);
             if let Some(o) = current_owner() {
-                set_owner(&mut meta, &o, owner_src::CLOSE);
+                set_owner(&mut meta, &o, owner_src::LISTENER);
             }
             emit_live(ctx, kind::STATE, &meta, old, new, 0, now);
         }

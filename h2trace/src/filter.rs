@@ -89,7 +89,13 @@ impl Selector {
     fn flush(&mut self, ev: Event, out: &mut impl FnMut(Event)) {
         if let Some(waiting) = self.pending.remove(&ev.socket.id) {
             self.pending_len -= waiting.len();
-            waiting.into_iter().for_each(&mut *out);
+            for mut w in waiting {
+                // The owner was learned after these happened; it owned the socket all along.
+                if w.socket.owner.is_none() {
+                    w.socket.owner.clone_from(&ev.socket.owner);
+                }
+                out(w);
+            }
         }
         out(ev);
     }
@@ -156,9 +162,9 @@ mod tests {
     fn run(sel: &mut Selector, evs: Vec<Event>) -> Vec<(u64, bool)> {
         let mut out = vec![];
         for e in evs {
-            sel.offer(e, &mut |e| out.push((e.socket.id.skaddr, matches!(e.body, Body::Life(_)))));
+            sel.offer(e, &mut |e| out.push(e));
         }
-        out
+        out.iter().map(|e| (e.socket.id.skaddr, matches!(e.body, Body::Life(_)))).collect()
     }
 
     #[test]
@@ -173,6 +179,16 @@ mod tests {
         // dropped with it.
         assert_eq!(out, [(1, false), (1, false), (1, true)]);
         assert_eq!(sel.pending(), 0);
+    }
+
+    #[test]
+    fn released_events_carry_the_owner_learned_later() {
+        let mut sel = Selector::new(Filter { pids: Some([42].into()), ..Default::default() });
+        let mut out = vec![];
+        for e in [ev(1, None, Body::State { old: 3, new: 1 }), ev(1, Some(42), Body::State { old: 1, new: 8 })] {
+            sel.offer(e, &mut |e| out.push(e));
+        }
+        assert!(out.iter().all(|e| e.socket.owner.as_ref().is_some_and(|o| o.tgid == 42)));
     }
 
     #[test]

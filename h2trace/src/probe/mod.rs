@@ -104,6 +104,8 @@ pub enum ProbeError {
     Load(#[from] aya::EbpfError),
     #[error("the ring buffer is not supported by this kernel (Linux ≥ 5.8): use --transport perf")]
     NoRingbuf,
+    #[error("this kernel cannot attach kprobes (no kprobe PMU at {KPROBE_PMU}: CONFIG_KPROBES is off)")]
+    NoKprobes,
     #[error("no way to observe TCP state changes on this kernel:\n  {}", .0.join("\n  "))]
     NoStateHook(Vec<String>),
     #[error("{hook}: {source}")]
@@ -113,6 +115,9 @@ pub enum ProbeError {
         source: ProgramError,
     },
 }
+
+/// Present when the kernel can attach kprobes through perf_event_open.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
 /// What the agent asks of the probes.
 #[derive(Debug, Clone)]
@@ -284,6 +289,9 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
         StateHook::Kprobe => {
             let p: &mut KProbe = prog(ebpf, "tcp_set_state_kprobe")?.try_into().map_err(err)?;
             p.load().map_err(err)?;
+            if !Path::new(KPROBE_PMU).exists() {
+                return Err(ProbeError::NoKprobes);
+            }
             p.attach("tcp_set_state", 0).map_err(err)?;
         }
     }
@@ -374,8 +382,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Some errors print their source themselves; say each thing once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s

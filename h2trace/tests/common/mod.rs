@@ -1,0 +1,274 @@
+//! Shared by the kernel integration tests: private network namespaces, the real h2trace
+//! binary, the `tcp_peer` example as client and server.
+//!
+//! Every test runs as root, one at a time (a process-wide lock), in its own pair of network
+//! namespaces joined by a veth pair. Addresses come from 198.18.0.0/15 and fd18::/16 (benchmark
+//! ranges) and exist only inside those namespaces; everything is removed on drop, also when a
+//! test fails.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Take the serial lock, or `None` (test skipped, with a message) when not root or when
+/// `H2TRACE_SKIP_KERNEL_TESTS` is set.
+pub fn kernel_test() -> Option<MutexGuard<'static, ()>> {
+    if std::env::var_os("H2TRACE_SKIP_KERNEL_TESTS").is_some() {
+        eprintln!("skipped: H2TRACE_SKIP_KERNEL_TESTS is set");
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: kernel integration tests need root");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+pub fn h2trace_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_h2trace")
+}
+
+/// `target/<profile>/examples/tcp_peer`, built by `cargo test` along with the tests.
+pub fn peer_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("examples/tcp_peer");
+    assert!(p.exists(), "{} missing: run the tests with `cargo test` (it builds examples)", p.display());
+    p
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+/// A client namespace and a server namespace joined by veth.
+pub struct NetPair {
+    pub client: String,
+    pub server: String,
+    pub client_v4: String,
+    pub server_v4: String,
+    pub client_v6: String,
+    pub server_v6: String,
+}
+
+impl NetPair {
+    /// `tag` keeps names unique per test; the pid keeps them unique per run.
+    pub fn new(tag: &str, subnet: u8) -> Self {
+        let id = format!("{tag}-{}", std::process::id());
+        let pair = Self {
+            client: format!("h2t-{id}-c"),
+            server: format!("h2t-{id}-s"),
+            client_v4: format!("198.18.{subnet}.1"),
+            server_v4: format!("198.18.{subnet}.2"),
+            client_v6: format!("fd18:{subnet}::1"),
+            server_v6: format!("fd18:{subnet}::2"),
+        };
+        // Remove leftovers of an earlier crashed run with the same names.
+        pair.remove();
+        ip(&["netns", "add", &pair.client]);
+        ip(&["netns", "add", &pair.server]);
+        let (vc, vs) = (format!("h2c{subnet}"), format!("h2s{subnet}"));
+        ip(&["-n", &pair.client, "link", "add", &vc, "type", "veth", "peer", "name", &vs, "netns", &pair.server]);
+        for (ns, dev, v4, v6) in
+            [(&pair.client, &vc, &pair.client_v4, &pair.client_v6), (&pair.server, &vs, &pair.server_v4, &pair.server_v6)]
+        {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        pair
+    }
+
+    fn remove(&self) {
+        for ns in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        }
+    }
+
+    /// The namespace's inode, as h2trace reports it in `h2trace.netns`.
+    pub fn inode(ns: &str) -> u64 {
+        std::fs::metadata(Path::new("/run/netns").join(ns)).unwrap().ino()
+    }
+
+    /// Start `tcp_peer server` in the server namespace; returns once it listens.
+    pub fn server(&self, addr: &str, count: usize, reply: usize, close: &str) -> Child {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.server])
+            .arg(peer_bin())
+            .args(["server", addr, &count.to_string(), &reply.to_string(), close])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "server did not start");
+        child
+    }
+
+    /// Run `tcp_peer client` in the client namespace to completion; returns its pid.
+    pub fn client(&self, addr: &str, count: usize, send: usize, reply: usize, close: &str) -> u32 {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.client])
+            .arg(peer_bin())
+            .args(["client", addr, &count.to_string(), &send.to_string(), close])
+            .env("TCP_PEER_REPLY", reply.to_string())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let st = wait_timeout(&mut child, Duration::from_secs(20)).expect("client timed out");
+        assert!(st.success(), "client failed: {st}");
+        pid
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running h2trace writing NDJSON to a file.
+pub struct Tracer {
+    child: Child,
+    pub out: PathBuf,
+    _dir: TempDir,
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("h2trace-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Tracer {
+    /// Start h2trace with `args` (NDJSON to a file) and wait for its `started` record.
+    pub fn start(tag: &str, args: &[&str]) -> Self {
+        let dir = TempDir::new(tag);
+        let out = dir.0.join("out.ndjson");
+        let child = Command::new(h2trace_bin())
+            .args(["--format", "ndjson", "--output"])
+            .arg(&out)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut t = Self { child, out, _dir: dir };
+        let start = Instant::now();
+        while !std::fs::read_to_string(&t.out).unwrap_or_default().contains("\"action\":\"started\"") {
+            if let Some(st) = t.child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                t.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("h2trace exited early ({st}): {err}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "h2trace did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT, wait for exit (130), return every record.
+    pub fn stop(mut self) -> Vec<Value> {
+        // Let the last records of the traffic reach the buffers and the drain timer.
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
+        let st = wait_timeout(&mut self.child, Duration::from_secs(20)).expect("h2trace did not stop on SIGINT");
+        assert_eq!(st.code(), Some(130), "SIGINT must exit 130");
+        read_records(&self.out)
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+pub fn action(v: &Value) -> &str {
+    v["event"]["action"].as_str().unwrap_or_default()
+}
+
+/// Records of one action in one network namespace.
+pub fn in_netns<'a>(recs: &'a [Value], ns: &str, act: &str) -> Vec<&'a Value> {
+    let ino = NetPair::inode(ns);
+    recs.iter().filter(|r| r["h2trace"]["netns"].as_u64() == Some(ino) && action(r) == act).collect()
+}
+
+/// The full state sequence of a life record: first state, then every transition.
+pub fn states(life: &Value) -> Vec<String> {
+    let c = &life["h2trace"]["connection"];
+    std::iter::once(c["first_state"].as_str().unwrap().to_string())
+        .chain(c["states"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// The same sequence rebuilt from `--events all` state-change records of one socket.
+pub fn live_states(recs: &[Value], socket_id: &str) -> Vec<String> {
+    let changes: Vec<_> = recs
+        .iter()
+        .filter(|r| action(r) == "state-change" && r["h2trace"]["socket"]["id"] == socket_id)
+        .collect();
+    let mut out: Vec<String> = changes.first().map(|c| c["h2trace"]["state"]["old"].as_str().unwrap().into()).into_iter().collect();
+    out.extend(changes.iter().map(|c| c["h2trace"]["state"]["new"].as_str().unwrap().to_string()));
+    out
+}
+
+pub fn owner_pid(r: &Value) -> Option<u64> {
+    r["process"]["pid"].as_u64()
+}

@@ -1,0 +1,227 @@
+//! Kernel integration tests: load the real programs, drive real TCP between two private
+//! network namespaces, assert on what h2trace reports. Root only; serial.
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const SEND: usize = 100;
+const REPLY: usize = 300;
+/// The client's request carries a 4-byte length prefix.
+const SENT_BY_CLIENT: u64 = SEND as u64 + 4;
+
+struct Run {
+    recs: Vec<Value>,
+    client_pid: u32,
+    server_pid: u32,
+    net: NetPair,
+}
+
+/// One exchange: the server replies and ends with `server_close`; the client reads the reply
+/// and ends with `client_close`. Traced with `args`.
+fn exchange(tag: &str, subnet: u8, v6: bool, server_close: &str, client_close: &str, args: &[&str]) -> Run {
+    let net = NetPair::new(tag, subnet);
+    let tracer = Tracer::start(tag, args);
+    let ip = if v6 { format!("[{}]:8080", net.server_v6) } else { format!("{}:8080", net.server_v4) };
+    let mut server = net.server(&ip, 1, REPLY, server_close);
+    let server_pid = server.id();
+    let client_pid = net.client(&ip, 1, SEND, REPLY, client_close);
+    let st = wait_timeout(&mut server, std::time::Duration::from_secs(20)).expect("server timed out");
+    assert!(st.success(), "server failed: {st}");
+    let recs = tracer.stop();
+    Run { recs, client_pid, server_pid, net }
+}
+
+impl Run {
+    fn one(&self, ns: &str, act: &str) -> &Value {
+        let v = in_netns(&self.recs, ns, act);
+        assert_eq!(v.len(), 1, "expected one {act} in {ns}, got {}: {v:#?}", v.len());
+        v[0]
+    }
+    fn client_life(&self) -> &Value {
+        self.one(&self.net.client, "connection-closed")
+    }
+    fn server_life(&self) -> &Value {
+        self.one(&self.net.server, "connection-closed")
+    }
+}
+
+fn assert_owned(life: &Value, pid: u32, role: &str) {
+    assert_eq!(owner_pid(life), Some(pid as u64), "owner of {role} socket: {life:#}");
+    assert_eq!(life["h2trace"]["socket"]["role"], role);
+    assert_eq!(life["process"]["name"], "tcp_peer");
+}
+
+fn graceful(transport: &str, subnet: u8, v6: bool) {
+    let Some(_lock) = kernel_test() else { return };
+    let tag = format!("fin-{transport}{}", if v6 { "6" } else { "" });
+    let r = exchange(&tag, subnet, v6, "wait-peer", "close", &["--events", "all", "--transport", transport]);
+    let (c, s) = (r.client_life(), r.server_life());
+    let client_states = ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"];
+    let server_states = ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"];
+    assert_eq!(states(c), client_states);
+    assert_eq!(states(s), server_states);
+    // The same sequences from the live transitions of --events all.
+    assert_eq!(live_states(&r.recs, c["h2trace"]["socket"]["id"].as_str().unwrap()), client_states);
+    assert_eq!(live_states(&r.recs, s["h2trace"]["socket"]["id"].as_str().unwrap()), server_states);
+    // Bytes, both sides, and the server socket owned by the server, not the softirq's task.
+    assert_eq!(c["source"]["bytes"], SENT_BY_CLIENT);
+    assert_eq!(c["destination"]["bytes"], REPLY as u64);
+    assert_eq!(s["source"]["bytes"], REPLY as u64);
+    assert_eq!(s["destination"]["bytes"], SENT_BY_CLIENT);
+    assert_owned(c, r.client_pid, "client");
+    assert_owned(s, r.server_pid, "server");
+    assert_eq!(c["network"]["community_id"], s["network"]["community_id"]);
+    assert_eq!(c["network"]["type"], if v6 { "ipv6" } else { "ipv4" });
+    let server_ip = if v6 { &r.net.server_v6 } else { &r.net.server_v4 };
+    assert_eq!(c["destination"]["ip"].as_str().unwrap(), server_ip);
+    assert_eq!(c["destination"]["port"], 8080);
+    assert_eq!(s["source"]["port"], 8080);
+    for l in [c, s] {
+        assert_eq!(l["h2trace"]["connection"]["resets_sent"], 0);
+        assert_eq!(l["h2trace"]["connection"]["resets_received"], 0);
+    }
+    // The peer's FIN put the server in CLOSE_WAIT: that is always a live event.
+    let cw = in_netns(&r.recs, &r.net.server, "state-change");
+    assert!(cw.iter().any(|e| e["h2trace"]["state"]["new"] == "CLOSE_WAIT"));
+    // Every record is shaped as the schema says.
+    validate_all(&r.recs);
+}
+
+#[test]
+fn graceful_close_ringbuf() {
+    graceful("ringbuf", 11, false);
+}
+
+#[test]
+fn graceful_close_perf() {
+    graceful("perf", 12, false);
+}
+
+#[test]
+fn graceful_close_ipv6_ringbuf() {
+    graceful("ringbuf", 13, true);
+}
+
+#[test]
+fn graceful_close_ipv6_perf() {
+    graceful("perf", 14, true);
+}
+
+fn abortive(transport: &str, subnet: u8) {
+    let Some(_lock) = kernel_test() else { return };
+    let r = exchange(&format!("rst-{transport}"), subnet, false, "wait-peer", "rst", &["--transport", transport]);
+    let (c, s) = (r.client_life(), r.server_life());
+    assert_eq!(states(c), ["CLOSE", "SYN_SENT", "ESTABLISHED", "CLOSE"]);
+    assert_eq!(states(s), ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE"]);
+    let (cc, sc) = (&c["h2trace"]["connection"], &s["h2trace"]["connection"]);
+    // The client aborted (SO_LINGER 0): it sent the RST, the server received it.
+    assert_eq!(cc["resets_sent"], 1);
+    assert_eq!(cc["resets_received"], 0);
+    assert!(cc["reset_sent_reason"].as_str().is_some_and(|r| r.contains("ABORT") || r == "TCP_STATE"), "{cc:#}");
+    assert_eq!(sc["resets_received"], 1);
+    assert_eq!(sc["resets_sent"], 0);
+    assert_eq!(sc["reset_received_state"], "ESTABLISHED");
+    // Resets are live events even without --events all, and no transitions are.
+    let sent = in_netns(&r.recs, &r.net.client, "reset-sent");
+    let received = in_netns(&r.recs, &r.net.server, "reset-received");
+    assert_eq!((sent.len(), received.len()), (1, 1));
+    assert_eq!(sent[0]["h2trace"]["reset"]["direction"], "sent");
+    assert!(in_netns(&r.recs, &r.net.client, "state-change").is_empty());
+    assert_owned(c, r.client_pid, "client");
+    assert_owned(s, r.server_pid, "server");
+    validate_all(&r.recs);
+}
+
+#[test]
+fn abortive_close_ringbuf() {
+    abortive("ringbuf", 21);
+}
+
+#[test]
+fn abortive_close_perf() {
+    abortive("perf", 22);
+}
+
+fn close_wait(transport: &str, subnet: u8) {
+    let Some(_lock) = kernel_test() else { return };
+    // The server closes right after replying; the client waits 300 ms before closing, so it
+    // sits in CLOSE_WAIT meanwhile.
+    let r = exchange(&format!("cw-{transport}"), subnet, false, "close", "hold:300", &["--transport", transport]);
+    let (c, s) = (r.client_life(), r.server_life());
+    assert_eq!(states(c), ["CLOSE", "SYN_SENT", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]);
+    assert_eq!(states(s), ["LISTEN", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]);
+    let cw = in_netns(&r.recs, &r.net.client, "state-change");
+    assert_eq!(cw.len(), 1, "CLOSE_WAIT is the one live transition by default: {cw:#?}");
+    assert_eq!(cw[0]["h2trace"]["state"]["new"], "CLOSE_WAIT");
+    assert_eq!(owner_pid(cw[0]), Some(r.client_pid as u64));
+    // Time in CLOSE_WAIT: from entering it to LAST_ACK, at least the 300 ms hold.
+    let st = c["h2trace"]["connection"]["states"].as_array().unwrap();
+    let dwell = st[3]["offset_ns"].as_u64().unwrap() - st[2]["offset_ns"].as_u64().unwrap();
+    assert!(dwell >= 290_000_000, "CLOSE_WAIT lasted {dwell} ns");
+    assert_owned(c, r.client_pid, "client");
+    assert_owned(s, r.server_pid, "server");
+}
+
+#[test]
+fn peer_close_leaves_close_wait_ringbuf() {
+    close_wait("ringbuf", 31);
+}
+
+#[test]
+fn peer_close_leaves_close_wait_perf() {
+    close_wait("perf", 32);
+}
+
+fn pid_filter(transport: &str, subnet: u8) {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new(&format!("pid-{transport}"), subnet);
+    let addr = format!("{}:8080", net.server_v4);
+    // The server must exist before h2trace starts to name it with --pid.
+    let mut server = net.server(&addr, 3, REPLY, "wait-peer");
+    let server_pid = server.id();
+    let tracer =
+        Tracer::start(&format!("pid-{transport}"), &["--pid", &server_pid.to_string(), "--events", "all", "--transport", transport]);
+    let client_pid = net.client(&addr, 3, SEND, REPLY, "close");
+    assert!(wait_timeout(&mut server, std::time::Duration::from_secs(20)).unwrap().success());
+    let recs = tracer.stop();
+    let sockets: Vec<_> = recs.iter().filter(|r| r["h2trace"]["socket"].is_object()).collect();
+    assert!(!sockets.is_empty());
+    // Exactly the server's sockets: every record is the server's, none is the client's or
+    // anyone else's on the host.
+    for r in &sockets {
+        assert_eq!(owner_pid(r), Some(server_pid as u64), "{r:#}");
+    }
+    let lives: Vec<_> = sockets.iter().filter(|r| action(r) == "connection-closed").collect();
+    assert_eq!(lives.len(), 3);
+    // Including the transitions that ran in softirq before the server touched the socket.
+    for l in lives {
+        let id = l["h2trace"]["socket"]["id"].as_str().unwrap();
+        assert_eq!(live_states(&recs, id), ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]);
+    }
+    assert!(recs.iter().all(|r| owner_pid(r) != Some(client_pid as u64)));
+}
+
+#[test]
+fn pid_keeps_exactly_one_process_ringbuf() {
+    pid_filter("ringbuf", 41);
+}
+
+#[test]
+fn pid_keeps_exactly_one_process_perf() {
+    pid_filter("perf", 42);
+}
+
+fn validate_all(recs: &[Value]) {
+    let schema: Value =
+        serde_json::from_str(include_str!("../../docs/h2trace.schema.json")).expect("schema is JSON");
+    let v = jsonschema::validator_for(&schema).expect("schema compiles");
+    for r in recs {
+        if let Err(e) = v.validate(r) {
+            panic!("record does not match docs/h2trace.schema.json: {e}\n{r:#}");
+        }
+    }
+    // A stream has a start and a summary.
+    assert_eq!(action(&recs[0]), "started");
+    assert_eq!(action(recs.last().unwrap()), "summary");
+}
