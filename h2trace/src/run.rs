@@ -129,6 +129,10 @@ pub enum RunError {
 
 pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut probes: Probes = probe::load(&cfg.probe)?;
+    // A fallback or a missing optional hook changes what the output can show: say so.
+    for h in probes.hooks.iter().filter(|h| !h.ok) {
+        eprintln!("h2trace: warning: {}", h.detail);
+    }
     let mut reader = Reader::open(&mut probes.ebpf, probes.transport, cfg.perf_pages)?;
     let counters = Counters::open(&mut probes.ebpf)?;
 

@@ -213,6 +213,11 @@ impl Tracer {
         self.child.id()
     }
 
+    /// `Some(exit code)` once h2trace has exited.
+    pub fn try_exit_code(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().unwrap().map(|s| s.code())
+    }
+
     /// SIGINT, wait for exit (130), return every record.
     pub fn stop(mut self) -> Vec<Value> {
         // Let the last records of the traffic reach the buffers and the drain timer.
