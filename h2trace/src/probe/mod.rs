@@ -108,6 +108,8 @@ pub enum ProbeError {
     NoKprobes,
     #[error("no way to observe TCP state changes on this kernel:\n  {}", .0.join("\n  "))]
     NoStateHook(Vec<String>),
+    #[error("{0} is missing from the eBPF object (was it built from another version?)")]
+    NoProgram(String),
     #[error("{hook}: {source}")]
     Program {
         hook: String,
@@ -299,7 +301,7 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, ProbeError> {
-    ebpf.program_mut(name).ok_or_else(|| ProbeError::NoStateHook(vec![format!("program {name} missing from the object")]))
+    ebpf.program_mut(name).ok_or_else(|| ProbeError::NoProgram(name.to_string()))
 }
 
 /// The state hooks to try for a `--probe` choice, in order.
@@ -344,7 +346,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         if let Some(why) = precondition(&facts, hook) {
             return Err(why);
         }
-        attach_state_hook(&mut ebpf, hook).map_err(|e| error_chain(&e))
+        attach_state_hook(&mut ebpf, hook).map_err(|e| why_not(&e))
     })?;
     let mut hooks = vec![HookStatus { hook: state_hook.name().into(), ok: true, detail: "attached".into() }];
     hooks.extend(fallbacks.into_iter().map(|f| HookStatus {
@@ -377,6 +379,25 @@ fn attach_tracepoint(ebpf: &mut Ebpf, prog_name: &str, cat: &str, name: &str) ->
     Ok(())
 }
 
+/// Why a hook failed, without repeating the hook's name, in an operator's words where the
+/// kernel's answer is terse.
+fn why_not(e: &ProbeError) -> String {
+    match e {
+        ProbeError::Program { source: ProgramError::LoadError { io_error, verifier_log }, hook }
+            if io_error.raw_os_error() == Some(libc::EPERM) && hook.starts_with("fentry") =>
+        {
+            let log = verifier_log.to_string();
+            let mut why = String::from("refused at load (EPERM): this kernel does not allow fentry programs here");
+            if !log.trim().is_empty() {
+                why.push_str(&format!("; verifier output: {log}"));
+            }
+            why
+        }
+        ProbeError::Program { source, .. } => error_chain(source),
+        e => error_chain(e),
+    }
+}
+
 /// An error and its causes on one line (verifier logs included).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -405,7 +426,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
         let mut ebpf = loader_for(&facts, opts, transport)?;
         let status = match precondition(&facts, hook) {
             Some(why) => Err(why),
-            None => attach_state_hook(&mut ebpf, hook).map_err(|e| error_chain(&e)),
+            None => attach_state_hook(&mut ebpf, hook).map_err(|e| why_not(&e)),
         };
         out.push(match status {
             Ok(()) => HookStatus { hook: hook.name().into(), ok: true, detail: "loads and attaches".into() },
