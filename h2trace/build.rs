@@ -5,16 +5,21 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let obj = env::var_os("H2TRACE_EBPF_OBJ").map(PathBuf::from).unwrap_or_else(|| {
-        manifest.join("../h2trace-ebpf/target/bpfel-unknown-none/release/h2trace")
-    });
+    let obj = env::var_os("H2TRACE_EBPF_OBJ")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            manifest.join("../h2trace-ebpf/target/bpfel-unknown-none/release/h2trace")
+        });
     println!("cargo:rerun-if-env-changed=H2TRACE_EBPF_OBJ");
     println!("cargo:rerun-if-changed={}", obj.display());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("h2trace.bpf.o");
     match fs::read(&obj) {
         Ok(bytes) => fs::write(&out, bytes).unwrap(),
         Err(_) => {
-            println!("cargo:warning=no eBPF object at {}: embedding a placeholder (run `cargo xtask build-ebpf`)", obj.display());
+            println!(
+                "cargo:warning=no eBPF object at {}: embedding a placeholder (run `cargo xtask build-ebpf`)",
+                obj.display()
+            );
             fs::write(&out, []).unwrap();
         }
     }

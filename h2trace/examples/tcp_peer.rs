@@ -23,7 +23,10 @@ fn finish(mut s: TcpStream, how: &str) {
     match how {
         "close" => {}
         "rst" => {
-            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
             // SAFETY: a valid socket fd and a correctly sized option value.
             let r = unsafe {
                 libc::setsockopt(
@@ -55,7 +58,9 @@ fn read_exactly(s: &mut TcpStream, n: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [role, addr, count, bytes, how] = args.as_slice() else { usage() };
+    let [role, addr, count, bytes, how] = args.as_slice() else {
+        usage()
+    };
     let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
     let count: usize = count.parse().unwrap_or_else(|_| usage());
     let bytes: usize = bytes.parse().unwrap_or_else(|_| usage());
@@ -75,7 +80,10 @@ fn main() {
             }
         }
         "client" => {
-            let reply: usize = std::env::var("TCP_PEER_REPLY").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let reply: usize = std::env::var("TCP_PEER_REPLY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             for _ in 0..count {
                 let mut s = TcpStream::connect(addr).expect("connect");
                 let mut req = (bytes as u32).to_be_bytes().to_vec();

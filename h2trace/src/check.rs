@@ -12,10 +12,16 @@ pub struct Report {
 pub fn check(opts: &ProbeOptions) -> Report {
     let mut t = String::new();
     let uname = nix::sys::utsname::uname().ok();
-    let release = uname.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let release = uname
+        .as_ref()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     let _ = writeln!(t, "kernel        {release}");
     let btf_line = match btf::sock_offsets(Path::new(btf::VMLINUX_BTF)) {
-        Ok(_) => format!("yes ({}; struct sock_common offsets resolved)", btf::VMLINUX_BTF),
+        Ok(_) => format!(
+            "yes ({}; struct sock_common offsets resolved)",
+            btf::VMLINUX_BTF
+        ),
         Err(e) => format!("no: {e}"),
     };
     let _ = writeln!(t, "BTF           {btf_line}");
@@ -34,9 +40,17 @@ pub fn check(opts: &ProbeOptions) -> Report {
 
     let _ = writeln!(t, "\ntransports");
     let ring = probe::ringbuf_supported();
-    let _ = writeln!(t, "  {} ring buffer (BPF_MAP_TYPE_RINGBUF)", if ring { "ok " } else { "NO " });
+    let _ = writeln!(
+        t,
+        "  {} ring buffer (BPF_MAP_TYPE_RINGBUF)",
+        if ring { "ok " } else { "NO " }
+    );
     let perf = aya::sys::is_map_supported(aya::maps::MapType::PerfEventArray).unwrap_or(false);
-    let _ = writeln!(t, "  {} perf buffers (BPF_MAP_TYPE_PERF_EVENT_ARRAY)", if perf { "ok " } else { "NO " });
+    let _ = writeln!(
+        t,
+        "  {} perf buffers (BPF_MAP_TYPE_PERF_EVENT_ARRAY)",
+        if perf { "ok " } else { "NO " }
+    );
 
     let _ = writeln!(t, "\nhooks");
     let mut state_ok = false;
@@ -47,9 +61,17 @@ pub fn check(opts: &ProbeOptions) -> Report {
         Ok(()) => match probe::survey(opts) {
             Ok(hooks) => {
                 for h in &hooks {
-                    let _ = writeln!(t, "  {} {:<38} {}", if h.ok { "ok " } else { "NO " }, h.hook, h.detail);
+                    let _ = writeln!(
+                        t,
+                        "  {} {:<38} {}",
+                        if h.ok { "ok " } else { "NO " },
+                        h.hook,
+                        h.detail
+                    );
                 }
-                state_ok = hooks.iter().any(|h| h.ok && probe::StateHook::ALL.iter().any(|s| s.name() == h.hook));
+                state_ok = hooks
+                    .iter()
+                    .any(|h| h.ok && probe::StateHook::ALL.iter().any(|s| s.name() == h.hook));
             }
             Err(e) => {
                 let _ = writeln!(t, "  cannot load the programs: {}", probe::error_chain(&e));
@@ -60,7 +82,11 @@ pub fn check(opts: &ProbeOptions) -> Report {
     let _ = writeln!(
         t,
         "\n{}",
-        if can_trace { "tracing can run" } else { "tracing cannot run here (see above)" }
+        if can_trace {
+            "tracing can run"
+        } else {
+            "tracing cannot run here (see above)"
+        }
     );
     Report { text: t, can_trace }
 }

@@ -70,10 +70,20 @@ pub struct TraceArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Only sockets with these local ports, comma-separated.
-    #[arg(short = 'L', long = "local-port", value_delimiter = ',', value_name = "PORT")]
+    #[arg(
+        short = 'L',
+        long = "local-port",
+        value_delimiter = ',',
+        value_name = "PORT"
+    )]
     pub local_port: Vec<u16>,
     /// Only sockets with these remote ports, comma-separated.
-    #[arg(short = 'D', long = "remote-port", value_delimiter = ',', value_name = "PORT")]
+    #[arg(
+        short = 'D',
+        long = "remote-port",
+        value_delimiter = ',',
+        value_name = "PORT"
+    )]
     pub remote_port: Vec<u16>,
     /// IPv4 only.
     #[arg(short = '4', long, conflicts_with = "ipv6")]

@@ -43,31 +43,49 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
     let duration = a
         .duration
         .as_ref()
-        .map(|d| humantime::parse_duration(d).map_err(|e| ConfigError::Duration(d.clone(), e.to_string())))
+        .map(|d| {
+            humantime::parse_duration(d)
+                .map_err(|e| ConfigError::Duration(d.clone(), e.to_string()))
+        })
         .transpose()?;
-    let ring: bytesize::ByteSize =
-        a.ring_size.parse().map_err(|e: String| ConfigError::RingSize(a.ring_size.clone(), e))?;
+    let ring: bytesize::ByteSize = a
+        .ring_size
+        .parse()
+        .map_err(|e: String| ConfigError::RingSize(a.ring_size.clone(), e))?;
     let ring_bytes = u32::try_from(ring.as_u64())
         .ok()
         .filter(|b| b.is_power_of_two() && *b >= 4096)
-        .ok_or_else(|| ConfigError::RingSize(a.ring_size.clone(), "must be a power of two from 4KiB to 2GiB".into()))?;
+        .ok_or_else(|| {
+            ConfigError::RingSize(
+                a.ring_size.clone(),
+                "must be a power of two from 4KiB to 2GiB".into(),
+            )
+        })?;
     if !a.perf_pages.is_power_of_two() {
         return Err(ConfigError::PerfPages(a.perf_pages));
     }
     if a.max_sockets == 0 {
         return Err(ConfigError::MaxSockets);
     }
-    let format = a.format.unwrap_or(if a.output.is_none() && std::io::stdout().is_terminal() {
-        Format::Text
-    } else {
-        Format::Ndjson
-    });
+    let format = a
+        .format
+        .unwrap_or(if a.output.is_none() && std::io::stdout().is_terminal() {
+            Format::Text
+        } else {
+            Format::Ndjson
+        });
     Ok(Config {
         filter: Filter {
             pids: (!a.pid.is_empty()).then(|| a.pid.iter().copied().collect()),
             local_ports: a.local_port.clone(),
             remote_ports: a.remote_port.clone(),
-            ipv6: if a.ipv4 { Some(false) } else if a.ipv6 { Some(true) } else { None },
+            ipv6: if a.ipv4 {
+                Some(false)
+            } else if a.ipv6 {
+                Some(true)
+            } else {
+                None
+            },
         },
         duration,
         format,
@@ -92,13 +110,26 @@ mod tests {
     use crate::cli::Cli;
 
     fn args(v: &[&str]) -> TraceArgs {
-        Cli::try_parse_from(std::iter::once("h2trace").chain(v.iter().copied())).unwrap().trace
+        Cli::try_parse_from(std::iter::once("h2trace").chain(v.iter().copied()))
+            .unwrap()
+            .trace
     }
 
     #[test]
     fn resolves_defaults_and_filters() {
         let me = std::process::id().to_string();
-        let c = resolve(&args(&["--pid", &me, "-L", "80,443", "-4", "--duration", "1m30s", "-f", "ndjson"])).unwrap();
+        let c = resolve(&args(&[
+            "--pid",
+            &me,
+            "-L",
+            "80,443",
+            "-4",
+            "--duration",
+            "1m30s",
+            "-f",
+            "ndjson",
+        ]))
+        .unwrap();
         assert_eq!(c.filter.pids.unwrap().len(), 1);
         assert_eq!(c.filter.local_ports, [80, 443]);
         assert_eq!(c.filter.ipv6, Some(false));
@@ -111,7 +142,12 @@ mod tests {
     fn rejects_bad_values_with_their_reason() {
         let err = resolve(&args(&["--pid", "4194304"])).unwrap_err();
         assert!(matches!(err, ConfigError::NoSuchPid(4194304)));
-        assert!(resolve(&args(&["--duration", "soon"])).unwrap_err().to_string().contains("soon"));
+        assert!(
+            resolve(&args(&["--duration", "soon"]))
+                .unwrap_err()
+                .to_string()
+                .contains("soon")
+        );
         assert!(resolve(&args(&["--ring-size", "3000"])).is_err());
         assert!(resolve(&args(&["--perf-pages", "3"])).is_err());
         assert!(Cli::try_parse_from(["h2trace", "-4", "-6"]).is_err());

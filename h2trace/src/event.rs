@@ -13,7 +13,11 @@ pub enum DecodeError {
     #[error("record of {0} bytes is shorter than a header")]
     Short(usize),
     #[error("record kind {kind}: {len} bytes, expected {expected}")]
-    Size { kind: u16, len: usize, expected: usize },
+    Size {
+        kind: u16,
+        len: usize,
+        expected: usize,
+    },
     #[error("unknown record kind {0}")]
     UnknownKind(u16),
     #[error("unknown address family {0}")]
@@ -114,7 +118,7 @@ pub struct Transition {
 }
 
 /// The kernel's facts about one finished socket life.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Life {
     pub first_state: u8,
     pub transitions: Vec<Transition>,
@@ -134,10 +138,52 @@ pub struct Life {
     pub last_retransmit_ns: Option<u64>,
 }
 
+/// Which side sent the first FIN, read off the state sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinFirst {
+    /// ESTABLISHED → FIN_WAIT1 before any CLOSE_WAIT: this side closed first.
+    Local,
+    /// ESTABLISHED → CLOSE_WAIT: the peer closed first.
+    Peer,
+    /// FIN_WAIT1 → CLOSING: both FINs crossed.
+    Simultaneous,
+    /// No FIN (reset, failed connect, or still open).
+    None,
+}
+
+impl FinFirst {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Peer => "peer",
+            Self::Simultaneous => "simultaneous",
+            Self::None => "none",
+        }
+    }
+}
+
 impl Life {
     /// The states in order, starting with the state before the first transition.
     pub fn states(&self) -> impl Iterator<Item = u8> + '_ {
         std::iter::once(self.first_state).chain(self.transitions.iter().map(|t| t.state))
+    }
+
+    pub fn fin_first(&self) -> FinFirst {
+        use h2trace_common::tcp_state::*;
+        let mut local = false;
+        for s in self.states() {
+            match s {
+                FIN_WAIT1 => local = true,
+                CLOSING if local => return FinFirst::Simultaneous,
+                CLOSE_WAIT => return FinFirst::Peer,
+                _ => {}
+            }
+        }
+        if local {
+            FinFirst::Local
+        } else {
+            FinFirst::None
+        }
     }
 }
 
@@ -145,10 +191,21 @@ impl Life {
 pub enum Body {
     /// The socket's life ended (the kernel destroyed it).
     Life(Box<Life>),
-    State { old: u8, new: u8 },
-    ResetSent { state: u8, reason: Option<u32> },
-    ResetReceived { state: u8 },
-    Retransmit { state: u8, err: i32 },
+    State {
+        old: u8,
+        new: u8,
+    },
+    ResetSent {
+        state: u8,
+        reason: Option<u32>,
+    },
+    ResetReceived {
+        state: u8,
+    },
+    Retransmit {
+        state: u8,
+        err: i32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +221,11 @@ fn read<T: Copy>(bytes: &[u8], k: u16) -> Result<T, DecodeError> {
     let expected = size_of::<T>();
     // Perf samples carry up to 7 bytes of alignment padding after the payload.
     if bytes.len() < expected || bytes.len() > expected + 7 {
-        return Err(DecodeError::Size { kind: k, len: bytes.len(), expected });
+        return Err(DecodeError::Size {
+            kind: k,
+            len: bytes.len(),
+            expected,
+        });
     }
     // SAFETY: length checked; T is a repr(C) integer-only wire type, valid for any bits.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
@@ -185,20 +246,38 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         kind::LIFE => {
             let rec: LifeRecord = read(bytes, hdr.kind)?;
             let socket = socket(&rec.life.meta)?;
-            Ok(Event { ts_ns: hdr.ts_ns, cpu: hdr.cpu, socket, body: Body::Life(Box::new(life(&rec.life))) })
+            Ok(Event {
+                ts_ns: hdr.ts_ns,
+                cpu: hdr.cpu,
+                socket,
+                body: Body::Life(Box::new(life(&rec.life))),
+            })
         }
         kind::STATE | kind::RESET_SENT | kind::RESET_RECEIVED | kind::RETRANSMIT => {
             let rec: LiveRecord = read(bytes, hdr.kind)?;
             let body = match hdr.kind {
-                kind::STATE => Body::State { old: rec.old_state, new: rec.new_state },
+                kind::STATE => Body::State {
+                    old: rec.old_state,
+                    new: rec.new_state,
+                },
                 kind::RESET_SENT => Body::ResetSent {
                     state: rec.new_state,
                     reason: (rec.reason != u32::MAX).then_some(rec.reason),
                 },
-                kind::RESET_RECEIVED => Body::ResetReceived { state: rec.new_state },
-                _ => Body::Retransmit { state: rec.new_state, err: rec.reason as i32 },
+                kind::RESET_RECEIVED => Body::ResetReceived {
+                    state: rec.new_state,
+                },
+                _ => Body::Retransmit {
+                    state: rec.new_state,
+                    err: rec.reason as i32,
+                },
             };
-            Ok(Event { ts_ns: hdr.ts_ns, cpu: hdr.cpu, socket: socket(&rec.meta)?, body })
+            Ok(Event {
+                ts_ns: hdr.ts_ns,
+                cpu: hdr.cpu,
+                socket: socket(&rec.meta)?,
+                body,
+            })
         }
         k => Err(DecodeError::UnknownKind(k)),
     }
@@ -209,7 +288,10 @@ fn life(l: &SockLife) -> Life {
     Life {
         first_state: l.first_state,
         transitions: (0..stored)
-            .map(|i| Transition { ts_ns: l.trans_ns[i], state: l.trans_state[i] })
+            .map(|i| Transition {
+                ts_ns: l.trans_ns[i],
+                state: l.trans_state[i],
+            })
             .collect(),
         transitions_dropped: u32::from(l.n_trans) - stored as u32,
         bytes_sent: l.bytes_sent,
@@ -220,7 +302,8 @@ fn life(l: &SockLife) -> Life {
         resets_received: l.rst_recv,
         first_reset_sent_ns: nonzero(l.first_rst_sent_ns),
         first_reset_received_ns: nonzero(l.first_rst_recv_ns),
-        reset_sent_reason: (l.rst_sent > 0 && l.rst_sent_reason != u32::MAX).then_some(l.rst_sent_reason),
+        reset_sent_reason: (l.rst_sent > 0 && l.rst_sent_reason != u32::MAX)
+            .then_some(l.rst_sent_reason),
         reset_received_state: (l.rst_recv > 0).then_some(l.rst_recv_state),
         retransmits: l.retrans,
         last_retransmit_ns: nonzero(l.last_retrans_ns),
@@ -233,7 +316,10 @@ fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
             let ip = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
             (ip(&m.saddr), ip(&m.daddr))
         }
-        AF_INET6 => (IpAddr::V6(Ipv6Addr::from(m.saddr)), IpAddr::V6(Ipv6Addr::from(m.daddr))),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(m.saddr)),
+            IpAddr::V6(Ipv6Addr::from(m.daddr)),
+        ),
         f => return Err(DecodeError::Family(f)),
     };
     let source = match m.owner_src {
@@ -251,7 +337,10 @@ fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
         source,
     });
     Ok(Socket {
-        id: SocketId { skaddr: m.skaddr, start_ns: m.start_ns },
+        id: SocketId {
+            skaddr: m.skaddr,
+            start_ns: m.start_ns,
+        },
         netns: m.netns,
         local: SocketAddr::new(local, m.sport),
         remote: SocketAddr::new(remote, m.dport),
@@ -309,25 +398,66 @@ pub(crate) mod tests {
         let mut life = SockLife::zeroed();
         life.meta = meta(AF_INET);
         life.first_state = CLOSE;
-        for (i, s) in [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE].into_iter().enumerate() {
+        for (i, s) in [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE]
+            .into_iter()
+            .enumerate()
+        {
             life.trans_ns[i] = 1_000 + i as u64 * 10;
             life.trans_state[i] = s;
         }
         life.n_trans = 5;
         life.bytes_sent = 100;
         life.rst_sent_reason = u32::MAX;
-        let rec = LifeRecord { hdr: Header { kind: kind::LIFE, _pad: 0, cpu: 1, ts_ns: 2_000 }, life };
+        let rec = LifeRecord {
+            hdr: Header {
+                kind: kind::LIFE,
+                _pad: 0,
+                cpu: 1,
+                ts_ns: 2_000,
+            },
+            life,
+        };
         let ev = decode(&bytes_of(&rec)).unwrap();
         assert_eq!(ev.ts_ns, 2_000);
         assert_eq!(ev.socket.local, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(ev.socket.remote, "127.0.0.2:8080".parse().unwrap());
         assert_eq!(ev.socket.owner.as_ref().unwrap().comm, "curl");
         assert_eq!(ev.socket.origin, Origin::Active);
-        let Body::Life(l) = ev.body else { panic!("not a life") };
-        assert_eq!(l.states().collect::<Vec<_>>(), [CLOSE, SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE]);
+        let Body::Life(l) = ev.body else {
+            panic!("not a life")
+        };
+        assert_eq!(
+            l.states().collect::<Vec<_>>(),
+            [CLOSE, SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE]
+        );
         assert_eq!(l.bytes_sent, 100);
         assert_eq!(l.reset_sent_reason, None);
+        assert_eq!(l.fin_first(), FinFirst::Local);
         assert_eq!(l.last_send_ns, None);
+    }
+
+    #[test]
+    fn fin_first_from_state_sequences() {
+        let life = |states: &[u8]| Life {
+            first_state: states[0],
+            transitions: states[1..]
+                .iter()
+                .map(|&state| Transition { ts_ns: 0, state })
+                .collect(),
+            ..Life::default()
+        };
+        assert_eq!(
+            life(&[LISTEN, SYN_RECV, ESTABLISHED, CLOSE_WAIT, LAST_ACK, CLOSE]).fin_first(),
+            FinFirst::Peer
+        );
+        assert_eq!(
+            life(&[ESTABLISHED, FIN_WAIT1, CLOSING, CLOSE]).fin_first(),
+            FinFirst::Simultaneous
+        );
+        assert_eq!(
+            life(&[CLOSE, SYN_SENT, ESTABLISHED, CLOSE]).fin_first(),
+            FinFirst::None
+        );
     }
 
     #[test]
@@ -335,7 +465,12 @@ pub(crate) mod tests {
         let mut m = meta(AF_INET6);
         m.owner_src = owner_src::NONE;
         let rec = LiveRecord {
-            hdr: Header { kind: kind::RESET_SENT, _pad: 0, cpu: 0, ts_ns: 5 },
+            hdr: Header {
+                kind: kind::RESET_SENT,
+                _pad: 0,
+                cpu: 0,
+                ts_ns: 5,
+            },
             meta: m,
             old_state: ESTABLISHED,
             new_state: ESTABLISHED,
@@ -343,7 +478,13 @@ pub(crate) mod tests {
             reason: 12,
         };
         let ev = decode(&bytes_of(&rec)).unwrap();
-        assert_eq!(ev.body, Body::ResetSent { state: ESTABLISHED, reason: Some(12) });
+        assert_eq!(
+            ev.body,
+            Body::ResetSent {
+                state: ESTABLISHED,
+                reason: Some(12)
+            }
+        );
         assert!(ev.socket.owner.is_none());
         assert!(ev.socket.is_ipv6());
         assert_eq!(ev.socket.remote.ip(), "fd00::2".parse::<IpAddr>().unwrap());
@@ -356,7 +497,14 @@ pub(crate) mod tests {
         b[0] = 99;
         assert_eq!(decode(&b), Err(DecodeError::UnknownKind(99)));
         b[0] = kind::LIFE as u8;
-        assert!(matches!(decode(&b), Err(DecodeError::Size { kind: 1, len: 120, .. })));
+        assert!(matches!(
+            decode(&b),
+            Err(DecodeError::Size {
+                kind: 1,
+                len: 120,
+                ..
+            })
+        ));
         b[0] = kind::STATE as u8;
         assert_eq!(decode(&b), Err(DecodeError::Family(0)));
     }
@@ -364,7 +512,12 @@ pub(crate) mod tests {
     #[test]
     fn accepts_perf_alignment_padding() {
         let rec = LiveRecord {
-            hdr: Header { kind: kind::STATE, _pad: 0, cpu: 0, ts_ns: 5 },
+            hdr: Header {
+                kind: kind::STATE,
+                _pad: 0,
+                cpu: 0,
+                ts_ns: 5,
+            },
             meta: meta(AF_INET),
             old_state: ESTABLISHED,
             new_state: CLOSE_WAIT,
@@ -373,6 +526,12 @@ pub(crate) mod tests {
         };
         let mut b = bytes_of(&rec);
         b.extend_from_slice(&[0; 4]);
-        assert_eq!(decode(&b).unwrap().body, Body::State { old: ESTABLISHED, new: CLOSE_WAIT });
+        assert_eq!(
+            decode(&b).unwrap().body,
+            Body::State {
+                old: ESTABLISHED,
+                new: CLOSE_WAIT
+            }
+        );
     }
 }

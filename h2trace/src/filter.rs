@@ -32,7 +32,10 @@ pub struct Selector {
 
 impl Selector {
     pub fn new(filter: Filter) -> Self {
-        Self { filter, ..Default::default() }
+        Self {
+            filter,
+            ..Default::default()
+        }
     }
 
     fn endpoint_match(&self, ev: &Event) -> bool {
@@ -122,7 +125,10 @@ mod tests {
             ts_ns: 1,
             cpu: 0,
             socket: Socket {
-                id: SocketId { skaddr, start_ns: 7 },
+                id: SocketId {
+                    skaddr,
+                    start_ns: 7,
+                },
                 netns: 1,
                 local: "10.0.0.1:8080".parse().unwrap(),
                 remote: "10.0.0.2:50000".parse().unwrap(),
@@ -142,20 +148,7 @@ mod tests {
     fn life() -> Body {
         Body::Life(Box::new(Life {
             first_state: 10,
-            transitions: vec![],
-            transitions_dropped: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            last_send_ns: None,
-            last_recv_ns: None,
-            resets_sent: 0,
-            resets_received: 0,
-            first_reset_sent_ns: None,
-            first_reset_received_ns: None,
-            reset_sent_reason: None,
-            reset_received_state: None,
-            retransmits: 0,
-            last_retransmit_ns: None,
+            ..Life::default()
         }))
     }
 
@@ -164,16 +157,27 @@ mod tests {
         for e in evs {
             sel.offer(e, &mut |e| out.push(e));
         }
-        out.iter().map(|e| (e.socket.id.skaddr, matches!(e.body, Body::Life(_)))).collect()
+        out.iter()
+            .map(|e| (e.socket.id.skaddr, matches!(e.body, Body::Life(_))))
+            .collect()
     }
 
     #[test]
     fn softirq_transitions_wait_for_the_owner() {
-        let mut sel = Selector::new(Filter { pids: Some([42].into()), ..Default::default() });
+        let mut sel = Selector::new(Filter {
+            pids: Some([42].into()),
+            ..Default::default()
+        });
         let st = |a, o| ev(a, o, Body::State { old: 3, new: 1 });
         let out = run(
             &mut sel,
-            vec![st(1, None), st(2, None), st(1, Some(42)), st(2, Some(99)), ev(1, Some(42), life())],
+            vec![
+                st(1, None),
+                st(2, None),
+                st(1, Some(42)),
+                st(2, Some(99)),
+                ev(1, Some(42), life()),
+            ],
         );
         // Socket 1's ownerless transition is delivered once the owner shows up; socket 2's is
         // dropped with it.
@@ -183,35 +187,66 @@ mod tests {
 
     #[test]
     fn released_events_carry_the_owner_learned_later() {
-        let mut sel = Selector::new(Filter { pids: Some([42].into()), ..Default::default() });
+        let mut sel = Selector::new(Filter {
+            pids: Some([42].into()),
+            ..Default::default()
+        });
         let mut out = vec![];
-        for e in [ev(1, None, Body::State { old: 3, new: 1 }), ev(1, Some(42), Body::State { old: 1, new: 8 })] {
+        for e in [
+            ev(1, None, Body::State { old: 3, new: 1 }),
+            ev(1, Some(42), Body::State { old: 1, new: 8 }),
+        ] {
             sel.offer(e, &mut |e| out.push(e));
         }
-        assert!(out.iter().all(|e| e.socket.owner.as_ref().is_some_and(|o| o.tgid == 42)));
+        assert!(
+            out.iter()
+                .all(|e| e.socket.owner.as_ref().is_some_and(|o| o.tgid == 42))
+        );
     }
 
     #[test]
     fn life_without_owner_discards_waiting_events() {
-        let mut sel = Selector::new(Filter { pids: Some([42].into()), ..Default::default() });
-        let out = run(&mut sel, vec![ev(1, None, Body::State { old: 3, new: 1 }), ev(1, None, life())]);
+        let mut sel = Selector::new(Filter {
+            pids: Some([42].into()),
+            ..Default::default()
+        });
+        let out = run(
+            &mut sel,
+            vec![
+                ev(1, None, Body::State { old: 3, new: 1 }),
+                ev(1, None, life()),
+            ],
+        );
         assert!(out.is_empty());
         assert_eq!(sel.pending(), 0);
     }
 
     #[test]
     fn ports_and_family() {
-        let mut sel = Selector::new(Filter { local_ports: vec![8080], ipv6: Some(false), ..Default::default() });
+        let mut sel = Selector::new(Filter {
+            local_ports: vec![8080],
+            ipv6: Some(false),
+            ..Default::default()
+        });
         assert_eq!(run(&mut sel, vec![ev(1, None, life())]).len(), 1);
-        let mut sel = Selector::new(Filter { remote_ports: vec![1], ..Default::default() });
+        let mut sel = Selector::new(Filter {
+            remote_ports: vec![1],
+            ..Default::default()
+        });
         assert!(run(&mut sel, vec![ev(1, None, life())]).is_empty());
-        let mut sel = Selector::new(Filter { ipv6: Some(true), ..Default::default() });
+        let mut sel = Selector::new(Filter {
+            ipv6: Some(true),
+            ..Default::default()
+        });
         assert!(run(&mut sel, vec![ev(1, None, life())]).is_empty());
     }
 
     #[test]
     fn no_filter_passes_everything() {
         let mut sel = Selector::new(Filter::default());
-        assert_eq!(run(&mut sel, vec![ev(1, None, Body::State { old: 7, new: 2 })]).len(), 1);
+        assert_eq!(
+            run(&mut sel, vec![ev(1, None, Body::State { old: 7, new: 2 })]).len(),
+            1
+        );
     }
 }

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         print!("{}", report.text);
         return ExitCode::from(if report.can_trace { 0 } else { 1 });
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&e, 1),
     };

@@ -48,7 +48,11 @@ impl Reorder {
             self.late += 1;
         }
         self.seq += 1;
-        self.heap.push(Reverse(Pending { ts_ns: event.ts_ns, seq: self.seq, event }));
+        self.heap.push(Reverse(Pending {
+            ts_ns: event.ts_ns,
+            seq: self.seq,
+            event,
+        }));
     }
 
     /// Release, oldest first, every record stamped at or before `until`.
@@ -83,7 +87,10 @@ mod tests {
             ts_ns: ts,
             cpu,
             socket: Socket {
-                id: SocketId { skaddr: 1, start_ns: 0 },
+                id: SocketId {
+                    skaddr: 1,
+                    start_ns: 0,
+                },
                 netns: 0,
                 local: "127.0.0.1:1".parse().unwrap(),
                 remote: "127.0.0.1:2".parse().unwrap(),
@@ -106,7 +113,10 @@ mod tests {
         assert_eq!(out, [(10, 0), (20, 1), (30, 0), (40, 1)]);
         assert_eq!(r.len(), 2);
         r.release_all(&mut |e| out.push((e.ts_ns, e.cpu)));
-        assert_eq!(out.iter().map(|p| p.0).collect::<Vec<_>>(), [10, 20, 30, 40, 50, 60]);
+        assert_eq!(
+            out.iter().map(|p| p.0).collect::<Vec<_>>(),
+            [10, 20, 30, 40, 50, 60]
+        );
         assert_eq!(r.late, 0);
     }
 

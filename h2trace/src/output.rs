@@ -54,7 +54,10 @@ pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
     h.update([6u8, 0]);
     h.update(src.1.to_be_bytes());
     h.update(dst.1.to_be_bytes());
-    format!("1:{}", base64::engine::general_purpose::STANDARD.encode(h.finalize()))
+    format!(
+        "1:{}",
+        base64::engine::general_purpose::STANDARD.encode(h.finalize())
+    )
 }
 
 /// Loss and health counters, cumulative since start.
@@ -112,9 +115,18 @@ pub struct Summary {
 
 /// Everything the run reports that is not a kernel event.
 pub enum Notice<'a> {
-    Started { ktime_ns: u64, probe: &'a serde_json::Value },
-    Loss { ktime_ns: u64, losses: &'a Losses },
-    Summary { ktime_ns: u64, summary: &'a Summary },
+    Started {
+        ktime_ns: u64,
+        probe: &'a serde_json::Value,
+    },
+    Loss {
+        ktime_ns: u64,
+        losses: &'a Losses,
+    },
+    Summary {
+        ktime_ns: u64,
+        summary: &'a Summary,
+    },
 }
 
 pub trait Sink {
@@ -131,7 +143,11 @@ pub struct Ndjson<W: Write> {
 
 impl<W: Write> Ndjson<W> {
     pub fn new(out: W, clock: Clock, reset_reasons: HashMap<u32, String>) -> Self {
-        Self { out, clock, reset_reasons }
+        Self {
+            out,
+            clock,
+            reset_reasons,
+        }
     }
 
     pub fn into_inner(self) -> W {
@@ -248,6 +264,7 @@ struct Connection<'a> {
     closed_ns: Option<u64>,
     first_state: &'static str,
     states: Vec<StateAt>,
+    fin_first: &'static str,
     #[serde(skip_serializing_if = "is_zero")]
     transitions_dropped: u32,
     bytes_sent: u64,
@@ -293,7 +310,11 @@ fn role(s: &Socket) -> &'static str {
 
 /// When the socket moved to CLOSE (the end of its TCP life, before the kernel freed it).
 pub fn closed_ns(l: &Life) -> Option<u64> {
-    l.transitions.iter().rev().find(|t| t.state == h2trace_common::tcp_state::CLOSE).map(|t| t.ts_ns)
+    l.transitions
+        .iter()
+        .rev()
+        .find(|t| t.state == h2trace_common::tcp_state::CLOSE)
+        .map(|t| t.ts_ns)
 }
 
 fn reason_name<'a>(names: &'a HashMap<u32, String>, code: u32) -> &'a str {
@@ -313,8 +334,12 @@ impl<W: Write> Ndjson<W> {
                     states: l
                         .transitions
                         .iter()
-                        .map(|t| StateAt { state: state_name(t.state), offset_ns: t.ts_ns.saturating_sub(start) })
+                        .map(|t| StateAt {
+                            state: state_name(t.state),
+                            offset_ns: t.ts_ns.saturating_sub(start),
+                        })
                         .collect(),
+                    fin_first: l.fin_first().as_str(),
                     transitions_dropped: l.transitions_dropped,
                     bytes_sent: l.bytes_sent,
                     bytes_received: l.bytes_received,
@@ -331,7 +356,10 @@ impl<W: Write> Ndjson<W> {
             Body::State { old, new } => (
                 "state-change",
                 "change",
-                Some(StateChange { old: state_name(*old), new: state_name(*new) }),
+                Some(StateChange {
+                    old: state_name(*old),
+                    new: state_name(*new),
+                }),
                 None,
                 None,
                 None,
@@ -352,7 +380,11 @@ impl<W: Write> Ndjson<W> {
                 "reset-received",
                 "info",
                 None,
-                Some(Reset { direction: "received", state: state_name(*state), reason: None }),
+                Some(Reset {
+                    direction: "received",
+                    state: state_name(*state),
+                    reason: None,
+                }),
                 None,
                 None,
             ),
@@ -361,7 +393,10 @@ impl<W: Write> Ndjson<W> {
                 "info",
                 None,
                 None,
-                Some(Retransmit { state: state_name(*state), err: *err }),
+                Some(Retransmit {
+                    state: state_name(*state),
+                    err: *err,
+                }),
                 None,
             ),
         };
@@ -369,7 +404,9 @@ impl<W: Write> Ndjson<W> {
             Body::Life(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
             _ => (None, None),
         };
-        let duration = connection.as_ref().map(|c| c.closed_ns.unwrap_or(ev.ts_ns).saturating_sub(c.start_ns));
+        let duration = connection
+            .as_ref()
+            .map(|c| c.closed_ns.unwrap_or(ev.ts_ns).saturating_sub(c.start_ns));
         Record {
             timestamp: clock.rfc3339(ev.ts_ns),
             schema: SCHEMA,
@@ -378,12 +415,28 @@ impl<W: Write> Ndjson<W> {
                 category: ["network"],
                 ty: [ty],
                 action,
-                dataset: if connection.is_some() { "h2trace.connection" } else { "h2trace.tcp" },
+                dataset: if connection.is_some() {
+                    "h2trace.connection"
+                } else {
+                    "h2trace.tcp"
+                },
                 duration,
             },
-            process: s.owner.as_ref().map(|o| Process { pid: o.tgid, name: &o.comm, thread: Thread { id: o.pid } }),
-            source: Endpoint { ip: s.local.ip(), port: s.local.port(), bytes: sent },
-            destination: Endpoint { ip: s.remote.ip(), port: s.remote.port(), bytes: received },
+            process: s.owner.as_ref().map(|o| Process {
+                pid: o.tgid,
+                name: &o.comm,
+                thread: Thread { id: o.pid },
+            }),
+            source: Endpoint {
+                ip: s.local.ip(),
+                port: s.local.port(),
+                bytes: sent,
+            },
+            destination: Endpoint {
+                ip: s.remote.ip(),
+                port: s.remote.port(),
+                bytes: received,
+            },
             network: Network {
                 transport: "tcp",
                 ty: if s.is_ipv6() { "ipv6" } else { "ipv4" },
@@ -393,7 +446,11 @@ impl<W: Write> Ndjson<W> {
             h2trace: H2 {
                 ktime_ns: ev.ts_ns,
                 cpu: ev.cpu,
-                socket: SocketInfo { id: s.id.to_string(), seen_from: seen_from(s), role: role(s) },
+                socket: SocketInfo {
+                    id: s.id.to_string(),
+                    seen_from: seen_from(s),
+                    role: role(s),
+                },
                 netns: s.netns,
                 cgroup_id: s.owner.as_ref().map(|o| o.cgroup_id),
                 owner_source: s.owner.as_ref().map(|o| o.source.as_str()),
@@ -420,9 +477,18 @@ impl<W: Write> Sink for Ndjson<W> {
 
     fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
         let (ktime, kind, action, body) = match n {
-            Notice::Started { ktime_ns, probe } => (*ktime_ns, "event", "started", json!({ "probe": probe })),
-            Notice::Loss { ktime_ns, losses } => (*ktime_ns, "metric", "loss", json!({ "loss": losses })),
-            Notice::Summary { ktime_ns, summary } => (*ktime_ns, "metric", "summary", json!({ "summary": summary })),
+            Notice::Started { ktime_ns, probe } => {
+                (*ktime_ns, "event", "started", json!({ "probe": probe }))
+            }
+            Notice::Loss { ktime_ns, losses } => {
+                (*ktime_ns, "metric", "loss", json!({ "loss": losses }))
+            }
+            Notice::Summary { ktime_ns, summary } => (
+                *ktime_ns,
+                "metric",
+                "summary",
+                json!({ "summary": summary }),
+            ),
         };
         let mut h2 = body;
         h2["ktime_ns"] = json!(ktime);
@@ -450,7 +516,12 @@ pub struct Text<W: Write> {
 
 impl<W: Write> Text<W> {
     pub fn new(out: W, clock: Clock, reset_reasons: HashMap<u32, String>) -> Self {
-        Self { out, clock, reset_reasons, header_done: false }
+        Self {
+            out,
+            clock,
+            reset_reasons,
+            header_done: false,
+        }
     }
 }
 
@@ -478,7 +549,9 @@ impl<W: Write> Sink for Text<W> {
         let (what, detail) = match &ev.body {
             Body::Life(l) => {
                 let states: Vec<_> = l.states().map(state_name).collect();
-                let life = closed_ns(l).unwrap_or(ev.ts_ns).saturating_sub(s.id.start_ns);
+                let life = closed_ns(l)
+                    .unwrap_or(ev.ts_ns)
+                    .saturating_sub(s.id.start_ns);
                 let mut d = format!(
                     "{} {} {} tx={} rx={}",
                     role(s),
@@ -488,7 +561,10 @@ impl<W: Write> Sink for Text<W> {
                     l.bytes_received
                 );
                 if l.resets_sent > 0 {
-                    let reason = l.reset_sent_reason.map(|r| reason_name(&self.reset_reasons, r)).unwrap_or("-");
+                    let reason = l
+                        .reset_sent_reason
+                        .map(|r| reason_name(&self.reset_reasons, r))
+                        .unwrap_or("-");
                     d.push_str(&format!(" rst_sent={}({reason})", l.resets_sent));
                 }
                 if l.resets_received > 0 {
@@ -499,17 +575,24 @@ impl<W: Write> Sink for Text<W> {
                 }
                 ("close", d)
             }
-            Body::State { old, new } => ("state", format!("{} -> {}", state_name(*old), state_name(*new))),
+            Body::State { old, new } => (
+                "state",
+                format!("{} -> {}", state_name(*old), state_name(*new)),
+            ),
             Body::ResetSent { state, reason } => (
                 "rst-sent",
                 format!(
                     "in {} reason {}",
                     state_name(*state),
-                    reason.map(|r| reason_name(&self.reset_reasons, r)).unwrap_or("-")
+                    reason
+                        .map(|r| reason_name(&self.reset_reasons, r))
+                        .unwrap_or("-")
                 ),
             ),
             Body::ResetReceived { state } => ("rst-recv", format!("in {}", state_name(*state))),
-            Body::Retransmit { state, err } => ("retrans", format!("in {} err {err}", state_name(*state))),
+            Body::Retransmit { state, err } => {
+                ("retrans", format!("in {} err {err}", state_name(*state)))
+            }
         };
         writeln!(
             self.out,
@@ -527,12 +610,24 @@ impl<W: Write> Sink for Text<W> {
                 probe["state_hook"].as_str().unwrap_or("?"),
                 probe["transport"].as_str().unwrap_or("?")
             ),
-            Notice::Loss { losses, .. } => writeln!(self.out, "h2trace: LOSS so far: {}", serde_json::to_string(losses)?),
+            Notice::Loss { losses, .. } => writeln!(
+                self.out,
+                "h2trace: LOSS so far: {}",
+                serde_json::to_string(losses)?
+            ),
             Notice::Summary { summary: s, .. } => {
-                writeln!(self.out, "\nSummary over {:.1}s:", s.duration_ns as f64 / 1e9)?;
+                writeln!(
+                    self.out,
+                    "\nSummary over {:.1}s:",
+                    s.duration_ns as f64 / 1e9
+                )?;
                 writeln!(self.out, "  connections closed   {}", s.connections)?;
                 writeln!(self.out, "  live events          {}", s.events)?;
-                writeln!(self.out, "  resets sent/received {}/{}", s.resets_sent, s.resets_received)?;
+                writeln!(
+                    self.out,
+                    "  resets sent/received {}/{}",
+                    s.resets_sent, s.resets_received
+                )?;
                 writeln!(self.out, "  retransmissions      {}", s.retransmits)?;
                 writeln!(self.out, "  open at exit         {}", s.open_at_exit)?;
                 writeln!(self.out, "  evicted (untraced)   {}", s.evicted)?;
@@ -562,7 +657,9 @@ mod tests {
 
     #[test]
     fn clock_formats_rfc3339_with_nanoseconds() {
-        let c = Clock { offset_ns: 1_700_000_000_000_000_000 };
+        let c = Clock {
+            offset_ns: 1_700_000_000_000_000_000,
+        };
         assert_eq!(c.rfc3339(123), "2023-11-14T22:13:20.000000123Z");
     }
 
@@ -572,11 +669,20 @@ mod tests {
             ts_ns: 5_000,
             cpu: 1,
             socket: Socket {
-                id: SocketId { skaddr: 0xabc, start_ns: 1_000 },
+                id: SocketId {
+                    skaddr: 0xabc,
+                    start_ns: 1_000,
+                },
                 netns: 4026531840,
                 local: "127.0.0.1:40000".parse().unwrap(),
                 remote: "127.0.0.1:8080".parse().unwrap(),
-                owner: Some(Owner { tgid: 7, pid: 8, comm: "client".into(), cgroup_id: 9, source: OwnerSource::Connect }),
+                owner: Some(Owner {
+                    tgid: 7,
+                    pid: 8,
+                    comm: "client".into(),
+                    cgroup_id: 9,
+                    source: OwnerSource::Connect,
+                }),
                 origin: Origin::Active,
             },
             body: Body::Life(Box::new(Life {
@@ -584,7 +690,10 @@ mod tests {
                 transitions: [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE]
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| Transition { ts_ns: 1_000 + 100 * i as u64, state: *s })
+                    .map(|(i, s)| Transition {
+                        ts_ns: 1_000 + 100 * i as u64,
+                        state: *s,
+                    })
                     .collect(),
                 transitions_dropped: 0,
                 bytes_sent: 10,
@@ -605,7 +714,11 @@ mod tests {
 
     #[test]
     fn ndjson_life_record_shape() {
-        let mut sink = Ndjson::new(Vec::new(), Clock { offset_ns: 0 }, [(12, "TCP_ABORT_ON_LINGER".into())].into());
+        let mut sink = Ndjson::new(
+            Vec::new(),
+            Clock { offset_ns: 0 },
+            [(12, "TCP_ABORT_ON_LINGER".into())].into(),
+        );
         sink.event(&life_event()).unwrap();
         let out = String::from_utf8(sink.into_inner()).unwrap();
         assert!(out.ends_with('\n') && out.lines().count() == 1);
@@ -623,6 +736,7 @@ mod tests {
         assert_eq!(c["states"][4]["state"], "CLOSE");
         assert_eq!(c["states"][4]["offset_ns"], 400);
         assert_eq!(c["reset_sent_reason"], "TCP_ABORT_ON_LINGER");
+        assert_eq!(c["fin_first"], "local");
         assert_eq!(v["h2trace"]["socket"]["role"], "client");
         assert_eq!(v["h2trace"]["owner_source"], "connect");
     }
@@ -634,7 +748,11 @@ mod tests {
         let out = String::from_utf8(sink.out).unwrap();
         let lines: Vec<_> = out.lines().collect();
         assert!(lines[0].starts_with("TIME"));
-        assert!(lines[1].contains("CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE"), "{}", lines[1]);
+        assert!(
+            lines[1].contains("CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE"),
+            "{}",
+            lines[1]
+        );
         assert!(lines[1].contains("rst_sent=1(UNKNOWN)"));
     }
 }

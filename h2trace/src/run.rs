@@ -36,7 +36,9 @@ pub enum Outcome {
 }
 
 fn now_ns(clock: ClockId) -> i128 {
-    clock_gettime(clock).map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128).unwrap_or(0)
+    clock_gettime(clock)
+        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+        .unwrap_or(0)
 }
 
 fn monotonic() -> u64 {
@@ -62,7 +64,13 @@ impl Pipeline {
     }
 
     fn release(&mut self, until: u64) {
-        let Self { reorder, selector, sink, summary, write_error } = self;
+        let Self {
+            reorder,
+            selector,
+            sink,
+            summary,
+            write_error,
+        } = self;
         let mut deliver = |ev: Event| {
             if write_error.is_some() {
                 return;
@@ -136,9 +144,13 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut reader = Reader::open(&mut probes.ebpf, probes.transport, cfg.perf_pages)?;
     let counters = Counters::open(&mut probes.ebpf)?;
 
-    let clock = Clock { offset_ns: now_ns(ClockId::CLOCK_REALTIME) - now_ns(ClockId::CLOCK_MONOTONIC) };
+    let clock = Clock {
+        offset_ns: now_ns(ClockId::CLOCK_REALTIME) - now_ns(ClockId::CLOCK_MONOTONIC),
+    };
     let out: Box<dyn Write> = match &cfg.output {
-        Some(p) => Box::new(File::create(p).map_err(|e| RunError::Output(p.display().to_string(), e))?),
+        Some(p) => {
+            Box::new(File::create(p).map_err(|e| RunError::Output(p.display().to_string(), e))?)
+        }
         None => Box::new(io::stdout()),
     };
     let out = BufWriter::with_capacity(64 * 1024, out);
@@ -156,7 +168,10 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     };
     let started = monotonic();
     let describe = probes.describe();
-    p.notice(&Notice::Started { ktime_ns: started, probe: &describe });
+    p.notice(&Notice::Started {
+        ktime_ns: started,
+        probe: &describe,
+    });
     p.flush();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
@@ -185,7 +200,10 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
             apply_counters(&mut p.summary.losses, &counters.read(), perf_lost);
             if p.summary.losses != reported {
                 reported = p.summary.losses.clone();
-                p.notice(&Notice::Loss { ktime_ns: now, losses: &reported });
+                p.notice(&Notice::Loss {
+                    ktime_ns: now,
+                    losses: &reported,
+                });
             }
         }
         p.flush();
@@ -211,9 +229,15 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     s.evicted = c.tracked.saturating_sub(c.ended + s.open_at_exit);
     let summary = p.summary.clone();
     if summary.losses != reported {
-        p.notice(&Notice::Loss { ktime_ns: end, losses: &summary.losses });
+        p.notice(&Notice::Loss {
+            ktime_ns: end,
+            losses: &summary.losses,
+        });
     }
-    p.notice(&Notice::Summary { ktime_ns: end, summary: &summary });
+    p.notice(&Notice::Summary {
+        ktime_ns: end,
+        summary: &summary,
+    });
     p.flush();
     drop(probes); // detaches every program
     match p.write_error {

@@ -4,7 +4,10 @@ use std::os::fd::AsRawFd;
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf, perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer}},
+    maps::{
+        MapData, PerCpuArray, RingBuf,
+        perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
+    },
     util::online_cpus,
 };
 use h2trace_common::counter;
@@ -29,29 +32,44 @@ pub enum SourceError {
 pub enum Reader {
     Ring(AsyncFd<RingBuf<MapData>>),
     /// One buffer per online CPU; drained on a timer, merged by time downstream.
-    Perf { bufs: Vec<PerfEventArrayBuffer<MapData>>, scratch: Vec<u8> },
+    Perf {
+        bufs: Vec<PerfEventArrayBuffer<MapData>>,
+        scratch: Vec<u8>,
+    },
 }
 
 impl Reader {
     /// `perf_pages`: pages per CPU buffer (a power of two).
-    pub fn open(ebpf: &mut Ebpf, transport: Transport, perf_pages: usize) -> Result<Self, SourceError> {
+    pub fn open(
+        ebpf: &mut Ebpf,
+        transport: Transport,
+        perf_pages: usize,
+    ) -> Result<Self, SourceError> {
         match transport {
             Transport::Ringbuf => {
                 let map = ebpf.take_map("RING").ok_or(SourceError::NoMap("RING"))?;
                 let ring = RingBuf::try_from(map).map_err(|e| SourceError::Map("RING", e))?;
                 // SAFETY: the ring owns its fd and stays inside the AsyncFd until both are dropped.
-                let fd = unsafe { AsyncFd::register(ring) }.map_err(|e| SourceError::Io(e.into()))?;
+                let fd =
+                    unsafe { AsyncFd::register(ring) }.map_err(|e| SourceError::Io(e.into()))?;
                 Ok(Self::Ring(fd))
             }
             Transport::Perf => {
-                let map = ebpf.take_map("EVENTS").ok_or(SourceError::NoMap("EVENTS"))?;
-                let mut array = PerfEventArray::try_from(map).map_err(|e| SourceError::Map("EVENTS", e))?;
-                let cpus = online_cpus().map_err(|(msg, e)| SourceError::Cpus(format!("{msg}: {e}")))?;
+                let map = ebpf
+                    .take_map("EVENTS")
+                    .ok_or(SourceError::NoMap("EVENTS"))?;
+                let mut array =
+                    PerfEventArray::try_from(map).map_err(|e| SourceError::Map("EVENTS", e))?;
+                let cpus =
+                    online_cpus().map_err(|(msg, e)| SourceError::Cpus(format!("{msg}: {e}")))?;
                 let bufs = cpus
                     .into_iter()
                     .map(|cpu| array.open(cpu, Some(perf_pages)))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(Self::Perf { bufs, scratch: Vec::new() })
+                Ok(Self::Perf {
+                    bufs,
+                    scratch: Vec::new(),
+                })
             }
         }
     }
@@ -123,8 +141,12 @@ pub struct CounterValues {
 
 impl Counters {
     pub fn open(ebpf: &mut Ebpf) -> Result<Self, SourceError> {
-        let map = ebpf.take_map("COUNTERS").ok_or(SourceError::NoMap("COUNTERS"))?;
-        Ok(Self { map: PerCpuArray::try_from(map).map_err(|e| SourceError::Map("COUNTERS", e))? })
+        let map = ebpf
+            .take_map("COUNTERS")
+            .ok_or(SourceError::NoMap("COUNTERS"))?;
+        Ok(Self {
+            map: PerCpuArray::try_from(map).map_err(|e| SourceError::Map("COUNTERS", e))?,
+        })
     }
 
     pub fn read(&self) -> CounterValues {
@@ -143,7 +165,9 @@ impl Counters {
 
 /// Socket lives still in the kernel's table (at exit: those still open).
 pub fn live_sockets(ebpf: &Ebpf) -> u64 {
-    let Some(map) = ebpf.map("SOCKS") else { return 0 };
+    let Some(map) = ebpf.map("SOCKS") else {
+        return 0;
+    };
     aya::maps::HashMap::<_, u64, h2trace_common::SockLife>::try_from(map)
         .map(|m| m.keys().filter(Result::is_ok).count() as u64)
         .unwrap_or(0)

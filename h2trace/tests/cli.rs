@@ -12,7 +12,11 @@ use common::*;
 use nix::{sys::signal::Signal, unistd::Pid};
 
 fn h2trace(args: &[&str]) -> std::process::Output {
-    Command::new(h2trace_bin()).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(h2trace_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -24,12 +28,21 @@ fn a_pid_that_does_not_exist_is_a_usage_error() {
     // Above the kernel's pid_max limit (2^22), so no process can have it.
     let o = h2trace(&["--pid", "4194305"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("no process with pid 4194305"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no process with pid 4194305"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    for args in [&["--transport", "pigeon"][..], &["-4", "-6"], &["--duration", "soon"], &["--ring-size", "1000"]] {
+    for args in [
+        &["--transport", "pigeon"][..],
+        &["-4", "-6"],
+        &["--duration", "soon"],
+        &["--ring-size", "1000"],
+    ] {
         let o = h2trace(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(!stderr(&o).is_empty());
@@ -41,7 +54,14 @@ fn help_teaches() {
     let o = h2trace(&["--help"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    for s in ["--pid", "--events", "--transport", "Examples:", "check", "Exit status"] {
+    for s in [
+        "--pid",
+        "--events",
+        "--transport",
+        "Examples:",
+        "check",
+        "Exit status",
+    ] {
         assert!(out.contains(s), "--help lacks {s}");
     }
 }
@@ -51,14 +71,24 @@ fn without_capabilities_it_names_them() {
     let Some(_lock) = kernel_test() else { return };
     // Drop to nobody with no capabilities at all.
     let o = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
         .arg(h2trace_bin())
         .args(["--duration", "1s", "-f", "ndjson"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("CAP_BPF") && e.contains("CAP_PERFMON") && e.contains("sudo"), "{e}");
+    assert!(
+        e.contains("CAP_BPF") && e.contains("CAP_PERFMON") && e.contains("sudo"),
+        "{e}"
+    );
     assert!(!e.contains("os error"), "a raw errno leaked: {e}");
 }
 
@@ -68,15 +98,27 @@ fn check_tells_the_truth_about_this_kernel() {
     let o = h2trace(&["check"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(0), "{out}");
-    let line = |hook: &str| out.lines().find(|l| l.contains(hook)).unwrap_or_else(|| panic!("no {hook} in {out}")).to_string();
-    assert!(line("tracepoint sock:inet_sock_set_state").trim_start().starts_with("ok"));
+    let line = |hook: &str| {
+        out.lines()
+            .find(|l| l.contains(hook))
+            .unwrap_or_else(|| panic!("no {hook} in {out}"))
+            .to_string()
+    };
+    assert!(
+        line("tracepoint sock:inet_sock_set_state")
+            .trim_start()
+            .starts_with("ok")
+    );
     assert!(line("ring buffer").trim_start().starts_with("ok"));
     // Kprobes work exactly when the kernel has the kprobe PMU.
     let kprobes = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
     let k = line("kprobe tcp_set_state");
     assert_eq!(k.trim_start().starts_with("ok"), kprobes, "{k}");
     if !kprobes {
-        assert!(k.contains("passes the verifier") && k.contains("cannot attach kprobes"), "{k}");
+        assert!(
+            k.contains("passes the verifier") && k.contains("cannot attach kprobes"),
+            "{k}"
+        );
     }
     assert!(out.contains("fentry tcp_set_state"));
     assert!(out.contains("tracing can run"));
@@ -86,7 +128,10 @@ fn check_tells_the_truth_about_this_kernel() {
 #[test]
 fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
     let Some(_lock) = kernel_test() else { return };
-    let cfg = h2trace::config::resolve(&<h2trace::cli::Cli as clap::Parser>::parse_from(["h2trace"]).trace).unwrap();
+    let cfg = h2trace::config::resolve(
+        &<h2trace::cli::Cli as clap::Parser>::parse_from(["h2trace"]).trace,
+    )
+    .unwrap();
     h2trace::probe::verify_kprobe(&cfg.probe).expect("the kprobe program loads");
     if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         return; // this kernel can attach kprobes: the kernel tests cover that mode
@@ -94,14 +139,33 @@ fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
     let o = h2trace(&["--probe", "kprobe", "--duration", "1s", "-f", "ndjson"]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains("kprobe tcp_set_state") && e.contains("cannot attach kprobes"), "{e}");
+    assert!(
+        e.contains("kprobe tcp_set_state") && e.contains("cannot attach kprobes"),
+        "{e}"
+    );
 }
 
+/// h2trace's programs still loaded in the kernel. The kernel frees a program shortly after its
+/// last link and fd are gone (deferred work), so this waits up to 5 s for them to disappear.
 fn loaded_h2trace_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("inet_sock_set_") || n.starts_with("sock_send_lengt")))
-        .count()
+    let count = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| {
+                p.name_as_str().is_some_and(|n| {
+                    n.starts_with("inet_sock_set_") || n.starts_with("sock_send_lengt")
+                })
+            })
+            .count()
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let n = count();
+        if n == 0 || start.elapsed() > Duration::from_secs(5) {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -109,14 +173,22 @@ fn duration_and_sigterm_end_with_a_summary_and_leave_nothing_behind() {
     let Some(_lock) = kernel_test() else { return };
     let dir = TempDir::new("duration");
     let out = dir.0.join("o.ndjson");
-    let o = Command::new(h2trace_bin()).args(["--duration", "1s", "-o"]).arg(&out).output().unwrap();
+    let o = Command::new(h2trace_bin())
+        .args(["--duration", "1s", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let recs = read_records(&out);
     assert_eq!(action(&recs[0]), "started");
     let last = recs.last().unwrap();
     assert_eq!(action(last), "summary");
     assert!(last["h2trace"]["summary"]["duration_ns"].as_u64().unwrap() >= 1_000_000_000);
-    assert_eq!(loaded_h2trace_programs(), 0, "programs left attached after exit");
+    assert_eq!(
+        loaded_h2trace_programs(),
+        0,
+        "programs left attached after exit"
+    );
 
     let t = Tracer::start("sigterm", &[]);
     nix::sys::signal::kill(Pid::from_raw(t.pid() as i32), Signal::SIGTERM).unwrap();
@@ -150,17 +222,25 @@ fn a_closed_pipe_exits_quietly() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
     assert!(first.contains("\"started\""));
     // The reader is gone (like `| head -1`); traffic makes h2trace write again.
     let addr = format!("{}:8080", net.server_v4);
     let mut server = net.server(&addr, 5, 10, "wait-peer");
     net.client(&addr, 5, 10, 10, "close");
     server.wait().unwrap();
-    let st = wait_timeout(&mut child, Duration::from_secs(10)).expect("h2trace kept running after its reader left");
+    let st = wait_timeout(&mut child, Duration::from_secs(10))
+        .expect("h2trace kept running after its reader left");
     assert_eq!(st.code(), Some(0));
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(err.is_empty(), "a closed pipe is not an error: {err}");
     assert_eq!(loaded_h2trace_programs(), 0);
 }
@@ -181,13 +261,23 @@ fn text_mode_has_columns_and_a_summary() {
     let mut server = net.server(&addr, 1, 10, "wait-peer");
     net.client(&addr, 1, 10, 10, "close");
     server.wait().unwrap();
-    assert_eq!(wait_timeout(&mut child, Duration::from_secs(20)).unwrap().code(), Some(0));
+    assert_eq!(
+        wait_timeout(&mut child, Duration::from_secs(20))
+            .unwrap()
+            .code(),
+        Some(0)
+    );
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains("TIME") && text.contains("REMOTE"), "{text}");
     let client = format!("{}:8080", net.server_v4);
     assert!(
-        text.lines().any(|l| l.contains("close") && l.contains(&client) && l.contains("CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE")),
+        text.lines().any(|l| l.contains("close")
+            && l.contains(&client)
+            && l.contains("CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE")),
         "{text}"
     );
-    assert!(text.contains("Summary over") && text.contains("connections closed"), "{text}");
+    assert!(
+        text.contains("Summary over") && text.contains("connections closed"),
+        "{text}"
+    );
 }

@@ -51,13 +51,18 @@ fn main() -> Result<()> {
         Cmd::Run { args } => {
             setup()?;
             build_ebpf()?;
-            run(cargo().args(["run", "--release", "--package", "h2trace", "--"]).args(args))
+            run(cargo()
+                .args(["run", "--release", "--package", "h2trace", "--"])
+                .args(args))
         }
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -107,7 +112,11 @@ fn build_ebpf() -> Result<()> {
     cmd.current_dir(&dir);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if k.starts_with("CARGO") || k.starts_with("RUSTUP") || k.starts_with("RUSTC") || k == "RUSTFLAGS" {
+        if k.starts_with("CARGO")
+            || k.starts_with("RUSTUP")
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+        {
             cmd.env_remove(&k);
         }
     }

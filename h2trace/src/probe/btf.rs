@@ -43,7 +43,9 @@ fn find_struct(btf: &Btf, name: &str) -> Result<Type, BtfError> {
 
 /// Returns the member's bit offset and its (typedef/qualifier-stripped) type.
 fn find_member(btf: &Btf, ty: &Type, name: &str) -> Option<(u32, Type)> {
-    let (Type::Struct(s) | Type::Union(s)) = ty else { return None };
+    let (Type::Struct(s) | Type::Union(s)) = ty else {
+        return None;
+    };
     for m in &s.members {
         let mty = strip(btf, btf.resolve_chained_type(m).ok()?);
         let mname = btf.resolve_name(m).unwrap_or_default();

@@ -5,11 +5,26 @@ use super::ProbeError;
 
 /// Each capability h2trace may use and what for (also printed by `check`).
 pub const USED: [(Capability, &str); 5] = [
-    (Capability::CAP_BPF, "load eBPF programs and create maps (Linux ≥ 5.8)"),
-    (Capability::CAP_PERFMON, "attach tracepoints/kprobes and read kernel memory from programs (Linux ≥ 5.8)"),
-    (Capability::CAP_SYS_ADMIN, "mount tracefs if needed; replaces CAP_BPF+CAP_PERFMON on older kernels"),
-    (Capability::CAP_DAC_READ_SEARCH, "read tracefs format files and /proc of other users"),
-    (Capability::CAP_NET_ADMIN, "read conntrack over netlink (later features)"),
+    (
+        Capability::CAP_BPF,
+        "load eBPF programs and create maps (Linux ≥ 5.8)",
+    ),
+    (
+        Capability::CAP_PERFMON,
+        "attach tracepoints/kprobes and read kernel memory from programs (Linux ≥ 5.8)",
+    ),
+    (
+        Capability::CAP_SYS_ADMIN,
+        "mount tracefs if needed; replaces CAP_BPF+CAP_PERFMON on older kernels",
+    ),
+    (
+        Capability::CAP_DAC_READ_SEARCH,
+        "read tracefs format files and /proc of other users",
+    ),
+    (
+        Capability::CAP_NET_ADMIN,
+        "read conntrack over netlink (later features)",
+    ),
 ];
 
 pub fn has(cap: Capability) -> bool {

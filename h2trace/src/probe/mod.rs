@@ -21,7 +21,8 @@ use self::tracefs::{FormatError, Tracefs};
 
 /// The kernel programs, built by `cargo xtask build-ebpf`. Empty when the agent was built
 /// without them (unit tests do not need them).
-pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/h2trace.bpf.o"));
+pub static EBPF_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/h2trace.bpf.o"));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,7 +89,9 @@ impl Transport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("this h2trace was built without its eBPF programs: run `cargo xtask build-ebpf`, then build h2trace again")]
+    #[error(
+        "this h2trace was built without its eBPF programs: run `cargo xtask build-ebpf`, then build h2trace again"
+    )]
     NoObject,
     #[error(
         "missing capabilities: {}. h2trace loads eBPF programs and reads tracefs: run it as root \
@@ -104,7 +107,9 @@ pub enum ProbeError {
     Load(#[from] aya::EbpfError),
     #[error("the ring buffer is not supported by this kernel (Linux ≥ 5.8): use --transport perf")]
     NoRingbuf,
-    #[error("this kernel cannot attach kprobes (no kprobe PMU at {KPROBE_PMU}: CONFIG_KPROBES is off)")]
+    #[error(
+        "this kernel cannot attach kprobes (no kprobe PMU at {KPROBE_PMU}: CONFIG_KPROBES is off)"
+    )]
     NoKprobes,
     #[error("no way to observe TCP state changes on this kernel:\n  {}", .0.join("\n  "))]
     NoStateHook(Vec<String>),
@@ -165,12 +170,42 @@ impl Probes {
 
 /// The optional tracepoints: (program, category, name, what is lost without it).
 const OPTIONAL_TRACEPOINTS: [(&str, &str, &str, &str); 6] = [
-    ("tcp_send_reset", "tcp", "tcp_send_reset", "RSTs sent are not seen"),
-    ("tcp_receive_reset", "tcp", "tcp_receive_reset", "RSTs received are not seen"),
-    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb", "retransmissions are not seen"),
-    ("tcp_destroy_sock", "tcp", "tcp_destroy_sock", "lives end at CLOSE; RSTs sent after it are missed"),
-    ("sock_send_length", "sock", "sock_send_length", "bytes sent and send-time owners are not seen"),
-    ("sock_recv_length", "sock", "sock_recv_length", "bytes received and receive-time owners are not seen"),
+    (
+        "tcp_send_reset",
+        "tcp",
+        "tcp_send_reset",
+        "RSTs sent are not seen",
+    ),
+    (
+        "tcp_receive_reset",
+        "tcp",
+        "tcp_receive_reset",
+        "RSTs received are not seen",
+    ),
+    (
+        "tcp_retransmit_skb",
+        "tcp",
+        "tcp_retransmit_skb",
+        "retransmissions are not seen",
+    ),
+    (
+        "tcp_destroy_sock",
+        "tcp",
+        "tcp_destroy_sock",
+        "lives end at CLOSE; RSTs sent after it are missed",
+    ),
+    (
+        "sock_send_length",
+        "sock",
+        "sock_send_length",
+        "bytes sent and send-time owners are not seen",
+    ),
+    (
+        "sock_recv_length",
+        "sock",
+        "sock_recv_length",
+        "bytes received and receive-time owners are not seen",
+    ),
 ];
 
 /// Layouts and offsets gathered before loading.
@@ -185,7 +220,10 @@ struct KernelFacts {
 fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
     let mut config = ProgConfig::zeroed();
     let mut missing = HashMap::new();
-    let set_state_error = match tracefs.format("sock", "inet_sock_set_state").and_then(|f| f.set_state_layout()) {
+    let set_state_error = match tracefs
+        .format("sock", "inet_sock_set_state")
+        .and_then(|f| f.set_state_layout())
+    {
         Ok(l) => {
             config.set_state = l;
             None
@@ -225,7 +263,13 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
             Some(e.to_string())
         }
     };
-    KernelFacts { config, set_state_error, sock_offsets_error, missing_tracepoints: missing, reset_reasons }
+    KernelFacts {
+        config,
+        set_state_error,
+        sock_offsets_error,
+        missing_tracepoints: missing,
+        reset_reasons,
+    }
 }
 
 pub fn ringbuf_supported() -> bool {
@@ -233,10 +277,17 @@ pub fn ringbuf_supported() -> bool {
 }
 
 fn page_size() -> u32 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u32
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u32
 }
 
-fn loader_for(facts: &KernelFacts, opts: &ProbeOptions, transport: Transport) -> Result<Ebpf, ProbeError> {
+fn loader_for(
+    facts: &KernelFacts,
+    opts: &ProbeOptions,
+    transport: Transport,
+) -> Result<Ebpf, ProbeError> {
     if EBPF_OBJ.is_empty() {
         return Err(ProbeError::NoObject);
     }
@@ -260,7 +311,10 @@ fn loader_for(facts: &KernelFacts, opts: &ProbeOptions, transport: Transport) ->
 }
 
 fn program_error(hook: &str, source: ProgramError) -> ProbeError {
-    ProbeError::Program { hook: hook.to_string(), source }
+    ProbeError::Program {
+        hook: hook.to_string(),
+        source,
+    }
 }
 
 /// Why a state hook cannot be used before even trying (missing layout or offsets).
@@ -284,12 +338,16 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
         }
         StateHook::Fentry => {
             let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-            let p: &mut FEntry = prog(ebpf, "tcp_set_state_fentry")?.try_into().map_err(err)?;
+            let p: &mut FEntry = prog(ebpf, "tcp_set_state_fentry")?
+                .try_into()
+                .map_err(err)?;
             p.load("tcp_set_state", &btf).map_err(err)?;
             p.attach().map_err(err)?;
         }
         StateHook::Kprobe => {
-            let p: &mut KProbe = prog(ebpf, "tcp_set_state_kprobe")?.try_into().map_err(err)?;
+            let p: &mut KProbe = prog(ebpf, "tcp_set_state_kprobe")?
+                .try_into()
+                .map_err(err)?;
             p.load().map_err(err)?;
             if !Path::new(KPROBE_PMU).exists() {
                 return Err(ProbeError::NoKprobes);
@@ -301,7 +359,8 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, ProbeError> {
-    ebpf.program_mut(name).ok_or_else(|| ProbeError::NoProgram(name.to_string()))
+    ebpf.program_mut(name)
+        .ok_or_else(|| ProbeError::NoProgram(name.to_string()))
 }
 
 /// The state hooks to try for a `--probe` choice, in order.
@@ -314,7 +373,10 @@ pub fn state_hook_chain(choice: ProbeChoice) -> Vec<StateHook> {
 
 /// Try each hook of the chain until one attaches; collect why the others did not.
 /// `attempt` is the real attach in production; tests pass their own.
-pub fn first_working<F>(chain: &[StateHook], mut attempt: F) -> Result<(StateHook, Vec<String>), ProbeError>
+pub fn first_working<F>(
+    chain: &[StateHook],
+    mut attempt: F,
+) -> Result<(StateHook, Vec<String>), ProbeError>
 where
     F: FnMut(StateHook) -> Result<(), String>,
 {
@@ -348,7 +410,11 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         }
         attach_state_hook(&mut ebpf, hook).map_err(|e| why_not(&e))
     })?;
-    let mut hooks = vec![HookStatus { hook: state_hook.name().into(), ok: true, detail: "attached".into() }];
+    let mut hooks = vec![HookStatus {
+        hook: state_hook.name().into(),
+        ok: true,
+        detail: "attached".into(),
+    }];
     hooks.extend(fallbacks.into_iter().map(|f| HookStatus {
         hook: f.split(':').next().unwrap_or_default().into(),
         ok: false,
@@ -360,7 +426,11 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
             None => attach_tracepoint(&mut ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
         };
         hooks.push(match result {
-            Ok(()) => HookStatus { hook: format!("tracepoint {cat}:{tp}"), ok: true, detail: "attached".into() },
+            Ok(()) => HookStatus {
+                hook: format!("tracepoint {cat}:{tp}"),
+                ok: true,
+                detail: "attached".into(),
+            },
             Err(why) => HookStatus {
                 hook: format!("tracepoint {cat}:{tp}"),
                 ok: false,
@@ -368,12 +438,25 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
             },
         });
     }
-    Ok(Probes { ebpf, state_hook, transport, reset_reasons: facts.reset_reasons, hooks })
+    Ok(Probes {
+        ebpf,
+        state_hook,
+        transport,
+        reset_reasons: facts.reset_reasons,
+        hooks,
+    })
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, prog_name: &str, cat: &str, name: &str) -> Result<(), ProbeError> {
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    prog_name: &str,
+    cat: &str,
+    name: &str,
+) -> Result<(), ProbeError> {
     let hook = format!("tracepoint {cat}:{name}");
-    let p: &mut TracePoint = prog(ebpf, prog_name)?.try_into().map_err(|e| program_error(&hook, e))?;
+    let p: &mut TracePoint = prog(ebpf, prog_name)?
+        .try_into()
+        .map_err(|e| program_error(&hook, e))?;
     p.load().map_err(|e| program_error(&hook, e))?;
     p.attach(cat, name).map_err(|e| program_error(&hook, e))?;
     Ok(())
@@ -383,11 +466,18 @@ fn attach_tracepoint(ebpf: &mut Ebpf, prog_name: &str, cat: &str, name: &str) ->
 /// kernel's answer is terse.
 fn why_not(e: &ProbeError) -> String {
     match e {
-        ProbeError::Program { source: ProgramError::LoadError { io_error, verifier_log }, hook }
-            if io_error.raw_os_error() == Some(libc::EPERM) && hook.starts_with("fentry") =>
-        {
+        ProbeError::Program {
+            source:
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                },
+            hook,
+        } if io_error.raw_os_error() == Some(libc::EPERM) && hook.starts_with("fentry") => {
             let log = verifier_log.to_string();
-            let mut why = String::from("refused at load (EPERM): this kernel does not allow fentry programs here");
+            let mut why = String::from(
+                "refused at load (EPERM): this kernel does not allow fentry programs here",
+            );
             if !log.trim().is_empty() {
                 why.push_str(&format!("; verifier output: {log}"));
             }
@@ -419,7 +509,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     let tracefs = Tracefs::find_or_mount().map_err(ProbeError::Tracefs)?;
     let facts = kernel_facts(&tracefs);
-    let transport = if ringbuf_supported() { Transport::Ringbuf } else { Transport::Perf };
+    let transport = if ringbuf_supported() {
+        Transport::Ringbuf
+    } else {
+        Transport::Perf
+    };
     let mut out = Vec::new();
     for hook in StateHook::ALL {
         // A fresh object per hook: a program can be loaded only once.
@@ -429,7 +523,11 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
             None => attach_state_hook(&mut ebpf, hook).map_err(|e| why_not(&e)),
         };
         out.push(match status {
-            Ok(()) => HookStatus { hook: hook.name().into(), ok: true, detail: "loads and attaches".into() },
+            Ok(()) => HookStatus {
+                hook: hook.name().into(),
+                ok: true,
+                detail: "loads and attaches".into(),
+            },
             Err(why) => {
                 let loaded = ebpf
                     .program(match hook {
@@ -438,8 +536,16 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
                         StateHook::Kprobe => "tcp_set_state_kprobe",
                     })
                     .is_some_and(|p| p.fd().is_ok());
-                let detail = if loaded { format!("passes the verifier, cannot attach: {why}") } else { why };
-                HookStatus { hook: hook.name().into(), ok: false, detail }
+                let detail = if loaded {
+                    format!("passes the verifier, cannot attach: {why}")
+                } else {
+                    why
+                };
+                HookStatus {
+                    hook: hook.name().into(),
+                    ok: false,
+                    detail,
+                }
             }
         });
     }
@@ -450,12 +556,24 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
             None => attach_tracepoint(&mut ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
         };
         out.push(match result {
-            Ok(()) => HookStatus { hook: format!("tracepoint {cat}:{tp}"), ok: true, detail: "loads and attaches".into() },
-            Err(why) => HookStatus { hook: format!("tracepoint {cat}:{tp}"), ok: false, detail: format!("{why}; {consequence}") },
+            Ok(()) => HookStatus {
+                hook: format!("tracepoint {cat}:{tp}"),
+                ok: true,
+                detail: "loads and attaches".into(),
+            },
+            Err(why) => HookStatus {
+                hook: format!("tracepoint {cat}:{tp}"),
+                ok: false,
+                detail: format!("{why}; {consequence}"),
+            },
         });
     }
     if let Some(e) = &facts.sock_offsets_error {
-        out.push(HookStatus { hook: "BTF struct offsets".into(), ok: false, detail: format!("{e}; netns ids are 0") });
+        out.push(HookStatus {
+            hook: "BTF struct offsets".into(),
+            ok: false,
+            detail: format!("{e}; netns ids are 0"),
+        });
     }
     Ok(out)
 }
@@ -466,7 +584,9 @@ pub fn verify_kprobe(opts: &ProbeOptions) -> Result<(), ProbeError> {
     let facts = kernel_facts(&tracefs);
     let mut ebpf = loader_for(&facts, opts, Transport::Ringbuf)?;
     let hook = StateHook::Kprobe.name();
-    let p: &mut KProbe = prog(&mut ebpf, "tcp_set_state_kprobe")?.try_into().map_err(|e| program_error(hook, e))?;
+    let p: &mut KProbe = prog(&mut ebpf, "tcp_set_state_kprobe")?
+        .try_into()
+        .map_err(|e| program_error(hook, e))?;
     p.load().map_err(|e| program_error(hook, e))
 }
 
@@ -477,9 +597,14 @@ mod tests {
     #[test]
     fn auto_falls_back_in_order_and_reports_every_reason() {
         let chain = state_hook_chain(ProbeChoice::Auto);
-        assert_eq!(chain, [StateHook::Tracepoint, StateHook::Fentry, StateHook::Kprobe]);
+        assert_eq!(
+            chain,
+            [StateHook::Tracepoint, StateHook::Fentry, StateHook::Kprobe]
+        );
         let (hook, why) = first_working(&chain, |h| match h {
-            StateHook::Tracepoint => Err("tracepoint sock:inet_sock_set_state does not exist".into()),
+            StateHook::Tracepoint => {
+                Err("tracepoint sock:inet_sock_set_state does not exist".into())
+            }
             StateHook::Fentry => Err("refused at load: EPERM".into()),
             StateHook::Kprobe => Ok(()),
         })
@@ -491,7 +616,8 @@ mod tests {
 
     #[test]
     fn nothing_works_is_an_error_naming_each_mechanism() {
-        let err = first_working(&state_hook_chain(ProbeChoice::Auto), |_| Err("no".into())).unwrap_err();
+        let err =
+            first_working(&state_hook_chain(ProbeChoice::Auto), |_| Err("no".into())).unwrap_err();
         let msg = err.to_string();
         for h in StateHook::ALL {
             assert!(msg.contains(h.name()), "{msg}");
@@ -501,6 +627,11 @@ mod tests {
     #[test]
     fn an_explicit_choice_is_not_a_chain() {
         assert_eq!(state_hook_chain(ProbeChoice::Kprobe), [StateHook::Kprobe]);
-        assert!(first_working(&state_hook_chain(ProbeChoice::Tracepoint), |_| Err("x".into())).is_err());
+        assert!(
+            first_working(&state_hook_chain(ProbeChoice::Tracepoint), |_| Err(
+                "x".into()
+            ))
+            .is_err()
+        );
     }
 }

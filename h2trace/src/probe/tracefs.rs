@@ -18,8 +18,14 @@ pub enum FormatError {
     Missing(String, #[source] std::io::Error),
     #[error("tracepoint {event}: field `{field}` is missing from its format")]
     MissingField { event: String, field: String },
-    #[error("tracepoint {event}: field `{field}` has offset {offset}, beyond what the programs can read")]
-    OffsetTooLarge { event: String, field: String, offset: usize },
+    #[error(
+        "tracepoint {event}: field `{field}` has offset {offset}, beyond what the programs can read"
+    )]
+    OffsetTooLarge {
+        event: String,
+        field: String,
+        offset: usize,
+    },
 }
 
 /// One field of a trace record: byte offset and size.
@@ -50,7 +56,9 @@ pub fn parse_format(event: &str, text: &str) -> Format {
             print_fmt = rest.trim().to_string();
             continue;
         }
-        let Some(rest) = line.strip_prefix("field:") else { continue };
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
         let mut parts = rest.split(';').map(str::trim);
         let decl = parts.next().unwrap_or_default();
         let mut offset = None;
@@ -68,15 +76,22 @@ pub fn parse_format(event: &str, text: &str) -> Format {
             fields.insert(name.to_string(), Field { offset, size });
         }
     }
-    Format { event: event.to_string(), fields, print_fmt }
+    Format {
+        event: event.to_string(),
+        fields,
+        print_fmt,
+    }
 }
 
 impl Format {
     fn offset(&self, field: &str) -> Result<u16, FormatError> {
-        let f = self.fields.get(field).ok_or_else(|| FormatError::MissingField {
-            event: self.event.clone(),
-            field: field.to_string(),
-        })?;
+        let f = self
+            .fields
+            .get(field)
+            .ok_or_else(|| FormatError::MissingField {
+                event: self.event.clone(),
+                field: field.to_string(),
+            })?;
         u16::try_from(f.offset)
             .ok()
             .filter(|o| *o < ABSENT)
@@ -95,14 +110,20 @@ impl Format {
     pub fn symbols(&self, field: &str) -> HashMap<u32, String> {
         let mut out = HashMap::new();
         let marker = format!("__print_symbolic(REC->{field},");
-        let Some(start) = self.print_fmt.find(&marker) else { return out };
+        let Some(start) = self.print_fmt.find(&marker) else {
+            return out;
+        };
         let mut rest = &self.print_fmt[start + marker.len()..];
         while let Some(open) = rest.find('{') {
-            let Some(close) = rest[open..].find('}') else { break };
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
             let entry = &rest[open + 1..open + close];
             rest = &rest[open + close + 1..];
             let mut kv = entry.splitn(2, ',');
-            let (Some(k), Some(v)) = (kv.next(), kv.next()) else { continue };
+            let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
+                continue;
+            };
             if let Ok(k) = k.trim().parse::<u32>() {
                 out.insert(k, v.trim().trim_matches('"').to_string());
             }
@@ -163,8 +184,16 @@ impl Tracefs {
             return Ok(Self { root });
         }
         let target = Path::new(TRACEFS_CANDIDATES[0]);
-        nix::mount::mount(Some("nodev"), target, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| std::io::Error::other(format!("mounting tracefs on {}: {e}", target.display())))?;
+        nix::mount::mount(
+            Some("nodev"),
+            target,
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| {
+            std::io::Error::other(format!("mounting tracefs on {}: {e}", target.display()))
+        })?;
         Self::find()
             .map(|root| Self { root })
             .ok_or_else(|| std::io::Error::other("tracefs mounted but has no events/"))
@@ -180,8 +209,14 @@ impl Tracefs {
     /// `category:name`, e.g. `sock:inet_sock_set_state`.
     pub fn format(&self, category: &str, name: &str) -> Result<Format, FormatError> {
         let event = format!("{category}:{name}");
-        let path = self.root.join("events").join(category).join(name).join("format");
-        let text = std::fs::read_to_string(&path).map_err(|e| FormatError::Missing(event.clone(), e))?;
+        let path = self
+            .root
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| FormatError::Missing(event.clone(), e))?;
         Ok(parse_format(&event, &text))
     }
 }
@@ -216,16 +251,37 @@ mod tests {
     #[test]
     fn parses_fields_with_pointer_and_array_declarations() {
         let f = parse_format("tcp:tcp_send_reset", SEND_RESET);
-        assert_eq!(f.fields["skaddr"], Field { offset: 16, size: 8 });
-        assert_eq!(f.fields["saddr"], Field { offset: 32, size: 28 });
-        assert_eq!(f.fields["reason"], Field { offset: 28, size: 4 });
+        assert_eq!(
+            f.fields["skaddr"],
+            Field {
+                offset: 16,
+                size: 8
+            }
+        );
+        assert_eq!(
+            f.fields["saddr"],
+            Field {
+                offset: 32,
+                size: 28
+            }
+        );
+        assert_eq!(
+            f.fields["reason"],
+            Field {
+                offset: 28,
+                size: 4
+            }
+        );
         let l = f.sk_event_layout("reason").unwrap();
         assert_eq!((l.skaddr, l.state, l.reason), (16, 24, 28));
     }
 
     #[test]
     fn optional_fields_are_absent_not_errors() {
-        let f = parse_format("tcp:tcp_receive_reset", "\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n");
+        let f = parse_format(
+            "tcp:tcp_receive_reset",
+            "\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n",
+        );
         let l = f.sk_event_layout("reason").unwrap();
         assert_eq!((l.skaddr, l.state, l.reason), (8, ABSENT, ABSENT));
     }
@@ -234,8 +290,14 @@ mod tests {
     fn set_state_layout_and_missing_field_error() {
         let f = parse_format("sock:inet_sock_set_state", SET_STATE_61);
         let l = f.set_state_layout().unwrap();
-        assert_eq!((l.skaddr, l.newstate, l.protocol, l.daddr_v6), (8, 20, 30, 56));
-        let broken = parse_format("sock:inet_sock_set_state", &SET_STATE_61.replace("newstate", "next"));
+        assert_eq!(
+            (l.skaddr, l.newstate, l.protocol, l.daddr_v6),
+            (8, 20, 30, 56)
+        );
+        let broken = parse_format(
+            "sock:inet_sock_set_state",
+            &SET_STATE_61.replace("newstate", "next"),
+        );
         let err = broken.set_state_layout().unwrap_err().to_string();
         assert!(err.contains("`newstate`"), "{err}");
     }

@@ -39,17 +39,36 @@ pub fn h2trace_bin() -> &'static str {
     env!("CARGO_BIN_EXE_h2trace")
 }
 
-/// `target/<profile>/examples/tcp_peer`, built by `cargo test` along with the tests.
+/// The `tcp_peer` example, which `cargo test` builds along with the tests: as
+/// `examples/tcp_peer` after `cargo build --examples`, as `examples/tcp_peer-<hash>` otherwise.
 pub fn peer_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("examples/tcp_peer");
-    assert!(p.exists(), "{} missing: run the tests with `cargo test` (it builds examples)", p.display());
-    p
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let newest = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name == "tcp_peer" || name.starts_with("tcp_peer-")) && !name.contains('.')
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    match newest {
+        Some(e) => e.path(),
+        None => panic!(
+            "no tcp_peer in {}: run the tests with `cargo test` (it builds examples)",
+            dir.display()
+        ),
+    }
 }
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn ip(args: &[&str]) {
@@ -83,13 +102,36 @@ impl NetPair {
         ip(&["netns", "add", &pair.client]);
         ip(&["netns", "add", &pair.server]);
         let (vc, vs) = (format!("h2c{subnet}"), format!("h2s{subnet}"));
-        ip(&["-n", &pair.client, "link", "add", &vc, "type", "veth", "peer", "name", &vs, "netns", &pair.server]);
-        for (ns, dev, v4, v6) in
-            [(&pair.client, &vc, &pair.client_v4, &pair.client_v6), (&pair.server, &vs, &pair.server_v4, &pair.server_v6)]
-        {
+        ip(&[
+            "-n",
+            &pair.client,
+            "link",
+            "add",
+            &vc,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vs,
+            "netns",
+            &pair.server,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&pair.client, &vc, &pair.client_v4, &pair.client_v6),
+            (&pair.server, &vs, &pair.server_v4, &pair.server_v6),
+        ] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
             ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
         pair
@@ -97,13 +139,18 @@ impl NetPair {
 
     fn remove(&self) {
         for ns in [&self.client, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 
     /// The namespace's inode, as h2trace reports it in `h2trace.netns`.
     pub fn inode(ns: &str) -> u64 {
-        std::fs::metadata(Path::new("/run/netns").join(ns)).unwrap().ino()
+        std::fs::metadata(Path::new("/run/netns").join(ns))
+            .unwrap()
+            .ino()
     }
 
     /// Start `tcp_peer server` in the server namespace; returns once it listens.
@@ -111,12 +158,20 @@ impl NetPair {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.server])
             .arg(peer_bin())
-            .args(["server", addr, &count.to_string(), &reply.to_string(), close])
+            .args([
+                "server",
+                addr,
+                &count.to_string(),
+                &reply.to_string(),
+                close,
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "ready", "server did not start");
         child
     }
@@ -194,16 +249,31 @@ impl Tracer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut t = Self { child, out, _dir: dir };
+        let mut t = Self {
+            child,
+            out,
+            _dir: dir,
+        };
         let start = Instant::now();
-        while !std::fs::read_to_string(&t.out).unwrap_or_default().contains("\"action\":\"started\"") {
+        while !std::fs::read_to_string(&t.out)
+            .unwrap_or_default()
+            .contains("\"action\":\"started\"")
+        {
             if let Some(st) = t.child.try_wait().unwrap() {
                 let mut err = String::new();
                 use std::io::Read;
-                t.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                t.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 panic!("h2trace exited early ({st}): {err}");
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "h2trace did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "h2trace did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         t
@@ -222,9 +292,13 @@ impl Tracer {
     pub fn stop(mut self) -> Vec<Value> {
         // Let the last records of the traffic reach the buffers and the drain timer.
         std::thread::sleep(Duration::from_millis(300));
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
-            .unwrap();
-        let st = wait_timeout(&mut self.child, Duration::from_secs(20)).expect("h2trace did not stop on SIGINT");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let st = wait_timeout(&mut self.child, Duration::from_secs(20))
+            .expect("h2trace did not stop on SIGINT");
         assert_eq!(st.code(), Some(130), "SIGINT must exit 130");
         read_records(&self.out)
     }
@@ -252,14 +326,22 @@ pub fn action(v: &Value) -> &str {
 /// Records of one action in one network namespace.
 pub fn in_netns<'a>(recs: &'a [Value], ns: &str, act: &str) -> Vec<&'a Value> {
     let ino = NetPair::inode(ns);
-    recs.iter().filter(|r| r["h2trace"]["netns"].as_u64() == Some(ino) && action(r) == act).collect()
+    recs.iter()
+        .filter(|r| r["h2trace"]["netns"].as_u64() == Some(ino) && action(r) == act)
+        .collect()
 }
 
 /// The full state sequence of a life record: first state, then every transition.
 pub fn states(life: &Value) -> Vec<String> {
     let c = &life["h2trace"]["connection"];
     std::iter::once(c["first_state"].as_str().unwrap().to_string())
-        .chain(c["states"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap().to_string()))
+        .chain(
+            c["states"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["state"].as_str().unwrap().to_string()),
+        )
         .collect()
 }
 
@@ -269,8 +351,16 @@ pub fn live_states(recs: &[Value], socket_id: &str) -> Vec<String> {
         .iter()
         .filter(|r| action(r) == "state-change" && r["h2trace"]["socket"]["id"] == socket_id)
         .collect();
-    let mut out: Vec<String> = changes.first().map(|c| c["h2trace"]["state"]["old"].as_str().unwrap().into()).into_iter().collect();
-    out.extend(changes.iter().map(|c| c["h2trace"]["state"]["new"].as_str().unwrap().to_string()));
+    let mut out: Vec<String> = changes
+        .first()
+        .map(|c| c["h2trace"]["state"]["old"].as_str().unwrap().into())
+        .into_iter()
+        .collect();
+    out.extend(
+        changes
+            .iter()
+            .map(|c| c["h2trace"]["state"]["new"].as_str().unwrap().to_string()),
+    );
     out
 }
 
