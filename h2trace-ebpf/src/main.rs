@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use h2trace_common::{
-    ABSENT, Header, LiveRecord, LifeRecord, MAX_TRANSITIONS, ProgConfig, SockLife, SockMeta,
+    ABSENT, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, ProgConfig, SockLife, SockMeta,
     counter, flags, kind, origin, owner_src, tcp_state,
 };
 
@@ -108,7 +108,13 @@ fn emit<C: EbpfContext, T>(ctx: &C, data: *const T) {
     if config!(flags) & flags::USE_PERF != 0 {
         let map = addr_of!(EVENTS) as *mut c_void;
         let r = unsafe {
-            bpf_perf_event_output(ctx.as_ptr(), map, BPF_F_CURRENT_CPU, data as *mut c_void, len)
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                map,
+                BPF_F_CURRENT_CPU,
+                data as *mut c_void,
+                len,
+            )
         };
         if r < 0 {
             count(counter::PERF_OUTPUT_FAIL);
@@ -195,7 +201,15 @@ fn listener_key(netns: u32, family: u16, port: u16) -> u64 {
     ((netns as u64) << 32) | ((family as u64) << 16) | port as u64
 }
 
-fn emit_live<C: EbpfContext>(ctx: &C, k: u16, meta: &SockMeta, old: u8, new: u8, reason: u32, now: u64) {
+fn emit_live<C: EbpfContext>(
+    ctx: &C,
+    k: u16,
+    meta: &SockMeta,
+    old: u8,
+    new: u8,
+    reason: u32,
+    now: u64,
+) {
     let rec = LiveRecord {
         hdr: header(k, now),
         meta: *meta,
@@ -318,7 +332,9 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         (tcp_state::CLOSE, tcp_state::SYN_SENT) => claim_owner(&mut life.meta, owner_src::CONNECT),
         (tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)
         | (tcp_state::SYN_RECV, tcp_state::FIN_WAIT1)
-        | (tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK) => claim_owner(&mut life.meta, owner_src::CLOSE),
+        | (tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK) => {
+            claim_owner(&mut life.meta, owner_src::CLOSE)
+        }
         _ => {}
     }
 
@@ -436,9 +452,13 @@ fn set_state_from_sock<C: EbpfContext>(ctx: &C, sk: *const u8, new: i32) -> Opti
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let l = config!(send_reset);
     let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+        return 0;
+    };
     let reason = unsafe { read::<u32>(base, l.reason) }.unwrap_or(u32::MAX);
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
+        return 0;
+    };
     let life = unsafe { &mut *life };
     let now = unsafe { bpf_ktime_get_ns() };
     if life.rst_sent == 0 {
@@ -447,7 +467,15 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     }
     life.rst_sent = life.rst_sent.saturating_add(1);
     let state = current_state(life);
-    emit_live(&ctx, kind::RESET_SENT, &life.meta, state, state, reason, now);
+    emit_live(
+        &ctx,
+        kind::RESET_SENT,
+        &life.meta,
+        state,
+        state,
+        reason,
+        now,
+    );
     0
 }
 
@@ -457,8 +485,12 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let l = config!(receive_reset);
     let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+        return 0;
+    };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
+        return 0;
+    };
     let life = unsafe { &mut *life };
     let now = unsafe { bpf_ktime_get_ns() };
     let state = current_state(life);
@@ -467,7 +499,15 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         life.rst_recv_state = state;
     }
     life.rst_recv = life.rst_recv.saturating_add(1);
-    emit_live(&ctx, kind::RESET_RECEIVED, &life.meta, state, state, u32::MAX, now);
+    emit_live(
+        &ctx,
+        kind::RESET_RECEIVED,
+        &life.meta,
+        state,
+        state,
+        u32::MAX,
+        now,
+    );
     0
 }
 
@@ -476,8 +516,12 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let l = config!(retransmit);
     let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+        return 0;
+    };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
+        return 0;
+    };
     let life = unsafe { &mut *life };
     let now = unsafe { bpf_ktime_get_ns() };
     life.retrans = life.retrans.saturating_add(1);
@@ -486,7 +530,15 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     // On an established socket a retransmission is the only trace a black hole leaves.
     if state == tcp_state::ESTABLISHED || config!(flags) & flags::EMIT_ALL_TRANSITIONS != 0 {
         let err = unsafe { read::<i32>(base, l.reason) }.unwrap_or(0);
-        emit_live(&ctx, kind::RETRANSMIT, &life.meta, state, state, err as u32, now);
+        emit_live(
+            &ctx,
+            kind::RETRANSMIT,
+            &life.meta,
+            state,
+            state,
+            err as u32,
+            now,
+        );
     }
     0
 }
@@ -497,8 +549,12 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     let l = config!(destroy);
     let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else { return 0 };
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else { return 0 };
+    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+        return 0;
+    };
+    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
+        return 0;
+    };
     end_life(&ctx, life, unsafe { bpf_ktime_get_ns() });
     let _ = SOCKS.remove(&sk);
     0
