@@ -113,6 +113,19 @@ impl Pipeline {
     }
 }
 
+/// True when standard output is a pipe or socket whose reader has gone (`| head`): stop at
+/// once instead of waiting for the next write to fail.
+fn stdout_reader_gone() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let out = io::stdout();
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
 fn apply_counters(l: &mut Losses, c: &CounterValues, perf_lost: u64) {
     l.ringbuf_full = c.ringbuf_full;
     l.perf_output_failed = c.perf_output_failed;
@@ -207,7 +220,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
             }
         }
         p.flush();
-        if p.write_error.is_some() {
+        if p.write_error.is_some() || cfg.output.is_none() && stdout_reader_gone() {
             break Outcome::Done;
         }
         if let Some(o) = stop {

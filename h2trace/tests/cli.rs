@@ -215,12 +215,15 @@ fn child_wait(t: &mut Tracer) -> Option<i32> {
 fn a_closed_pipe_exits_quietly() {
     let Some(_lock) = kernel_test() else { return };
     let net = NetPair::new("pipe", 51);
-    let mut child = Command::new(h2trace_bin())
-        .args(["--events", "all", "-f", "ndjson"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(h2trace_bin())
+            .args(["--events", "all", "-f", "ndjson"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
@@ -230,8 +233,8 @@ fn a_closed_pipe_exits_quietly() {
     let addr = format!("{}:8080", net.server_v4);
     let mut server = net.server(&addr, 5, 10, "wait-peer");
     net.client(&addr, 5, 10, 10, "close");
-    server.wait().unwrap();
-    let st = wait_timeout(&mut child, Duration::from_secs(10))
+    server.0.wait().unwrap();
+    let st = wait_timeout(child, Duration::from_secs(10))
         .expect("h2trace kept running after its reader left");
     assert_eq!(st.code(), Some(0));
     let mut err = String::new();
@@ -251,20 +254,21 @@ fn text_mode_has_columns_and_a_summary() {
     let net = NetPair::new("text", 52);
     let dir = TempDir::new("text");
     let out = dir.0.join("o.txt");
-    let mut child = Command::new(h2trace_bin())
-        .args(["-f", "text", "--duration", "3s", "-o"])
-        .arg(&out)
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(h2trace_bin())
+            .args(["-f", "text", "--duration", "3s", "-o"])
+            .arg(&out)
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     std::thread::sleep(Duration::from_millis(1500));
     let addr = format!("{}:8080", net.server_v4);
     let mut server = net.server(&addr, 1, 10, "wait-peer");
     net.client(&addr, 1, 10, 10, "close");
-    server.wait().unwrap();
+    server.0.wait().unwrap();
     assert_eq!(
-        wait_timeout(&mut child, Duration::from_secs(20))
-            .unwrap()
-            .code(),
+        wait_timeout(child, Duration::from_secs(20)).unwrap().code(),
         Some(0)
     );
     let text = std::fs::read_to_string(&out).unwrap();

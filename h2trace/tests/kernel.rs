@@ -35,10 +35,10 @@ fn exchange(
         format!("{}:8080", net.server_v4)
     };
     let mut server = net.server(&ip, 1, REPLY, server_close);
-    let server_pid = server.id();
+    let server_pid = server.0.id();
     let client_pid = net.client(&ip, 1, SEND, REPLY, client_close);
     let st =
-        wait_timeout(&mut server, std::time::Duration::from_secs(20)).expect("server timed out");
+        wait_timeout(&mut server.0, std::time::Duration::from_secs(20)).expect("server timed out");
     assert!(st.success(), "server failed: {st}");
     let recs = tracer.stop();
     Run {
@@ -291,7 +291,7 @@ fn pid_filter(transport: &str, subnet: u8) {
     let addr = format!("{}:8080", net.server_v4);
     // The server must exist before h2trace starts to name it with --pid.
     let mut server = net.server(&addr, 3, REPLY, "wait-peer");
-    let server_pid = server.id();
+    let server_pid = server.0.id();
     let tracer = Tracer::start(
         &format!("pid-{transport}"),
         &[
@@ -305,7 +305,7 @@ fn pid_filter(transport: &str, subnet: u8) {
     );
     let client_pid = net.client(&addr, 3, SEND, REPLY, "close");
     assert!(
-        wait_timeout(&mut server, std::time::Duration::from_secs(20))
+        wait_timeout(&mut server.0, std::time::Duration::from_secs(20))
             .unwrap()
             .success()
     );

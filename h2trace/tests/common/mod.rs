@@ -53,6 +53,9 @@ pub fn peer_bin() -> PathBuf {
             (name == "tcp_peer" || name.starts_with("tcp_peer-")) && !name.contains('.')
         })
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    if dir.join("tcp_peer").exists() {
+        return dir.join("tcp_peer"); // `cargo xtask test` builds it so
+    }
     match newest {
         Some(e) => e.path(),
         None => panic!(
@@ -154,7 +157,7 @@ impl NetPair {
     }
 
     /// Start `tcp_peer server` in the server namespace; returns once it listens.
-    pub fn server(&self, addr: &str, count: usize, reply: usize, close: &str) -> Child {
+    pub fn server(&self, addr: &str, count: usize, reply: usize, close: &str) -> KillOnDrop {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.server])
             .arg(peer_bin())
@@ -172,6 +175,7 @@ impl NetPair {
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let child = KillOnDrop(child);
         assert_eq!(line.trim(), "ready", "server did not start");
         child
     }
@@ -195,6 +199,16 @@ impl NetPair {
 impl Drop for NetPair {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// A child process killed when the test ends, also when it fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
