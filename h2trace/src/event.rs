@@ -43,6 +43,11 @@ pub fn state_name(s: u8) -> &'static str {
     }
 }
 
+/// The inverse of [`state_name`].
+pub fn state_from_name(name: &str) -> Option<u8> {
+    (1..=12).find(|&s| state_name(s) == name)
+}
+
 /// A socket life is `(kernel address, first-seen time)`: addresses are reused after free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SocketId {
@@ -191,6 +196,8 @@ impl Life {
 pub enum Body {
     /// The socket's life ended (the kernel destroyed it).
     Life(Box<Life>),
+    /// The socket was still open when tracing stopped (read from the kernel's table at exit).
+    Open(Box<Life>),
     State {
         old: u8,
         new: u8,
@@ -281,6 +288,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         k => Err(DecodeError::UnknownKind(k)),
     }
+}
+
+/// A life still in the kernel's table when tracing stops, as a `connection-open` event.
+pub fn open_life(l: &SockLife, ts_ns: u64) -> Result<Event, DecodeError> {
+    Ok(Event { ts_ns, cpu: 0, socket: socket(&l.meta)?, body: Body::Open(Box::new(life(l))) })
 }
 
 fn life(l: &SockLife) -> Life {

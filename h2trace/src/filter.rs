@@ -52,7 +52,7 @@ impl Selector {
         // Ports can still be 0 in the first transition (picked after CLOSE → SYN_SENT), so
         // port filters are decided like owners: wait for a later event of the same life.
         let ports_known = ev.socket.local.port() != 0;
-        let is_life = matches!(ev.body, Body::Life(_));
+        let is_life = matches!(ev.body, Body::Life(_) | Body::Open(_));
         let Some(pids) = &self.filter.pids else {
             if !ports_known && !is_life && self.has_port_filter() {
                 self.park(ev);

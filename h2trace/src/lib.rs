@@ -12,5 +12,6 @@ pub mod filter;
 pub mod order;
 pub mod output;
 pub mod probe;
+pub mod replay;
 pub mod run;
 pub mod source;

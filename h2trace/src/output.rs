@@ -61,7 +61,7 @@ pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
 }
 
 /// Loss and health counters, cumulative since start.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Losses {
     /// Records the kernel could not put in the ring buffer (it was full).
     pub ringbuf_full: u64,
@@ -92,7 +92,7 @@ impl Losses {
 }
 
 /// What a run saw, for the summary at exit.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Summary {
     pub duration_ns: u64,
     pub connections: u64,
@@ -249,6 +249,8 @@ struct Reset<'a> {
     state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason_code: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -278,8 +280,16 @@ struct Connection<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     reset_sent_reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    reset_sent_reason_code: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_reset_sent_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_reset_received_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     reset_received_state: Option<&'static str>,
     retransmits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_retransmit_ns: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -325,7 +335,7 @@ impl<W: Write> Ndjson<W> {
     fn record<'a>(clock: &Clock, reasons: &'a HashMap<u32, String>, ev: &'a Event) -> Record<'a> {
         let s = &ev.socket;
         let (action, ty, state, reset, retransmit, connection) = match &ev.body {
-            Body::Life(l) => {
+            Body::Life(l) | Body::Open(l) => {
                 let start = s.id.start_ns;
                 let conn = Connection {
                     start_ns: start,
@@ -348,10 +358,18 @@ impl<W: Write> Ndjson<W> {
                     resets_sent: l.resets_sent,
                     resets_received: l.resets_received,
                     reset_sent_reason: l.reset_sent_reason.map(|r| reason_name(reasons, r)),
+                    reset_sent_reason_code: l.reset_sent_reason,
+                    first_reset_sent_ns: l.first_reset_sent_ns,
+                    first_reset_received_ns: l.first_reset_received_ns,
                     reset_received_state: l.reset_received_state.map(state_name),
                     retransmits: l.retransmits,
+                    last_retransmit_ns: l.last_retransmit_ns,
                 };
-                ("connection-closed", "end", None, None, None, Some(conn))
+                let (action, ty) = match ev.body {
+                    Body::Life(_) => ("connection-closed", "end"),
+                    _ => ("connection-open", "info"),
+                };
+                (action, ty, None, None, None, Some(conn))
             }
             Body::State { old, new } => (
                 "state-change",
@@ -372,6 +390,7 @@ impl<W: Write> Ndjson<W> {
                     direction: "sent",
                     state: state_name(*state),
                     reason: reason.map(|r| reason_name(reasons, r)),
+                    reason_code: *reason,
                 }),
                 None,
                 None,
@@ -384,6 +403,7 @@ impl<W: Write> Ndjson<W> {
                     direction: "received",
                     state: state_name(*state),
                     reason: None,
+                    reason_code: None,
                 }),
                 None,
                 None,
@@ -401,7 +421,7 @@ impl<W: Write> Ndjson<W> {
             ),
         };
         let (sent, received) = match &ev.body {
-            Body::Life(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
+            Body::Life(l) | Body::Open(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
             _ => (None, None),
         };
         let duration = connection
@@ -492,6 +512,10 @@ impl<W: Write> Sink for Ndjson<W> {
         };
         let mut h2 = body;
         h2["ktime_ns"] = json!(ktime);
+        if matches!(n, Notice::Started { .. }) {
+            // Lets `replay` print the same @timestamp values as the live run.
+            h2["clock_offset_ns"] = json!(self.clock.offset_ns as i64);
+        }
         let v = json!({
             "@timestamp": self.clock.rfc3339(ktime),
             "schema": SCHEMA,
@@ -547,7 +571,7 @@ impl<W: Write> Sink for Text<W> {
             None => ("-".to_string(), "-"),
         };
         let (what, detail) = match &ev.body {
-            Body::Life(l) => {
+            Body::Life(l) | Body::Open(l) => {
                 let states: Vec<_> = l.states().map(state_name).collect();
                 let life = closed_ns(l)
                     .unwrap_or(ev.ts_ns)
@@ -573,7 +597,7 @@ impl<W: Write> Sink for Text<W> {
                 if l.retransmits > 0 {
                     d.push_str(&format!(" retrans={}", l.retransmits));
                 }
-                ("close", d)
+                (if matches!(ev.body, Body::Life(_)) { "close" } else { "open" }, d)
             }
             Body::State { old, new } => (
                 "state",
@@ -642,7 +666,7 @@ impl<W: Write> Sink for Text<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{Owner, OwnerSource, SocketId, Transition};
 

@@ -17,7 +17,7 @@ use crate::{
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Summary, Text},
     probe::{self, Probes},
-    source::{CounterValues, Counters, Reader, live_sockets},
+    source::{CounterValues, Counters, Reader, open_lives},
 };
 
 /// How often the buffers are drained even without a wake-up (batching bound on latency).
@@ -82,12 +82,13 @@ impl Pipeline {
         reorder.release(until, &mut |ev| {
             match &ev.body {
                 Body::Life(_) => summary.connections += 1,
+                Body::Open(_) => {}
                 Body::ResetSent { .. } => summary.resets_sent += 1,
                 Body::ResetReceived { .. } => summary.resets_received += 1,
                 Body::Retransmit { .. } => summary.retransmits += 1,
                 Body::State { .. } => {}
             }
-            if !matches!(ev.body, Body::Life(_)) {
+            if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
                 summary.events += 1;
             }
             selector.offer(ev, &mut deliver);
@@ -228,17 +229,24 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         }
     };
 
-    // Drain what is left, then report.
+    // Drain what is left, report the lives still open, then the summary.
     perf_lost += reader.drain(&mut |b| p.ingest(b));
+    let end = monotonic();
+    let open = open_lives(&probes.ebpf);
+    for l in &open {
+        match crate::event::open_life(l, end) {
+            Ok(ev) => p.reorder.push(ev),
+            Err(_) => p.summary.losses.malformed += 1,
+        }
+    }
     p.release(u64::MAX);
     let c = counters.read();
     apply_counters(&mut p.summary.losses, &c, perf_lost);
-    let end = monotonic();
     let s = &mut p.summary;
     s.duration_ns = end - started;
     s.tracked = c.tracked;
     s.ended = c.ended;
-    s.open_at_exit = live_sockets(&probes.ebpf);
+    s.open_at_exit = open.len() as u64;
     s.evicted = c.tracked.saturating_sub(c.ended + s.open_at_exit);
     let summary = p.summary.clone();
     if summary.losses != reported {

@@ -1,0 +1,306 @@
+//! Reading a recorded NDJSON stream back into events, so that `h2trace replay` runs the very
+//! same pipeline as a live run. Pure: one line in, one record (or a precise error) out.
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::Value;
+
+use crate::{
+    event::{Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition, state_from_name},
+    output::{Losses, Summary},
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("not JSON: {0}")]
+    Json(String),
+    #[error("not an h2trace record (no schema \"h2trace/1\")")]
+    Schema,
+    #[error("missing or invalid field {0}")]
+    Field(&'static str),
+}
+
+/// One recorded line.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Started { ktime_ns: u64, clock_offset_ns: Option<i128>, probe: Value },
+    Event(Event),
+    Loss { ktime_ns: u64, losses: Losses },
+    Summary { ktime_ns: u64, summary: Box<Summary> },
+    /// Something replay recomputes itself (findings, per-peer summaries): ignored on input.
+    Derived,
+}
+
+fn u64_at(v: &Value, path: &[&str], name: &'static str) -> Result<u64, ParseError> {
+    opt_u64(v, path).ok_or(ParseError::Field(name))
+}
+
+fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(v, |v, k| &v[*k])
+}
+
+fn opt_u64(v: &Value, path: &[&str]) -> Option<u64> {
+    at(v, path).as_u64()
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str], name: &'static str) -> Result<&'a str, ParseError> {
+    at(v, path).as_str().ok_or(ParseError::Field(name))
+}
+
+fn state_at(v: &Value, path: &[&str], name: &'static str) -> Result<u8, ParseError> {
+    state_from_name(str_at(v, path, name)?).ok_or(ParseError::Field(name))
+}
+
+fn endpoint(v: &Value, side: &str, name: &'static str) -> Result<SocketAddr, ParseError> {
+    let ip: IpAddr = str_at(v, &[side, "ip"], name)?.parse().map_err(|_| ParseError::Field(name))?;
+    let port = u16::try_from(u64_at(v, &[side, "port"], name)?).map_err(|_| ParseError::Field(name))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn socket(v: &Value) -> Result<Socket, ParseError> {
+    let id = str_at(v, &["h2trace", "socket", "id"], "h2trace.socket.id")?;
+    let (a, b) = id.split_once('-').ok_or(ParseError::Field("h2trace.socket.id"))?;
+    let hex = |s| u64::from_str_radix(s, 16).map_err(|_| ParseError::Field("h2trace.socket.id"));
+    let owner = match at(v, &["h2trace", "owner_source"]).as_str() {
+        None => None,
+        Some(src) => Some(Owner {
+            tgid: u64_at(v, &["process", "pid"], "process.pid")? as u32,
+            pid: u64_at(v, &["process", "thread", "id"], "process.thread.id")? as u32,
+            comm: str_at(v, &["process", "name"], "process.name")?.to_string(),
+            cgroup_id: u64_at(v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
+            source: match src {
+                "listener" => OwnerSource::Listener,
+                "close" => OwnerSource::Close,
+                "io" => OwnerSource::Io,
+                "connect" => OwnerSource::Connect,
+                _ => return Err(ParseError::Field("h2trace.owner_source")),
+            },
+        }),
+    };
+    Ok(Socket {
+        id: SocketId { skaddr: hex(a)?, start_ns: hex(b)? },
+        netns: u64_at(v, &["h2trace", "netns"], "h2trace.netns")? as u32,
+        local: endpoint(v, "source", "source")?,
+        remote: endpoint(v, "destination", "destination")?,
+        owner,
+        origin: match str_at(v, &["h2trace", "socket", "seen_from"], "h2trace.socket.seen_from")? {
+            "connect" => Origin::Active,
+            "accept" => Origin::Passive,
+            "mid-life" => Origin::MidLife,
+            _ => return Err(ParseError::Field("h2trace.socket.seen_from")),
+        },
+    })
+}
+
+fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
+    let c = &v["h2trace"]["connection"];
+    let transitions = c["states"]
+        .as_array()
+        .ok_or(ParseError::Field("h2trace.connection.states"))?
+        .iter()
+        .map(|t| {
+            Ok(Transition {
+                ts_ns: start + u64_at(t, &["offset_ns"], "h2trace.connection.states.offset_ns")?,
+                state: state_at(t, &["state"], "h2trace.connection.states.state")?,
+            })
+        })
+        .collect::<Result<_, ParseError>>()?;
+    let count = |k: &'static str| u64_at(c, &[k], k);
+    Ok(Life {
+        first_state: state_at(c, &["first_state"], "h2trace.connection.first_state")?,
+        transitions,
+        transitions_dropped: opt_u64(c, &["transitions_dropped"]).unwrap_or(0) as u32,
+        bytes_sent: count("bytes_sent")?,
+        bytes_received: count("bytes_received")?,
+        last_send_ns: opt_u64(c, &["last_send_ns"]),
+        last_recv_ns: opt_u64(c, &["last_recv_ns"]),
+        resets_sent: count("resets_sent")? as u16,
+        resets_received: count("resets_received")? as u16,
+        first_reset_sent_ns: opt_u64(c, &["first_reset_sent_ns"]),
+        first_reset_received_ns: opt_u64(c, &["first_reset_received_ns"]),
+        reset_sent_reason: opt_u64(c, &["reset_sent_reason_code"]).map(|r| r as u32),
+        reset_received_state: match c["reset_received_state"].as_str() {
+            Some(s) => Some(state_from_name(s).ok_or(ParseError::Field("reset_received_state"))?),
+            None => None,
+        },
+        retransmits: count("retransmits")? as u32,
+        last_retransmit_ns: opt_u64(c, &["last_retransmit_ns"]),
+    })
+}
+
+/// Parse one NDJSON line written by h2trace.
+pub fn parse_line(line: &str) -> Result<Record, ParseError> {
+    let v: Value = serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
+    if v["schema"] != crate::output::SCHEMA {
+        return Err(ParseError::Schema);
+    }
+    let action = str_at(&v, &["event", "action"], "event.action")?;
+    let ktime_ns = u64_at(&v, &["h2trace", "ktime_ns"], "h2trace.ktime_ns")?;
+    let body = match action {
+        "started" => {
+            return Ok(Record::Started {
+                ktime_ns,
+                clock_offset_ns: v["h2trace"]["clock_offset_ns"].as_i64().map(i128::from),
+                probe: v["h2trace"]["probe"].clone(),
+            });
+        }
+        "loss" => {
+            let losses = serde_json::from_value(v["h2trace"]["loss"].clone()).map_err(|_| ParseError::Field("h2trace.loss"))?;
+            return Ok(Record::Loss { ktime_ns, losses });
+        }
+        "summary" => {
+            let summary =
+                serde_json::from_value(v["h2trace"]["summary"].clone()).map_err(|_| ParseError::Field("h2trace.summary"))?;
+            return Ok(Record::Summary { ktime_ns, summary: Box::new(summary) });
+        }
+        "connection-closed" | "connection-open" => {
+            let start = socket(&v)?.id.start_ns;
+            let l = Box::new(life(&v, start)?);
+            if action == "connection-closed" { Body::Life(l) } else { Body::Open(l) }
+        }
+        "state-change" => Body::State {
+            old: state_at(&v, &["h2trace", "state", "old"], "h2trace.state.old")?,
+            new: state_at(&v, &["h2trace", "state", "new"], "h2trace.state.new")?,
+        },
+        "reset-sent" => Body::ResetSent {
+            state: state_at(&v, &["h2trace", "reset", "state"], "h2trace.reset.state")?,
+            reason: opt_u64(&v, &["h2trace", "reset", "reason_code"]).map(|r| r as u32),
+        },
+        "reset-received" => {
+            Body::ResetReceived { state: state_at(&v, &["h2trace", "reset", "state"], "h2trace.reset.state")? }
+        }
+        "retransmit" => Body::Retransmit {
+            state: state_at(&v, &["h2trace", "retransmit", "state"], "h2trace.retransmit.state")?,
+            err: at(&v, &["h2trace", "retransmit", "err"]).as_i64().ok_or(ParseError::Field("h2trace.retransmit.err"))? as i32,
+        },
+        _ => return Ok(Record::Derived),
+    };
+    Ok(Record::Event(Event {
+        ts_ns: ktime_ns,
+        cpu: u64_at(&v, &["h2trace", "cpu"], "h2trace.cpu")? as u32,
+        socket: socket(&v)?,
+        body,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::output::{Clock, Ndjson, Sink};
+
+    fn write(ev: &Event) -> String {
+        let mut sink = Ndjson::new(Vec::new(), Clock { offset_ns: 1_700_000_000_000_000_000 }, HashMap::new());
+        sink.event(ev).unwrap();
+        String::from_utf8(sink.into_inner()).unwrap()
+    }
+
+    fn arb_owner() -> impl Strategy<Value = Option<Owner>> {
+        proptest::option::of((1u32.., any::<u32>(), "[a-z0-9_-]{0,15}", any::<u64>(), 0..4u8).prop_map(
+            |(tgid, pid, comm, cgroup_id, s)| Owner {
+                tgid,
+                pid,
+                comm,
+                cgroup_id,
+                source: [OwnerSource::Listener, OwnerSource::Close, OwnerSource::Io, OwnerSource::Connect][s as usize],
+            },
+        ))
+    }
+
+    fn arb_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+        ]
+    }
+
+    fn arb_state() -> impl Strategy<Value = u8> {
+        1u8..=12
+    }
+
+    fn arb_life(start: u64) -> impl Strategy<Value = Life> {
+        (
+            arb_state(),
+            proptest::collection::vec((0u64..1 << 40, arb_state()), 0..12),
+            (0u32..3, any::<u64>(), any::<u64>(), proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
+            (any::<u16>(), any::<u16>(), proptest::option::of(0u32..30), proptest::option::of(arb_state()), any::<u32>()),
+            (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
+        )
+            .prop_map(move |(first_state, ts, (dropped, sent, recv, ls, lr), (rs, rr, reason, rstate, retr), (fs, fr, lrt))| {
+                Life {
+                    first_state,
+                    transitions: ts.into_iter().map(|(o, state)| Transition { ts_ns: start + o, state }).collect(),
+                    transitions_dropped: dropped,
+                    bytes_sent: sent >> 1,
+                    bytes_received: recv >> 1,
+                    last_send_ns: ls.map(|v| v >> 1),
+                    last_recv_ns: lr.map(|v| v >> 1),
+                    resets_sent: rs,
+                    resets_received: rr,
+                    first_reset_sent_ns: fs.map(|v| v >> 1),
+                    first_reset_received_ns: fr.map(|v| v >> 1),
+                    reset_sent_reason: reason,
+                    reset_received_state: rstate,
+                    retransmits: retr,
+                    last_retransmit_ns: lrt.map(|v| v >> 1),
+                }
+            })
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        (any::<u64>(), 1u64..1 << 62, any::<u32>(), any::<u32>(), arb_addr(), any::<u16>(), arb_owner(), 0..3u8)
+            .prop_flat_map(|(skaddr, start, cpu, netns, local, rport, owner, origin)| {
+                // Both ends of a socket have the same family.
+                let remote = SocketAddr::new(local.ip(), rport);
+                let socket = Socket {
+                    id: SocketId { skaddr, start_ns: start },
+                    netns,
+                    local,
+                    remote,
+                    owner,
+                    origin: [Origin::Active, Origin::Passive, Origin::MidLife][origin as usize],
+                };
+                let body = prop_oneof![
+                    arb_life(start).prop_map(|l| Body::Life(Box::new(l))),
+                    arb_life(start).prop_map(|l| Body::Open(Box::new(l))),
+                    (arb_state(), arb_state()).prop_map(|(old, new)| Body::State { old, new }),
+                    (arb_state(), proptest::option::of(0u32..30)).prop_map(|(state, reason)| Body::ResetSent { state, reason }),
+                    arb_state().prop_map(|state| Body::ResetReceived { state }),
+                    (arb_state(), any::<i32>()).prop_map(|(state, err)| Body::Retransmit { state, err }),
+                ];
+                (Just(socket), body, start..start + (1 << 40), Just(cpu))
+            })
+            .prop_map(|(socket, body, ts_ns, cpu)| Event { ts_ns, cpu, socket, body })
+    }
+
+    proptest! {
+        /// Whatever h2trace writes, replay reads back as the same event.
+        #[test]
+        fn every_event_round_trips(ev in arb_event()) {
+            let line = write(&ev);
+            match parse_line(line.trim_end()) {
+                Ok(Record::Event(back)) => prop_assert_eq!(back, ev),
+                other => prop_assert!(false, "{:?} from {}", other, line),
+            }
+        }
+
+        /// Arbitrary text never panics the parser.
+        #[test]
+        fn garbage_is_an_error_not_a_panic(s in "\\PC{0,200}") {
+            let _ = parse_line(&s);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(matches!(parse_line("{"), Err(ParseError::Json(_))));
+        assert_eq!(parse_line("{}").unwrap_err(), ParseError::Schema);
+        let mut v: Value = serde_json::from_str(&write(&crate::output::tests::life_event())).unwrap();
+        v["h2trace"]["socket"]["id"] = "zz".into();
+        assert_eq!(parse_line(&v.to_string()).unwrap_err(), ParseError::Field("h2trace.socket.id"));
+        v["event"]["action"] = "finding".into();
+        assert!(matches!(parse_line(&v.to_string()), Ok(Record::Derived)));
+    }
+}
