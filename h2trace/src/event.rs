@@ -292,7 +292,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// A life still in the kernel's table when tracing stops, as a `connection-open` event.
 pub fn open_life(l: &SockLife, ts_ns: u64) -> Result<Event, DecodeError> {
-    Ok(Event { ts_ns, cpu: 0, socket: socket(&l.meta)?, body: Body::Open(Box::new(life(l))) })
+    Ok(Event {
+        ts_ns,
+        cpu: 0,
+        socket: socket(&l.meta)?,
+        body: Body::Open(Box::new(life(l))),
+    })
 }
 
 fn life(l: &SockLife) -> Life {

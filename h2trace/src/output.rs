@@ -597,7 +597,14 @@ impl<W: Write> Sink for Text<W> {
                 if l.retransmits > 0 {
                     d.push_str(&format!(" retrans={}", l.retransmits));
                 }
-                (if matches!(ev.body, Body::Life(_)) { "close" } else { "open" }, d)
+                (
+                    if matches!(ev.body, Body::Life(_)) {
+                        "close"
+                    } else {
+                        "open"
+                    },
+                    d,
+                )
             }
             Body::State { old, new } => (
                 "state",

@@ -5,7 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use serde_json::Value;
 
 use crate::{
-    event::{Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition, state_from_name},
+    event::{
+        Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
+        state_from_name,
+    },
     output::{Losses, Summary},
 };
 
@@ -22,10 +25,20 @@ pub enum ParseError {
 /// One recorded line.
 #[derive(Debug, Clone)]
 pub enum Record {
-    Started { ktime_ns: u64, clock_offset_ns: Option<i128>, probe: Value },
+    Started {
+        ktime_ns: u64,
+        clock_offset_ns: Option<i128>,
+        probe: Value,
+    },
     Event(Event),
-    Loss { ktime_ns: u64, losses: Losses },
-    Summary { ktime_ns: u64, summary: Box<Summary> },
+    Loss {
+        ktime_ns: u64,
+        losses: Losses,
+    },
+    Summary {
+        ktime_ns: u64,
+        summary: Box<Summary>,
+    },
     /// Something replay recomputes itself (findings, per-peer summaries): ignored on input.
     Derived,
 }
@@ -51,14 +64,19 @@ fn state_at(v: &Value, path: &[&str], name: &'static str) -> Result<u8, ParseErr
 }
 
 fn endpoint(v: &Value, side: &str, name: &'static str) -> Result<SocketAddr, ParseError> {
-    let ip: IpAddr = str_at(v, &[side, "ip"], name)?.parse().map_err(|_| ParseError::Field(name))?;
-    let port = u16::try_from(u64_at(v, &[side, "port"], name)?).map_err(|_| ParseError::Field(name))?;
+    let ip: IpAddr = str_at(v, &[side, "ip"], name)?
+        .parse()
+        .map_err(|_| ParseError::Field(name))?;
+    let port =
+        u16::try_from(u64_at(v, &[side, "port"], name)?).map_err(|_| ParseError::Field(name))?;
     Ok(SocketAddr::new(ip, port))
 }
 
 fn socket(v: &Value) -> Result<Socket, ParseError> {
     let id = str_at(v, &["h2trace", "socket", "id"], "h2trace.socket.id")?;
-    let (a, b) = id.split_once('-').ok_or(ParseError::Field("h2trace.socket.id"))?;
+    let (a, b) = id
+        .split_once('-')
+        .ok_or(ParseError::Field("h2trace.socket.id"))?;
     let hex = |s| u64::from_str_radix(s, 16).map_err(|_| ParseError::Field("h2trace.socket.id"));
     let owner = match at(v, &["h2trace", "owner_source"]).as_str() {
         None => None,
@@ -77,12 +95,19 @@ fn socket(v: &Value) -> Result<Socket, ParseError> {
         }),
     };
     Ok(Socket {
-        id: SocketId { skaddr: hex(a)?, start_ns: hex(b)? },
+        id: SocketId {
+            skaddr: hex(a)?,
+            start_ns: hex(b)?,
+        },
         netns: u64_at(v, &["h2trace", "netns"], "h2trace.netns")? as u32,
         local: endpoint(v, "source", "source")?,
         remote: endpoint(v, "destination", "destination")?,
         owner,
-        origin: match str_at(v, &["h2trace", "socket", "seen_from"], "h2trace.socket.seen_from")? {
+        origin: match str_at(
+            v,
+            &["h2trace", "socket", "seen_from"],
+            "h2trace.socket.seen_from",
+        )? {
             "connect" => Origin::Active,
             "accept" => Origin::Passive,
             "mid-life" => Origin::MidLife,
@@ -144,18 +169,26 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
             });
         }
         "loss" => {
-            let losses = serde_json::from_value(v["h2trace"]["loss"].clone()).map_err(|_| ParseError::Field("h2trace.loss"))?;
+            let losses = serde_json::from_value(v["h2trace"]["loss"].clone())
+                .map_err(|_| ParseError::Field("h2trace.loss"))?;
             return Ok(Record::Loss { ktime_ns, losses });
         }
         "summary" => {
-            let summary =
-                serde_json::from_value(v["h2trace"]["summary"].clone()).map_err(|_| ParseError::Field("h2trace.summary"))?;
-            return Ok(Record::Summary { ktime_ns, summary: Box::new(summary) });
+            let summary = serde_json::from_value(v["h2trace"]["summary"].clone())
+                .map_err(|_| ParseError::Field("h2trace.summary"))?;
+            return Ok(Record::Summary {
+                ktime_ns,
+                summary: Box::new(summary),
+            });
         }
         "connection-closed" | "connection-open" => {
             let start = socket(&v)?.id.start_ns;
             let l = Box::new(life(&v, start)?);
-            if action == "connection-closed" { Body::Life(l) } else { Body::Open(l) }
+            if action == "connection-closed" {
+                Body::Life(l)
+            } else {
+                Body::Open(l)
+            }
         }
         "state-change" => Body::State {
             old: state_at(&v, &["h2trace", "state", "old"], "h2trace.state.old")?,
@@ -165,12 +198,18 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
             state: state_at(&v, &["h2trace", "reset", "state"], "h2trace.reset.state")?,
             reason: opt_u64(&v, &["h2trace", "reset", "reason_code"]).map(|r| r as u32),
         },
-        "reset-received" => {
-            Body::ResetReceived { state: state_at(&v, &["h2trace", "reset", "state"], "h2trace.reset.state")? }
-        }
+        "reset-received" => Body::ResetReceived {
+            state: state_at(&v, &["h2trace", "reset", "state"], "h2trace.reset.state")?,
+        },
         "retransmit" => Body::Retransmit {
-            state: state_at(&v, &["h2trace", "retransmit", "state"], "h2trace.retransmit.state")?,
-            err: at(&v, &["h2trace", "retransmit", "err"]).as_i64().ok_or(ParseError::Field("h2trace.retransmit.err"))? as i32,
+            state: state_at(
+                &v,
+                &["h2trace", "retransmit", "state"],
+                "h2trace.retransmit.state",
+            )?,
+            err: at(&v, &["h2trace", "retransmit", "err"])
+                .as_i64()
+                .ok_or(ParseError::Field("h2trace.retransmit.err"))? as i32,
         },
         _ => return Ok(Record::Derived),
     };
@@ -192,27 +231,47 @@ mod tests {
     use crate::output::{Clock, Ndjson, Sink};
 
     fn write(ev: &Event) -> String {
-        let mut sink = Ndjson::new(Vec::new(), Clock { offset_ns: 1_700_000_000_000_000_000 }, HashMap::new());
+        let mut sink = Ndjson::new(
+            Vec::new(),
+            Clock {
+                offset_ns: 1_700_000_000_000_000_000,
+            },
+            HashMap::new(),
+        );
         sink.event(ev).unwrap();
         String::from_utf8(sink.into_inner()).unwrap()
     }
 
     fn arb_owner() -> impl Strategy<Value = Option<Owner>> {
-        proptest::option::of((1u32.., any::<u32>(), "[a-z0-9_-]{0,15}", any::<u64>(), 0..4u8).prop_map(
-            |(tgid, pid, comm, cgroup_id, s)| Owner {
-                tgid,
-                pid,
-                comm,
-                cgroup_id,
-                source: [OwnerSource::Listener, OwnerSource::Close, OwnerSource::Io, OwnerSource::Connect][s as usize],
-            },
-        ))
+        proptest::option::of(
+            (
+                1u32..,
+                any::<u32>(),
+                "[a-z0-9_-]{0,15}",
+                any::<u64>(),
+                0..4u8,
+            )
+                .prop_map(|(tgid, pid, comm, cgroup_id, s)| Owner {
+                    tgid,
+                    pid,
+                    comm,
+                    cgroup_id,
+                    source: [
+                        OwnerSource::Listener,
+                        OwnerSource::Close,
+                        OwnerSource::Io,
+                        OwnerSource::Connect,
+                    ][s as usize],
+                }),
+        )
     }
 
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
-            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
         ]
     }
 
@@ -224,38 +283,80 @@ mod tests {
         (
             arb_state(),
             proptest::collection::vec((0u64..1 << 40, arb_state()), 0..12),
-            (0u32..3, any::<u64>(), any::<u64>(), proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
-            (any::<u16>(), any::<u16>(), proptest::option::of(0u32..30), proptest::option::of(arb_state()), any::<u32>()),
-            (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
+            (
+                0u32..3,
+                any::<u64>(),
+                any::<u64>(),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
+            ),
+            (
+                any::<u16>(),
+                any::<u16>(),
+                proptest::option::of(0u32..30),
+                proptest::option::of(arb_state()),
+                any::<u32>(),
+            ),
+            (
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
+            ),
         )
-            .prop_map(move |(first_state, ts, (dropped, sent, recv, ls, lr), (rs, rr, reason, rstate, retr), (fs, fr, lrt))| {
-                Life {
+            .prop_map(
+                move |(
                     first_state,
-                    transitions: ts.into_iter().map(|(o, state)| Transition { ts_ns: start + o, state }).collect(),
-                    transitions_dropped: dropped,
-                    bytes_sent: sent >> 1,
-                    bytes_received: recv >> 1,
-                    last_send_ns: ls.map(|v| v >> 1),
-                    last_recv_ns: lr.map(|v| v >> 1),
-                    resets_sent: rs,
-                    resets_received: rr,
-                    first_reset_sent_ns: fs.map(|v| v >> 1),
-                    first_reset_received_ns: fr.map(|v| v >> 1),
-                    reset_sent_reason: reason,
-                    reset_received_state: rstate,
-                    retransmits: retr,
-                    last_retransmit_ns: lrt.map(|v| v >> 1),
-                }
-            })
+                    ts,
+                    (dropped, sent, recv, ls, lr),
+                    (rs, rr, reason, rstate, retr),
+                    (fs, fr, lrt),
+                )| {
+                    Life {
+                        first_state,
+                        transitions: ts
+                            .into_iter()
+                            .map(|(o, state)| Transition {
+                                ts_ns: start + o,
+                                state,
+                            })
+                            .collect(),
+                        transitions_dropped: dropped,
+                        bytes_sent: sent >> 1,
+                        bytes_received: recv >> 1,
+                        last_send_ns: ls.map(|v| v >> 1),
+                        last_recv_ns: lr.map(|v| v >> 1),
+                        resets_sent: rs,
+                        resets_received: rr,
+                        first_reset_sent_ns: fs.map(|v| v >> 1),
+                        first_reset_received_ns: fr.map(|v| v >> 1),
+                        reset_sent_reason: reason,
+                        reset_received_state: rstate,
+                        retransmits: retr,
+                        last_retransmit_ns: lrt.map(|v| v >> 1),
+                    }
+                },
+            )
     }
 
     fn arb_event() -> impl Strategy<Value = Event> {
-        (any::<u64>(), 1u64..1 << 62, any::<u32>(), any::<u32>(), arb_addr(), any::<u16>(), arb_owner(), 0..3u8)
+        (
+            any::<u64>(),
+            1u64..1 << 62,
+            any::<u32>(),
+            any::<u32>(),
+            arb_addr(),
+            any::<u16>(),
+            arb_owner(),
+            0..3u8,
+        )
             .prop_flat_map(|(skaddr, start, cpu, netns, local, rport, owner, origin)| {
                 // Both ends of a socket have the same family.
                 let remote = SocketAddr::new(local.ip(), rport);
                 let socket = Socket {
-                    id: SocketId { skaddr, start_ns: start },
+                    id: SocketId {
+                        skaddr,
+                        start_ns: start,
+                    },
                     netns,
                     local,
                     remote,
@@ -266,13 +367,20 @@ mod tests {
                     arb_life(start).prop_map(|l| Body::Life(Box::new(l))),
                     arb_life(start).prop_map(|l| Body::Open(Box::new(l))),
                     (arb_state(), arb_state()).prop_map(|(old, new)| Body::State { old, new }),
-                    (arb_state(), proptest::option::of(0u32..30)).prop_map(|(state, reason)| Body::ResetSent { state, reason }),
+                    (arb_state(), proptest::option::of(0u32..30))
+                        .prop_map(|(state, reason)| Body::ResetSent { state, reason }),
                     arb_state().prop_map(|state| Body::ResetReceived { state }),
-                    (arb_state(), any::<i32>()).prop_map(|(state, err)| Body::Retransmit { state, err }),
+                    (arb_state(), any::<i32>())
+                        .prop_map(|(state, err)| Body::Retransmit { state, err }),
                 ];
                 (Just(socket), body, start..start + (1 << 40), Just(cpu))
             })
-            .prop_map(|(socket, body, ts_ns, cpu)| Event { ts_ns, cpu, socket, body })
+            .prop_map(|(socket, body, ts_ns, cpu)| Event {
+                ts_ns,
+                cpu,
+                socket,
+                body,
+            })
     }
 
     proptest! {
@@ -297,9 +405,13 @@ mod tests {
     fn errors_name_the_field() {
         assert!(matches!(parse_line("{"), Err(ParseError::Json(_))));
         assert_eq!(parse_line("{}").unwrap_err(), ParseError::Schema);
-        let mut v: Value = serde_json::from_str(&write(&crate::output::tests::life_event())).unwrap();
+        let mut v: Value =
+            serde_json::from_str(&write(&crate::output::tests::life_event())).unwrap();
         v["h2trace"]["socket"]["id"] = "zz".into();
-        assert_eq!(parse_line(&v.to_string()).unwrap_err(), ParseError::Field("h2trace.socket.id"));
+        assert_eq!(
+            parse_line(&v.to_string()).unwrap_err(),
+            ParseError::Field("h2trace.socket.id")
+        );
         v["event"]["action"] = "finding".into();
         assert!(matches!(parse_line(&v.to_string()), Ok(Record::Derived)));
     }

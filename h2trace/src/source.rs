@@ -164,11 +164,11 @@ impl Counters {
 }
 
 /// Socket lives still in the kernel's table (at exit: those still open).
-pub fn live_sockets(ebpf: &Ebpf) -> u64 {
+pub fn open_lives(ebpf: &Ebpf) -> Vec<h2trace_common::SockLife> {
     let Some(map) = ebpf.map("SOCKS") else {
-        return 0;
+        return Vec::new();
     };
     aya::maps::HashMap::<_, u64, h2trace_common::SockLife>::try_from(map)
-        .map(|m| m.keys().filter(Result::is_ok).count() as u64)
-        .unwrap_or(0)
+        .map(|m| m.iter().filter_map(Result::ok).map(|(_, v)| v).collect())
+        .unwrap_or_default()
 }
