@@ -29,7 +29,8 @@ apt_install() {
 	return 1
 }
 
-apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 iproute2 ca-certificates
+# nftables: the middlebox in the diagnosis tests (black hole, forged reset).
+apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 iproute2 nftables ca-certificates
 
 # tracefs: the tracepoint format files and the tracepoints themselves live there.
 if [ ! -e /sys/kernel/tracing/events ]; then

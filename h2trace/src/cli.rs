@@ -37,6 +37,53 @@ pub enum Command {
     /// Report what this kernel and these privileges allow: BTF, tracefs, each hook and
     /// transport (works, or why not), capabilities. Exit 0 if tracing can run.
     Check,
+    /// Run a recorded NDJSON stream (a file, or - for standard input) through the same
+    /// diagnosis as a live run: the same connection records and findings come out. Needs no
+    /// privileges. Exit 3 if malformed lines were skipped (each is reported on stderr).
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The recorded stream (`h2trace -f ndjson -o FILE`), or - for standard input.
+    pub file: PathBuf,
+    /// Output format. Default: text on a terminal, NDJSON otherwise.
+    #[arg(short, long, value_enum)]
+    pub format: Option<Format>,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub detect: DetectArgs,
+}
+
+/// Diagnosis thresholds; the defaults keep a healthy, reused connection free of findings.
+/// `replay` uses the thresholds recorded in the stream unless given here.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Diagnosis")]
+pub struct DetectArgs {
+    /// Sliding window for per-peer rates and counts [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub window: Option<String>,
+    /// Dial per request: connections to one peer within the window [default: 10].
+    #[arg(long, value_name = "N")]
+    pub min_conns: Option<usize>,
+    /// Dial per request: a median lifetime at most this long is short [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub short_lifetime: Option<String>,
+    /// A socket in CLOSE_WAIT longer than this is stuck [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    pub close_wait_stuck: Option<String>,
+    /// Black hole / reset after idle: silence before the retransmissions or the reset
+    /// [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub idle_gap: Option<String>,
+    /// TIME_WAIT pile-up: TIME_WAIT sockets one process leaves within the window [default: 500].
+    #[arg(long, value_name = "N")]
+    pub time_wait_pileup: Option<usize>,
+    /// RST storm: resets one process sees within the window [default: 100].
+    #[arg(long, value_name = "N")]
+    pub rst_storm: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,4 +156,6 @@ pub struct TraceArgs {
     /// Socket lives tracked at once in the kernel (LRU; evictions are counted).
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub max_sockets: u32,
+    #[command(flatten)]
+    pub detect: DetectArgs,
 }

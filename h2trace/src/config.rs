@@ -2,7 +2,8 @@
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{Events, Format, TraceArgs},
+    cli::{DetectArgs, Events, Format, TraceArgs},
+    detect::DetectConfig,
     filter::Filter,
     probe::ProbeOptions,
 };
@@ -11,8 +12,10 @@ use crate::{
 pub enum ConfigError {
     #[error("no process with pid {0} (is it running? h2trace follows live processes only)")]
     NoSuchPid(u32),
-    #[error("invalid --duration {0:?}: {1} (examples: 30s, 5m, 1h30m)")]
-    Duration(String, String),
+    #[error("invalid --{0} {1:?}: {2} (examples: 30s, 5m, 1h30m, 500ms)")]
+    Duration(&'static str, String, String),
+    #[error("invalid --{0} {1}: must be at least 1")]
+    Zero(&'static str, usize),
     #[error("invalid --ring-size {0:?}: {1}")]
     RingSize(String, String),
     #[error("invalid --perf-pages {0}: must be a power of two")]
@@ -29,6 +32,60 @@ pub struct Config {
     pub output: Option<PathBuf>,
     pub probe: ProbeOptions,
     pub perf_pages: usize,
+    pub detect: DetectConfig,
+}
+
+fn duration(flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v)
+        .map_err(|e| ConfigError::Duration(flag, v.to_string(), e.to_string()))
+}
+
+fn ns(flag: &'static str, v: &str) -> Result<u64, ConfigError> {
+    Ok(duration(flag, v)?.as_nanos().min(u64::MAX as u128) as u64)
+}
+
+/// The thresholds: `base` (the defaults, or what a recorded stream used) with the flags given.
+pub fn detect_config(a: &DetectArgs, base: DetectConfig) -> Result<DetectConfig, ConfigError> {
+    let mut c = base;
+    let count = |flag, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ConfigError::Zero(flag, 0)),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let dur =
+        |flag, v: &Option<String>, default: u64| v.as_deref().map_or(Ok(default), |v| ns(flag, v));
+    c.window_ns = dur("window", &a.window, c.window_ns)?.max(1);
+    c.min_conns = count("min-conns", a.min_conns, c.min_conns)?;
+    c.short_lifetime_ns = dur("short-lifetime", &a.short_lifetime, c.short_lifetime_ns)?;
+    c.close_wait_stuck_ns = dur(
+        "close-wait-stuck",
+        &a.close_wait_stuck,
+        c.close_wait_stuck_ns,
+    )?;
+    c.idle_gap_ns = dur("idle-gap", &a.idle_gap, c.idle_gap_ns)?;
+    c.time_wait_pileup = count("time-wait-pileup", a.time_wait_pileup, c.time_wait_pileup)?;
+    c.rst_storm = count("rst-storm", a.rst_storm, c.rst_storm)?;
+    Ok(c)
+}
+
+/// Whether any threshold was given on the command line.
+pub fn detect_overridden(a: &DetectArgs) -> bool {
+    a.window.is_some()
+        || a.min_conns.is_some()
+        || a.short_lifetime.is_some()
+        || a.close_wait_stuck.is_some()
+        || a.idle_gap.is_some()
+        || a.time_wait_pileup.is_some()
+        || a.rst_storm.is_some()
+}
+
+/// Text on a terminal (when writing to standard output), NDJSON otherwise.
+pub fn default_format(chosen: Option<Format>, to_file: bool) -> Format {
+    chosen.unwrap_or(if !to_file && std::io::stdout().is_terminal() {
+        Format::Text
+    } else {
+        Format::Ndjson
+    })
 }
 
 /// Wake the agent when this much waits in the ring (it also drains on a timer).
@@ -42,11 +99,8 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
     }
     let duration = a
         .duration
-        .as_ref()
-        .map(|d| {
-            humantime::parse_duration(d)
-                .map_err(|e| ConfigError::Duration(d.clone(), e.to_string()))
-        })
+        .as_deref()
+        .map(|d| duration("duration", d))
         .transpose()?;
     let ring: bytesize::ByteSize = a
         .ring_size
@@ -67,13 +121,8 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
     if a.max_sockets == 0 {
         return Err(ConfigError::MaxSockets);
     }
-    let format = a
-        .format
-        .unwrap_or(if a.output.is_none() && std::io::stdout().is_terminal() {
-            Format::Text
-        } else {
-            Format::Ndjson
-        });
+    let format = default_format(a.format, a.output.is_some());
+    let detect = detect_config(&a.detect, DetectConfig::default())?;
     Ok(Config {
         filter: Filter {
             pids: (!a.pid.is_empty()).then(|| a.pid.iter().copied().collect()),
@@ -99,6 +148,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),
         },
         perf_pages: a.perf_pages,
+        detect,
     })
 }
 

@@ -2,15 +2,19 @@
 //!
 //! Data flow: `probe` (load and attach the kernel programs) → `source` (ring or perf
 //! buffers, loss counters) → `event` (decode) → `order` (merge by kernel time) → `filter`
-//! (`--pid`, ports, family) → `output` (NDJSON or text). `run` wires them together; `check`
-//! reports what the kernel allows.
+//! (`--pid`, ports, family) → `correlate` (what each connection means) → `detect` (per-peer
+//! windows, findings) → `output` (NDJSON or text). `pipeline` is the part live runs and
+//! `replay` share; `run` wires the live run together; `check` reports what the kernel allows.
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod correlate;
+pub mod detect;
 pub mod event;
 pub mod filter;
 pub mod order;
 pub mod output;
+pub mod pipeline;
 pub mod probe;
 pub mod replay;
 pub mod run;

@@ -4,7 +4,7 @@
 //! names follow Elastic ECS where ECS has one, everything else is under `h2trace.*`.
 //! `source` is always the local end of the socket and `destination` the remote end.
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     io::{self, Write},
     net::{IpAddr, SocketAddr},
 };
@@ -14,7 +14,11 @@ use serde::Serialize;
 use serde_json::json;
 use sha1::{Digest, Sha1};
 
-use crate::event::{Body, Event, Life, Origin, Socket, state_name};
+use crate::{
+    correlate::{self, Facts},
+    detect::{DetectConfig, Finding, Peer, PeerSummary},
+    event::{Body, Event, Life, Origin, Socket, state_name},
+};
 
 pub const SCHEMA: &str = "h2trace/1";
 
@@ -110,6 +114,9 @@ pub struct Summary {
     pub evicted: u64,
     /// Records that arrived after newer ones had been emitted.
     pub out_of_order: u64,
+    /// Finding records emitted (new and updates).
+    #[serde(default)]
+    pub findings: u64,
     pub losses: Losses,
 }
 
@@ -118,6 +125,7 @@ pub enum Notice<'a> {
     Started {
         ktime_ns: u64,
         probe: &'a serde_json::Value,
+        detect: &'a DetectConfig,
     },
     Loss {
         ktime_ns: u64,
@@ -127,22 +135,33 @@ pub enum Notice<'a> {
         ktime_ns: u64,
         summary: &'a Summary,
     },
+    /// Time passed with no event (see `Pipeline::tick`).
+    Tick {
+        ktime_ns: u64,
+    },
 }
 
 pub trait Sink {
     fn event(&mut self, ev: &Event) -> io::Result<()>;
+    fn finding(&mut self, f: &Finding) -> io::Result<()>;
+    /// The per-peer table at the end of a run.
+    fn peers(&mut self, ktime_ns: u64, peers: &[PeerSummary]) -> io::Result<()>;
     fn notice(&mut self, n: &Notice<'_>) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
+    /// Replay learns the recorded run's clock from its first record.
+    fn set_clock(&mut self, clock: Clock);
+    /// Replay learns the recorded kernel's reset reason names from the `started` record.
+    fn set_reset_reasons(&mut self, names: BTreeMap<u32, String>);
 }
 
 pub struct Ndjson<W: Write> {
     out: W,
     clock: Clock,
-    reset_reasons: HashMap<u32, String>,
+    reset_reasons: BTreeMap<u32, String>,
 }
 
 impl<W: Write> Ndjson<W> {
-    pub fn new(out: W, clock: Clock, reset_reasons: HashMap<u32, String>) -> Self {
+    pub fn new(out: W, clock: Clock, reset_reasons: BTreeMap<u32, String>) -> Self {
         Self {
             out,
             clock,
@@ -290,6 +309,37 @@ struct Connection<'a> {
     retransmits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_retransmit_ns: Option<u64>,
+    /// Derived (recomputed by replay, ignored on input).
+    analysis: Analysis,
+}
+
+#[derive(Serialize)]
+struct Analysis {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    established_ns: Option<u64>,
+    lifetime_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_before_close_ns: Option<u64>,
+    end: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    close_wait_ns: Option<u64>,
+    time_wait: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    silent_gap_ns: Option<u64>,
+}
+
+impl From<&Facts> for Analysis {
+    fn from(f: &Facts) -> Self {
+        Self {
+            established_ns: f.established_ns,
+            lifetime_ns: f.lifetime_ns,
+            idle_before_close_ns: f.idle_before_close_ns,
+            end: f.end.as_str(),
+            close_wait_ns: f.close_wait_ns,
+            time_wait: f.time_wait,
+            silent_gap_ns: f.silent_gap_ns,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -327,16 +377,17 @@ pub fn closed_ns(l: &Life) -> Option<u64> {
         .map(|t| t.ts_ns)
 }
 
-fn reason_name<'a>(names: &'a HashMap<u32, String>, code: u32) -> &'a str {
+fn reason_name<'a>(names: &'a BTreeMap<u32, String>, code: u32) -> &'a str {
     names.get(&code).map(String::as_str).unwrap_or("UNKNOWN")
 }
 
 impl<W: Write> Ndjson<W> {
-    fn record<'a>(clock: &Clock, reasons: &'a HashMap<u32, String>, ev: &'a Event) -> Record<'a> {
+    fn record<'a>(clock: &Clock, reasons: &'a BTreeMap<u32, String>, ev: &'a Event) -> Record<'a> {
         let s = &ev.socket;
         let (action, ty, state, reset, retransmit, connection) = match &ev.body {
             Body::Life(l) | Body::Open(l) => {
                 let start = s.id.start_ns;
+                let facts = correlate::facts(s, l, matches!(ev.body, Body::Open(_)), ev.ts_ns);
                 let conn = Connection {
                     start_ns: start,
                     closed_ns: closed_ns(l),
@@ -364,6 +415,7 @@ impl<W: Write> Ndjson<W> {
                     reset_received_state: l.reset_received_state.map(state_name),
                     retransmits: l.retransmits,
                     last_retransmit_ns: l.last_retransmit_ns,
+                    analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
                     Body::Life(_) => ("connection-closed", "end"),
@@ -424,9 +476,7 @@ impl<W: Write> Ndjson<W> {
             Body::Life(l) | Body::Open(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
             _ => (None, None),
         };
-        let duration = connection
-            .as_ref()
-            .map(|c| c.closed_ns.unwrap_or(ev.ts_ns).saturating_sub(c.start_ns));
+        let duration = connection.as_ref().map(|c| c.analysis.lifetime_ns);
         Record {
             timestamp: clock.rfc3339(ev.ts_ns),
             schema: SCHEMA,
@@ -497,9 +547,17 @@ impl<W: Write> Sink for Ndjson<W> {
 
     fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
         let (ktime, kind, action, body) = match n {
-            Notice::Started { ktime_ns, probe } => {
-                (*ktime_ns, "event", "started", json!({ "probe": probe }))
-            }
+            Notice::Started {
+                ktime_ns,
+                probe,
+                detect,
+            } => (
+                *ktime_ns,
+                "event",
+                "started",
+                // What replay needs to decide and print as this run did.
+                json!({ "probe": probe, "detect": detect, "reset_reasons": self.reset_reasons }),
+            ),
             Notice::Loss { ktime_ns, losses } => {
                 (*ktime_ns, "metric", "loss", json!({ "loss": losses }))
             }
@@ -509,6 +567,7 @@ impl<W: Write> Sink for Ndjson<W> {
                 "summary",
                 json!({ "summary": summary }),
             ),
+            Notice::Tick { ktime_ns } => (*ktime_ns, "event", "tick", json!({})),
         };
         let mut h2 = body;
         h2["ktime_ns"] = json!(ktime);
@@ -525,6 +584,64 @@ impl<W: Write> Sink for Ndjson<W> {
         self.line(&v)
     }
 
+    fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        let mut v = json!({
+            "@timestamp": self.clock.rfc3339(f.ts_ns),
+            "schema": SCHEMA,
+            "event": { "kind": "alert", "category": ["network"], "type": ["info"], "action": "finding", "dataset": "h2trace.finding" },
+            "rule": { "id": f.pattern.as_str(), "name": f.pattern.as_str() },
+            "message": f.summary,
+            "h2trace": {
+                "ktime_ns": f.ts_ns,
+                "netns": f.netns,
+                "finding": {
+                    "id": f.id, "pattern": f.pattern.as_str(), "status": f.status, "peer": f.peer.to_string(),
+                    "window": { "start_ns": f.window_start_ns, "end_ns": f.window_end_ns },
+                    "numbers": f.numbers, "confidence": f.confidence, "evidence": f.evidence, "remedies": f.remedies,
+                },
+            },
+        });
+        if f.tgid != 0 {
+            v["process"] = json!({ "pid": f.tgid, "name": f.comm });
+        }
+        if let Peer::Remote(a) = f.peer {
+            v["destination"] = json!({ "ip": a.ip(), "port": a.port() });
+        }
+        self.line(&v)
+    }
+
+    fn peers(&mut self, ktime_ns: u64, peers: &[PeerSummary]) -> io::Result<()> {
+        for p in peers {
+            let mut v = json!({
+                "@timestamp": self.clock.rfc3339(ktime_ns),
+                "schema": SCHEMA,
+                "event": { "kind": "metric", "category": ["network"], "type": ["info"], "action": "peer-summary", "dataset": "h2trace.peers" },
+                "h2trace": {
+                    "ktime_ns": ktime_ns,
+                    "netns": p.netns,
+                    "peer": {
+                        "peer": p.peer.to_string(), "connections": p.connections, "rate_per_s": p.rate_per_s,
+                        "lifetime_p50_ns": p.lifetime_p50_ns, "lifetime_p99_ns": p.lifetime_p99_ns,
+                        "closers": p.closers, "ends": p.ends, "findings": p.findings,
+                    },
+                },
+            });
+            if p.tgid != 0 {
+                v["process"] = json!({ "pid": p.tgid, "name": p.comm });
+            }
+            self.line(&v)?;
+        }
+        Ok(())
+    }
+
+    fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
+    fn set_reset_reasons(&mut self, names: BTreeMap<u32, String>) {
+        self.reset_reasons = names;
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
@@ -534,12 +651,12 @@ impl<W: Write> Sink for Ndjson<W> {
 pub struct Text<W: Write> {
     out: W,
     clock: Clock,
-    reset_reasons: HashMap<u32, String>,
+    reset_reasons: BTreeMap<u32, String>,
     header_done: bool,
 }
 
 impl<W: Write> Text<W> {
-    pub fn new(out: W, clock: Clock, reset_reasons: HashMap<u32, String>) -> Self {
+    pub fn new(out: W, clock: Clock, reset_reasons: BTreeMap<u32, String>) -> Self {
         Self {
             out,
             clock,
@@ -646,6 +763,7 @@ impl<W: Write> Sink for Text<W> {
                 "h2trace: LOSS so far: {}",
                 serde_json::to_string(losses)?
             ),
+            Notice::Tick { .. } => Ok(()),
             Notice::Summary { summary: s, .. } => {
                 writeln!(
                     self.out,
@@ -662,9 +780,74 @@ impl<W: Write> Sink for Text<W> {
                 writeln!(self.out, "  retransmissions      {}", s.retransmits)?;
                 writeln!(self.out, "  open at exit         {}", s.open_at_exit)?;
                 writeln!(self.out, "  evicted (untraced)   {}", s.evicted)?;
+                writeln!(self.out, "  findings             {}", s.findings)?;
                 writeln!(self.out, "  records lost         {}", s.losses.total())
             }
         }
+    }
+
+    fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "\n!! FINDING {} [{}] {} (confidence {:.2})\n   {}\n   evidence: {} connection(s), e.g. {}",
+            f.pattern,
+            f.status,
+            f.peer,
+            f.confidence,
+            f.summary,
+            f.evidence.len(),
+            f.evidence.first().map(String::as_str).unwrap_or("-")
+        )?;
+        for r in f.remedies {
+            writeln!(self.out, "   - {r}")?;
+        }
+        writeln!(self.out)
+    }
+
+    fn peers(&mut self, _ktime_ns: u64, peers: &[PeerSummary]) -> io::Result<()> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            self.out,
+            "\nPer peer:\n{:>7} {:<15} {:<45} {:>6} {:>8} {:>10} {:>10} {:<28} {:<28} FINDINGS",
+            "PID", "COMM", "PEER", "CONNS", "RATE/s", "LIFE p50", "LIFE p99", "FIRST FIN", "ENDS"
+        )?;
+        let counts = |m: &std::collections::BTreeMap<&'static str, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for p in peers {
+            writeln!(
+                self.out,
+                "{:>7} {:<15} {:<45} {:>6} {:>8.1} {:>10} {:>10} {:<28} {:<28} {}",
+                p.tgid,
+                p.comm,
+                p.peer.to_string(),
+                p.connections,
+                p.rate_per_s,
+                ms(p.lifetime_p50_ns),
+                ms(p.lifetime_p99_ns),
+                counts(&p.closers),
+                counts(&p.ends),
+                if p.findings.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.findings.join(",")
+                }
+            )?;
+        }
+        Ok(())
+    }
+
+    fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
+    fn set_reset_reasons(&mut self, names: BTreeMap<u32, String>) {
+        self.reset_reasons = names;
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -756,7 +939,9 @@ pub(crate) mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["schema"], SCHEMA);
         assert_eq!(v["event"]["action"], "connection-closed");
-        assert_eq!(v["event"]["duration"], 400);
+        assert_eq!(v["event"]["duration"], 300);
+        assert_eq!(v["h2trace"]["connection"]["analysis"]["end"], "rst-sent");
+        assert_eq!(v["h2trace"]["connection"]["analysis"]["time_wait"], false);
         assert_eq!(v["process"]["pid"], 7);
         assert_eq!(v["process"]["thread"]["id"], 8);
         assert_eq!(v["source"]["port"], 40000);
@@ -774,7 +959,7 @@ pub(crate) mod tests {
 
     #[test]
     fn text_has_header_and_states() {
-        let mut sink = Text::new(Vec::new(), Clock { offset_ns: 0 }, HashMap::new());
+        let mut sink = Text::new(Vec::new(), Clock { offset_ns: 0 }, BTreeMap::new());
         sink.event(&life_event()).unwrap();
         let out = String::from_utf8(sink.out).unwrap();
         let lines: Vec<_> = out.lines().collect();

@@ -1,16 +1,166 @@
 //! Reading a recorded NDJSON stream back into events, so that `h2trace replay` runs the very
-//! same pipeline as a live run. Pure: one line in, one record (or a precise error) out.
-use std::net::{IpAddr, SocketAddr};
+//! same pipeline as a live run. Parsing is pure: one line in, one record (or a precise error)
+//! out; `replay` reads lines and feeds the shared pipeline.
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, Write},
+    net::{IpAddr, SocketAddr},
+};
 
 use serde_json::Value;
 
 use crate::{
+    detect::DetectConfig,
     event::{
         Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
         state_from_name,
     },
-    output::{Losses, Summary},
+    output::{Clock, Losses, Notice, Summary},
+    pipeline::Pipeline,
 };
+
+/// Lines longer than this are hostile or broken: reported and skipped without being kept.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayStats {
+    pub lines: u64,
+    pub skipped: u64,
+}
+
+/// Read one line into `buf` (without the newline), keeping at most `MAX_LINE + 1` bytes of it.
+/// Returns `Ok(None)` at the end, `Ok(Some(too_long))` otherwise.
+fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Option<bool>> {
+    buf.clear();
+    let mut seen = 0usize;
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok((seen > 0).then_some(seen > MAX_LINE));
+        }
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        if buf.len() <= MAX_LINE {
+            buf.extend_from_slice(&part[..part.len().min(MAX_LINE + 1 - buf.len())]);
+        }
+        seen += part.len();
+        let used = done.unwrap_or(chunk.len());
+        input.consume(used);
+        if done.is_some() {
+            return Ok(Some(seen > MAX_LINE));
+        }
+    }
+}
+
+/// `@timestamp` minus `h2trace.ktime_ns` of a record: the recorded run's clock offset.
+fn clock_offset(line: &str) -> Option<i128> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let wall = chrono::DateTime::parse_from_rfc3339(v["@timestamp"].as_str()?).ok()?;
+    let wall_ns = wall.timestamp() as i128 * 1_000_000_000 + wall.timestamp_subsec_nanos() as i128;
+    Some(wall_ns - v["h2trace"]["ktime_ns"].as_u64()? as i128)
+}
+
+/// Feed a recorded stream through `pipeline`: events exactly as they were written, the
+/// agent's own records passed on, findings and per-peer summaries recomputed. Each malformed
+/// line is reported on `errors` with its number and skipped; nothing else is lost.
+/// `recorded_thresholds`: decide with the thresholds of the recorded run (the default), not
+/// the pipeline's own.
+pub fn replay(
+    mut input: impl BufRead,
+    pipeline: &mut Pipeline,
+    recorded_thresholds: bool,
+    errors: &mut dyn Write,
+) -> io::Result<ReplayStats> {
+    let mut stats = ReplayStats::default();
+    let mut buf = Vec::new();
+    let mut clock_known = false;
+    let mut last_ts = 0u64;
+    let mut finished = false;
+    while let Some(too_long) = read_line(&mut input, &mut buf)? {
+        stats.lines += 1;
+        let n = stats.lines;
+        let mut skip = |what: String| -> io::Result<()> {
+            stats.skipped += 1;
+            writeln!(errors, "h2trace replay: line {n}: {what}; skipped")
+        };
+        if too_long {
+            skip(format!("longer than {MAX_LINE} bytes"))?;
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            skip("not UTF-8".into())?;
+            continue;
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = match parse_line(line) {
+            Ok(r) => r,
+            Err(e) => {
+                skip(e.to_string())?;
+                continue;
+            }
+        };
+        if !clock_known {
+            let offset = match &record {
+                Record::Started {
+                    clock_offset_ns: Some(o),
+                    ..
+                } => Some(*o),
+                _ => clock_offset(line),
+            };
+            if let Some(offset_ns) = offset {
+                pipeline.set_clock(Clock { offset_ns });
+                clock_known = true;
+            }
+        }
+        match record {
+            Record::Started {
+                ktime_ns,
+                probe,
+                detect,
+                reset_reasons,
+                ..
+            } => {
+                if let (Some(d), true) = (detect, recorded_thresholds) {
+                    pipeline.set_detect(d);
+                }
+                pipeline.set_reset_reasons(reset_reasons);
+                let detect = pipeline.detect_config().clone();
+                pipeline.notice(&Notice::Started {
+                    ktime_ns,
+                    probe: &probe,
+                    detect: &detect,
+                });
+            }
+            Record::Event(ev) => {
+                last_ts = last_ts.max(ev.ts_ns);
+                pipeline.deliver(ev);
+            }
+            Record::Loss { ktime_ns, losses } => pipeline.notice(&Notice::Loss {
+                ktime_ns,
+                losses: &losses,
+            }),
+            Record::Summary { ktime_ns, summary } => {
+                pipeline.finish(ktime_ns);
+                finished = true;
+                pipeline.notice(&Notice::Summary {
+                    ktime_ns,
+                    summary: &summary,
+                });
+            }
+            Record::Tick { ktime_ns } => pipeline.tick_recorded(ktime_ns),
+            Record::Derived => {}
+        }
+    }
+    if !finished {
+        pipeline.finish(last_ts);
+    }
+    pipeline.flush();
+    Ok(stats)
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
@@ -29,6 +179,9 @@ pub enum Record {
         ktime_ns: u64,
         clock_offset_ns: Option<i128>,
         probe: Value,
+        /// The thresholds the recorded run decided with.
+        detect: Option<DetectConfig>,
+        reset_reasons: BTreeMap<u32, String>,
     },
     Event(Event),
     Loss {
@@ -38,6 +191,10 @@ pub enum Record {
     Summary {
         ktime_ns: u64,
         summary: Box<Summary>,
+    },
+    /// Time passed with no event.
+    Tick {
+        ktime_ns: u64,
     },
     /// Something replay recomputes itself (findings, per-peer summaries): ignored on input.
     Derived,
@@ -162,10 +319,20 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
     let ktime_ns = u64_at(&v, &["h2trace", "ktime_ns"], "h2trace.ktime_ns")?;
     let body = match action {
         "started" => {
+            let h = &v["h2trace"];
             return Ok(Record::Started {
                 ktime_ns,
-                clock_offset_ns: v["h2trace"]["clock_offset_ns"].as_i64().map(i128::from),
-                probe: v["h2trace"]["probe"].clone(),
+                clock_offset_ns: h["clock_offset_ns"].as_i64().map(i128::from),
+                probe: h["probe"].clone(),
+                detect: serde_json::from_value(h["detect"].clone()).ok(),
+                reset_reasons: h["reset_reasons"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
         }
         "loss" => {
@@ -173,6 +340,7 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
                 .map_err(|_| ParseError::Field("h2trace.loss"))?;
             return Ok(Record::Loss { ktime_ns, losses });
         }
+        "tick" => return Ok(Record::Tick { ktime_ns }),
         "summary" => {
             let summary = serde_json::from_value(v["h2trace"]["summary"].clone())
                 .map_err(|_| ParseError::Field("h2trace.summary"))?;
@@ -223,7 +391,6 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use proptest::prelude::*;
 
@@ -236,7 +403,7 @@ mod tests {
             Clock {
                 offset_ns: 1_700_000_000_000_000_000,
             },
-            HashMap::new(),
+            Default::default(),
         );
         sink.event(ev).unwrap();
         String::from_utf8(sink.into_inner()).unwrap()

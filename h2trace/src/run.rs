@@ -12,10 +12,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::Format,
     config::Config,
-    event::{Body, Event, decode},
-    filter::Selector,
+    event::decode,
     order::Reorder,
-    output::{Clock, Losses, Ndjson, Notice, Sink, Summary, Text},
+    output::{Clock, Losses, Ndjson, Notice, Sink, Text},
+    pipeline::Pipeline,
     probe::{self, Probes},
     source::{CounterValues, Counters, Reader, open_lives},
 };
@@ -45,72 +45,24 @@ fn monotonic() -> u64 {
     now_ns(ClockId::CLOCK_MONOTONIC) as u64
 }
 
-/// Everything between the reader and the sink.
-struct Pipeline {
+/// The reader's side: decode and put in kernel-time order, then hand to the pipeline.
+struct Ordered {
     reorder: Reorder,
-    selector: Selector,
-    sink: Box<dyn Sink>,
-    summary: Summary,
-    /// First write error (a closed pipe ends the run quietly).
-    write_error: Option<io::Error>,
+    pipeline: Pipeline,
 }
 
-impl Pipeline {
+impl Ordered {
     fn ingest(&mut self, bytes: &[u8]) {
         match decode(bytes) {
             Ok(ev) => self.reorder.push(ev),
-            Err(_) => self.summary.losses.malformed += 1,
+            Err(_) => self.pipeline.summary.losses.malformed += 1,
         }
     }
 
     fn release(&mut self, until: u64) {
-        let Self {
-            reorder,
-            selector,
-            sink,
-            summary,
-            write_error,
-        } = self;
-        let mut deliver = |ev: Event| {
-            if write_error.is_some() {
-                return;
-            }
-            if let Err(e) = sink.event(&ev) {
-                *write_error = Some(e);
-            }
-        };
-        reorder.release(until, &mut |ev| {
-            match &ev.body {
-                Body::Life(_) => summary.connections += 1,
-                Body::Open(_) => {}
-                Body::ResetSent { .. } => summary.resets_sent += 1,
-                Body::ResetReceived { .. } => summary.resets_received += 1,
-                Body::Retransmit { .. } => summary.retransmits += 1,
-                Body::State { .. } => {}
-            }
-            if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
-                summary.events += 1;
-            }
-            selector.offer(ev, &mut deliver);
-        });
-        summary.out_of_order = reorder.late;
-        summary.losses.filter_overflow = selector.overflowed;
-    }
-
-    fn notice(&mut self, n: &Notice<'_>) {
-        if self.write_error.is_none() {
-            if let Err(e) = self.sink.notice(n) {
-                self.write_error = Some(e);
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.write_error.is_none() {
-            if let Err(e) = self.sink.flush() {
-                self.write_error = Some(e);
-            }
-        }
+        let Self { reorder, pipeline } = self;
+        reorder.release(until, &mut |ev| pipeline.deliver(ev));
+        pipeline.summary.out_of_order = reorder.late;
     }
 }
 
@@ -150,6 +102,13 @@ pub enum RunError {
 }
 
 pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
+    // Open the output first: an unwritable path is an error before anything is loaded.
+    let out: Box<dyn Write> = match &cfg.output {
+        Some(p) => {
+            Box::new(File::create(p).map_err(|e| RunError::Output(p.display().to_string(), e))?)
+        }
+        None => Box::new(io::stdout()),
+    };
     let mut probes: Probes = probe::load(&cfg.probe)?;
     // A fallback or a missing optional hook changes what the output can show: say so.
     for h in probes.hooks.iter().filter(|h| !h.ok) {
@@ -161,32 +120,24 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let clock = Clock {
         offset_ns: now_ns(ClockId::CLOCK_REALTIME) - now_ns(ClockId::CLOCK_MONOTONIC),
     };
-    let out: Box<dyn Write> = match &cfg.output {
-        Some(p) => {
-            Box::new(File::create(p).map_err(|e| RunError::Output(p.display().to_string(), e))?)
-        }
-        None => Box::new(io::stdout()),
-    };
     let out = BufWriter::with_capacity(64 * 1024, out);
     let reasons = probes.reset_reasons.clone();
     let sink: Box<dyn Sink> = match cfg.format {
         Format::Ndjson => Box::new(Ndjson::new(out, clock, reasons)),
         Format::Text => Box::new(Text::new(out, clock, reasons)),
     };
-    let mut p = Pipeline {
+    let mut o = Ordered {
         reorder: Reorder::default(),
-        selector: Selector::new(cfg.filter.clone()),
-        sink,
-        summary: Summary::default(),
-        write_error: None,
+        pipeline: Pipeline::new(cfg.filter.clone(), cfg.detect.clone(), sink),
     };
     let started = monotonic();
     let describe = probes.describe();
-    p.notice(&Notice::Started {
+    o.pipeline.notice(&Notice::Started {
+        detect: &cfg.detect,
         ktime_ns: started,
         probe: &describe,
     });
-    p.flush();
+    o.pipeline.flush();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
@@ -207,10 +158,13 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         };
         // Everything stamped before `now` is in the buffers once they are drained.
         let now = monotonic();
-        perf_lost += reader.drain(&mut |b| p.ingest(b));
-        p.release(now.saturating_sub(ORDER_SLACK_NS));
+        perf_lost += reader.drain(&mut |b| o.ingest(b));
+        o.release(now.saturating_sub(ORDER_SLACK_NS));
+        let p = &mut o.pipeline;
         if last_loss_check.elapsed() >= LOSS_EVERY {
             last_loss_check = Instant::now();
+            // Let CLOSE_WAIT sockets become stuck even when nothing else happens.
+            p.tick(now.saturating_sub(ORDER_SLACK_NS));
             apply_counters(&mut p.summary.losses, &counters.read(), perf_lost);
             if p.summary.losses != reported {
                 reported = p.summary.losses.clone();
@@ -229,19 +183,30 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         }
     };
 
-    // Drain what is left, report the lives still open, then the summary.
-    perf_lost += reader.drain(&mut |b| p.ingest(b));
+    // Drain what is left, report the lives still open, the findings and per-peer table, then
+    // the summary.
+    perf_lost += reader.drain(&mut |b| o.ingest(b));
     let end = monotonic();
     let open = open_lives(&probes.ebpf);
     for l in &open {
         match crate::event::open_life(l, end) {
-            Ok(ev) => p.reorder.push(ev),
-            Err(_) => p.summary.losses.malformed += 1,
+            Ok(ev) => o.reorder.push(ev),
+            Err(_) => o.pipeline.summary.losses.malformed += 1,
         }
     }
-    p.release(u64::MAX);
+    o.release(u64::MAX);
+    let mut p = o.pipeline;
     let c = counters.read();
     apply_counters(&mut p.summary.losses, &c, perf_lost);
+    if p.summary.losses != reported {
+        let losses = p.summary.losses.clone();
+        p.notice(&Notice::Loss {
+            ktime_ns: end,
+            losses: &losses,
+        });
+    }
+    // Same order as `replay`: last loss record, findings and per-peer table, summary.
+    p.finish(end);
     let s = &mut p.summary;
     s.duration_ns = end - started;
     s.tracked = c.tracked;
@@ -249,12 +214,6 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     s.open_at_exit = open.len() as u64;
     s.evicted = c.tracked.saturating_sub(c.ended + s.open_at_exit);
     let summary = p.summary.clone();
-    if summary.losses != reported {
-        p.notice(&Notice::Loss {
-            ktime_ns: end,
-            losses: &summary.losses,
-        });
-    }
     p.notice(&Notice::Summary {
         ktime_ns: end,
         summary: &summary,

@@ -231,8 +231,11 @@ fn a_closed_pipe_exits_quietly() {
     assert!(first.contains("\"started\""));
     // The reader is gone (like `| head -1`); traffic makes h2trace write again.
     let addr = format!("{}:8080", net.server_v4);
-    let mut server = net.server(&addr, 5, 10, "wait-peer");
-    net.client(&addr, 5, 10, 10, "close");
+    let mut server = net.server(
+        &addr,
+        &["--conns", "5", "--reply", "10", "--then", "wait-peer"],
+    );
+    net.client(&addr, &["--conns", "5", "--send", "10", "--reply", "10"]);
     server.0.wait().unwrap();
     let st = wait_timeout(child, Duration::from_secs(10))
         .expect("h2trace kept running after its reader left");
@@ -264,8 +267,8 @@ fn text_mode_has_columns_and_a_summary() {
     let child = &mut child.0;
     std::thread::sleep(Duration::from_millis(1500));
     let addr = format!("{}:8080", net.server_v4);
-    let mut server = net.server(&addr, 1, 10, "wait-peer");
-    net.client(&addr, 1, 10, 10, "close");
+    let mut server = net.server(&addr, &["--reply", "10", "--then", "wait-peer"]);
+    net.client(&addr, &["--send", "10", "--reply", "10"]);
     server.0.wait().unwrap();
     assert_eq!(
         wait_timeout(child, Duration::from_secs(20)).unwrap().code(),

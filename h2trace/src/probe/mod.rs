@@ -8,7 +8,10 @@ pub mod btf;
 pub mod caps;
 pub mod tracefs;
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -154,7 +157,7 @@ pub struct Probes {
     pub state_hook: StateHook,
     pub transport: Transport,
     /// `enum sk_rst_reason` names from this kernel's `tcp:tcp_send_reset` format.
-    pub reset_reasons: HashMap<u32, String>,
+    pub reset_reasons: BTreeMap<u32, String>,
     pub hooks: Vec<HookStatus>,
 }
 
@@ -214,7 +217,7 @@ struct KernelFacts {
     set_state_error: Option<String>,
     sock_offsets_error: Option<String>,
     missing_tracepoints: HashMap<&'static str, String>,
-    reset_reasons: HashMap<u32, String>,
+    reset_reasons: BTreeMap<u32, String>,
 }
 
 fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
@@ -230,7 +233,7 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
         }
         Err(e) => Some(e.to_string()),
     };
-    let mut reset_reasons = HashMap::new();
+    let mut reset_reasons = BTreeMap::new();
     for (prog, cat, name, _) in OPTIONAL_TRACEPOINTS {
         let layout = tracefs.format(cat, name).and_then(|f| {
             match prog {

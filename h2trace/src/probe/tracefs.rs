@@ -3,7 +3,7 @@
 //! Layouts differ between kernels (fields are added, `protocol` changed width), so the
 //! programs never assume offsets: the agent reads them here and hands them over at load.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
 };
 
@@ -107,8 +107,8 @@ impl Format {
     }
 
     /// Symbolic names of `field`'s values from `__print_symbolic(REC->field, { 0, "NAME" }, …)`.
-    pub fn symbols(&self, field: &str) -> HashMap<u32, String> {
-        let mut out = HashMap::new();
+    pub fn symbols(&self, field: &str) -> BTreeMap<u32, String> {
+        let mut out = BTreeMap::new();
         let marker = format!("__print_symbolic(REC->{field},");
         let Some(start) = self.print_fmt.find(&marker) else {
             return out;

@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -78,75 +78,152 @@ fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
-/// A client namespace and a server namespace joined by veth.
+/// A client namespace and a server namespace joined by veth, or (`with_router`) through a
+/// router namespace in between, where nftables can play the middlebox.
 pub struct NetPair {
     pub client: String,
     pub server: String,
+    pub router: Option<String>,
     pub client_v4: String,
     pub server_v4: String,
     pub client_v6: String,
     pub server_v6: String,
 }
 
+fn veth(a_ns: &str, a: &str, b_ns: &str, b: &str) {
+    ip(&[
+        "-n", a_ns, "link", "add", a, "type", "veth", "peer", "name", b, "netns", b_ns,
+    ]);
+}
+
+fn addr(ns: &str, dev: &str, cidr: &str) {
+    let mut args = vec!["-n", ns, "addr", "add", cidr, "dev", dev];
+    if cidr.contains(':') {
+        args.push("nodad");
+    }
+    ip(&args);
+    ip(&["-n", ns, "link", "set", dev, "up"]);
+}
+
 impl NetPair {
     /// `tag` keeps names unique per test; the pid keeps them unique per run.
     pub fn new(tag: &str, subnet: u8) -> Self {
+        let pair = Self::names(tag, subnet, false);
+        let (vc, vs) = (format!("h2c{subnet}"), format!("h2s{subnet}"));
+        veth(&pair.client, &vc, &pair.server, &vs);
+        addr(&pair.client, &vc, &format!("{}/24", pair.client_v4));
+        addr(&pair.client, &vc, &format!("{}/64", pair.client_v6));
+        addr(&pair.server, &vs, &format!("{}/24", pair.server_v4));
+        addr(&pair.server, &vs, &format!("{}/64", pair.server_v6));
+        pair
+    }
+
+    /// client 198.18.S.1 — (198.18.S.254 router 198.19.S.254) — 198.19.S.2 server, IPv4.
+    pub fn with_router(tag: &str, subnet: u8) -> Self {
+        let pair = Self::names(tag, subnet, true);
+        let r = pair.router.clone().unwrap();
+        let (c, rc, rs, s) = (
+            format!("h2c{subnet}"),
+            format!("h2rc{subnet}"),
+            format!("h2rs{subnet}"),
+            format!("h2s{subnet}"),
+        );
+        veth(&pair.client, &c, &r, &rc);
+        veth(&r, &rs, &pair.server, &s);
+        addr(&pair.client, &c, &format!("{}/24", pair.client_v4));
+        addr(&r, &rc, &format!("198.18.{subnet}.254/24"));
+        addr(&r, &rs, &format!("198.19.{subnet}.254/24"));
+        addr(&pair.server, &s, &format!("{}/24", pair.server_v4));
+        ip(&[
+            "-n",
+            &pair.client,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{subnet}.254"),
+        ]);
+        ip(&[
+            "-n",
+            &pair.server,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.19.{subnet}.254"),
+        ]);
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]));
+        pair
+    }
+
+    fn names(tag: &str, subnet: u8, router: bool) -> Self {
         let id = format!("{tag}-{}", std::process::id());
         let pair = Self {
             client: format!("h2t-{id}-c"),
             server: format!("h2t-{id}-s"),
+            router: router.then(|| format!("h2t-{id}-r")),
             client_v4: format!("198.18.{subnet}.1"),
-            server_v4: format!("198.18.{subnet}.2"),
+            server_v4: if router {
+                format!("198.19.{subnet}.2")
+            } else {
+                format!("198.18.{subnet}.2")
+            },
             client_v6: format!("fd18:{subnet}::1"),
             server_v6: format!("fd18:{subnet}::2"),
         };
         // Remove leftovers of an earlier crashed run with the same names.
         pair.remove();
-        ip(&["netns", "add", &pair.client]);
-        ip(&["netns", "add", &pair.server]);
-        let (vc, vs) = (format!("h2c{subnet}"), format!("h2s{subnet}"));
-        ip(&[
-            "-n",
-            &pair.client,
-            "link",
-            "add",
-            &vc,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vs,
-            "netns",
-            &pair.server,
-        ]);
-        for (ns, dev, v4, v6) in [
-            (&pair.client, &vc, &pair.client_v4, &pair.client_v6),
-            (&pair.server, &vs, &pair.server_v4, &pair.server_v6),
-        ] {
+        for ns in pair.namespaces() {
+            ip(&["netns", "add", ns]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
         }
         pair
     }
 
+    fn namespaces(&self) -> Vec<&String> {
+        [Some(&self.client), Some(&self.server), self.router.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     fn remove(&self) {
-        for ns in [&self.client, &self.server] {
+        for ns in self.namespaces() {
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+
+    /// Run `nft` with a ruleset in the router namespace.
+    pub fn router_nft(&self, ruleset: &str) {
+        let r = self.router.as_ref().expect("a router namespace");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", r, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft (apt install nftables)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The namespace's inode, as h2trace reports it in `h2trace.netns`.
@@ -156,41 +233,43 @@ impl NetPair {
             .ino()
     }
 
-    /// Start `tcp_peer server` in the server namespace; returns once it listens.
-    pub fn server(&self, addr: &str, count: usize, reply: usize, close: &str) -> KillOnDrop {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.server])
-            .arg(peer_bin())
-            .args([
-                "server",
-                addr,
-                &count.to_string(),
-                &reply.to_string(),
-                close,
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+    fn peer(ns: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(peer_bin()).args(args);
+        cmd
+    }
+
+    /// Start `tcp_peer server ADDR ARGS…` in the server namespace; returns once it listens.
+    pub fn server(&self, addr: &str, args: &[&str]) -> KillOnDrop {
+        self.listener(&self.server, &[&["server", addr], args].concat())
+    }
+
+    /// Start a listening `tcp_peer` (server or proxy) in namespace `ns`.
+    pub fn listener(&self, ns: &str, args: &[&str]) -> KillOnDrop {
+        let mut child = Self::peer(ns, args).stdout(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
             .unwrap();
         let child = KillOnDrop(child);
-        assert_eq!(line.trim(), "ready", "server did not start");
+        assert_eq!(line.trim(), "ready", "tcp_peer {args:?} did not start");
         child
     }
 
-    /// Run `tcp_peer client` in the client namespace to completion; returns its pid.
-    pub fn client(&self, addr: &str, count: usize, send: usize, reply: usize, close: &str) -> u32 {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.client])
-            .arg(peer_bin())
-            .args(["client", addr, &count.to_string(), &send.to_string(), close])
-            .env("TCP_PEER_REPLY", reply.to_string())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let st = wait_timeout(&mut child, Duration::from_secs(20)).expect("client timed out");
+    /// Start `tcp_peer client ADDR ARGS…` in the client namespace.
+    pub fn spawn_client(&self, addr: &str, args: &[&str]) -> KillOnDrop {
+        KillOnDrop(
+            Self::peer(&self.client, &[&["client", addr], args].concat())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Run `tcp_peer client ADDR ARGS…` to completion (at most 60 s); returns its pid.
+    pub fn client(&self, addr: &str, args: &[&str]) -> u32 {
+        let mut c = self.spawn_client(addr, args);
+        let pid = c.0.id();
+        let st = wait_timeout(&mut c.0, Duration::from_secs(60)).expect("client timed out");
         assert!(st.success(), "client failed: {st}");
         pid
     }
@@ -303,7 +382,12 @@ impl Tracer {
     }
 
     /// SIGINT, wait for exit (130), return every record.
-    pub fn stop(mut self) -> Vec<Value> {
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_keep().0
+    }
+
+    /// Like `stop`, and keep the recorded file (it lives as long as the returned guard).
+    pub fn stop_keep(mut self) -> (Vec<Value>, TempDir, PathBuf) {
         // Let the last records of the traffic reach the buffers and the drain timer.
         std::thread::sleep(Duration::from_millis(300));
         nix::sys::signal::kill(
@@ -314,7 +398,9 @@ impl Tracer {
         let st = wait_timeout(&mut self.child, Duration::from_secs(20))
             .expect("h2trace did not stop on SIGINT");
         assert_eq!(st.code(), Some(130), "SIGINT must exit 130");
-        read_records(&self.out)
+        let recs = read_records(&self.out);
+        let dir = std::mem::replace(&mut self._dir, TempDir(PathBuf::new()));
+        (recs, dir, self.out.clone())
     }
 }
 
@@ -380,4 +466,66 @@ pub fn live_states(recs: &[Value], socket_id: &str) -> Vec<String> {
 
 pub fn owner_pid(r: &Value) -> Option<u64> {
     r["process"]["pid"].as_u64()
+}
+
+/// Every record matches docs/h2trace.schema.json, and the stream has a start and a summary.
+pub fn validate_all(recs: &[Value]) {
+    let schema: Value = serde_json::from_str(include_str!("../../../docs/h2trace.schema.json"))
+        .expect("schema is JSON");
+    let v = jsonschema::validator_for(&schema).expect("schema compiles");
+    for r in recs {
+        if let Err(e) = v.validate(r) {
+            panic!("record does not match docs/h2trace.schema.json: {e}\n{r:#}");
+        }
+    }
+    assert_eq!(action(&recs[0]), "started");
+    assert_eq!(action(recs.last().unwrap()), "summary");
+}
+
+/// `h2trace replay` of a recorded stream must print it again, byte for byte: the same events,
+/// connection records and findings. Returns the replay's exit code.
+pub fn assert_replay_identical(recorded: &Path) {
+    let out = Command::new(h2trace_bin())
+        .args(["replay", "-f", "ndjson"])
+        .arg(recorded)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "replay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let live = std::fs::read_to_string(recorded).unwrap();
+    let replayed = String::from_utf8(out.stdout).unwrap();
+    if live != replayed {
+        let (l, r): (Vec<_>, Vec<_>) = (live.lines().collect(), replayed.lines().collect());
+        let first = l
+            .iter()
+            .zip(&r)
+            .position(|(a, b)| a != b)
+            .unwrap_or(l.len().min(r.len()));
+        panic!(
+            "replay differs from the live run at line {} ({} vs {} lines):\nlive:   {}\nreplay: {}",
+            first + 1,
+            l.len(),
+            r.len(),
+            l.get(first).unwrap_or(&""),
+            r.get(first).unwrap_or(&"")
+        );
+    }
+}
+
+/// Findings of one pattern.
+pub fn findings<'a>(recs: &'a [Value], pattern: &str) -> Vec<&'a Value> {
+    recs.iter()
+        .filter(|r| action(r) == "finding" && r["h2trace"]["finding"]["pattern"] == pattern)
+        .collect()
+}
+
+/// If `H2TRACE_RECORD_FIXTURES` names a folder, keep a copy of the stream there as NAME.ndjson.
+pub fn keep_fixture(recorded: &Path, name: &str) {
+    if let Some(dir) = std::env::var_os("H2TRACE_RECORD_FIXTURES") {
+        std::fs::copy(recorded, Path::new(&dir).join(format!("{name}.ndjson"))).unwrap();
+    }
 }

@@ -1,0 +1,317 @@
+//! What a socket life means: derived facts of one connection. Pure function of its events.
+use h2trace_common::tcp_state::*;
+
+use crate::event::{FinFirst, Life, Origin, Socket};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+impl Role {
+    pub fn of(s: &Socket) -> Self {
+        match s.origin {
+            Origin::Active => Self::Client,
+            Origin::Passive => Self::Server,
+            Origin::MidLife => Self::Unknown,
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EndKind {
+    /// Orderly FIN exchange.
+    Fin,
+    /// This side reset the connection (e.g. SO_LINGER 0, close with unread data).
+    ResetSent,
+    /// The peer reset the connection.
+    ResetReceived,
+    /// This side aborted after closing because data still arrived (the kernel reports this as
+    /// a received reset followed by a RST it sends itself).
+    LocalAbort,
+    /// Retransmissions ran out: no answer from the peer.
+    Timeout,
+    /// Never established (refused or unanswered connect, or a dropped handshake).
+    ConnectFailed,
+    /// Still open when tracing stopped.
+    Open,
+}
+
+impl EndKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::ResetSent => "rst-sent",
+            Self::ResetReceived => "rst-received",
+            Self::LocalAbort => "local-abort",
+            Self::Timeout => "timeout",
+            Self::ConnectFailed => "connect-failed",
+            Self::Open => "open",
+        }
+    }
+
+    pub const ALL: [EndKind; 7] = [
+        Self::Fin,
+        Self::ResetSent,
+        Self::ResetReceived,
+        Self::LocalAbort,
+        Self::Timeout,
+        Self::ConnectFailed,
+        Self::Open,
+    ];
+}
+
+/// A received RST this close to a sent one, on a socket this side had already closed, is the
+/// kernel aborting the socket itself, not the peer resetting it.
+const LOCAL_ABORT_WINDOW_NS: u64 = 1_000_000;
+
+/// Derived facts about one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub role: Role,
+    pub start_ns: u64,
+    pub established_ns: Option<u64>,
+    /// When the socket reached CLOSE, or `end_ns` if it is still open.
+    pub end_ns: u64,
+    /// From established (or start) to end.
+    pub lifetime_ns: u64,
+    /// When the close began: the first transition out of ESTABLISHED.
+    pub close_start_ns: Option<u64>,
+    /// From the last byte sent or received (or establishment) to the start of the close.
+    pub idle_before_close_ns: Option<u64>,
+    pub fin_first: FinFirst,
+    pub end: EndKind,
+    /// Time spent in CLOSE_WAIT (until the application closed, or until `end_ns`).
+    pub close_wait_ns: Option<u64>,
+    /// The socket went FIN_WAIT2/CLOSING → CLOSE: a TIME_WAIT socket took over.
+    pub time_wait: bool,
+    /// Idle gap before retransmissions or a reset into the silence, for black-hole and
+    /// reset-after-idle diagnoses: from the last byte received to the last send (retransmitted),
+    /// or to the RST.
+    pub silent_gap_ns: Option<u64>,
+}
+
+fn first_at(l: &Life, pred: impl Fn(u8) -> bool) -> Option<u64> {
+    l.transitions
+        .iter()
+        .find(|t| pred(t.state))
+        .map(|t| t.ts_ns)
+}
+
+/// `end_ns` is when the record was produced (the socket's destruction, or the end of tracing).
+pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
+    let start_ns = s.id.start_ns;
+    let established_ns =
+        first_at(l, |st| st == ESTABLISHED).or((l.first_state == ESTABLISHED).then_some(start_ns));
+    let closed = first_at(l, |st| st == CLOSE);
+    let end = closed.filter(|_| !open).unwrap_or(end_ns);
+    // The close begins with the first transition out of ESTABLISHED.
+    let close_start_ns = l
+        .states()
+        .zip(l.transitions.iter())
+        .find(|(from, _)| *from == ESTABLISHED)
+        .map(|(_, t)| t.ts_ns);
+    let last_activity = [l.last_send_ns, l.last_recv_ns, established_ns]
+        .into_iter()
+        .flatten()
+        .max();
+    let idle_before_close_ns = match (close_start_ns, last_activity) {
+        (Some(c), Some(a)) => Some(c.saturating_sub(a)),
+        _ => None,
+    };
+    let close_wait_ns = l
+        .transitions
+        .iter()
+        .position(|t| t.state == CLOSE_WAIT)
+        .map(|i| {
+            let next = l.transitions.get(i + 1).map_or(end, |t| t.ts_ns);
+            next.saturating_sub(l.transitions[i].ts_ns)
+        });
+    let states: Vec<u8> = l.states().collect();
+    let no_rst = l.resets_sent == 0 && l.resets_received == 0;
+    let time_wait = no_rst
+        && states
+            .windows(2)
+            .any(|w| matches!((w[0], w[1]), (FIN_WAIT2, CLOSE) | (CLOSING, CLOSE)));
+    let local_closed_first = matches!(l.fin_first(), FinFirst::Local | FinFirst::Simultaneous);
+    let kind = if open {
+        EndKind::Open
+    } else if established_ns.is_none() && l.first_state != ESTABLISHED {
+        EndKind::ConnectFailed
+    } else if l.resets_received > 0 && l.resets_sent > 0 && local_closed_first && {
+        let (r, t) = (
+            l.first_reset_received_ns.unwrap_or(0),
+            l.first_reset_sent_ns.unwrap_or(u64::MAX),
+        );
+        r.abs_diff(t) <= LOCAL_ABORT_WINDOW_NS
+    } {
+        EndKind::LocalAbort
+    } else if l.resets_received > 0 {
+        EndKind::ResetReceived
+    } else if l.resets_sent > 0 {
+        EndKind::ResetSent
+    } else if l.retransmits > 0 && states.windows(2).any(|w| w == [ESTABLISHED, CLOSE]) {
+        EndKind::Timeout
+    } else {
+        EndKind::Fin
+    };
+    let last_recv = [l.last_recv_ns, established_ns].into_iter().flatten().max();
+    let silent_gap_ns = match (kind, last_recv) {
+        (EndKind::ResetReceived, Some(r)) => l.first_reset_received_ns.map(|t| t.saturating_sub(r)),
+        (_, Some(r)) if l.retransmits > 0 => l.last_send_ns.map(|t| t.saturating_sub(r)),
+        _ => None,
+    };
+    Facts {
+        role: Role::of(s),
+        start_ns,
+        established_ns,
+        end_ns: end,
+        lifetime_ns: end.saturating_sub(established_ns.unwrap_or(start_ns)),
+        close_start_ns,
+        idle_before_close_ns,
+        fin_first: l.fin_first(),
+        end: kind,
+        close_wait_ns,
+        time_wait,
+        silent_gap_ns,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{SocketId, Transition};
+
+    fn sock(origin: Origin) -> Socket {
+        Socket {
+            id: SocketId {
+                skaddr: 1,
+                start_ns: 1_000,
+            },
+            netns: 1,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+            owner: None,
+            origin,
+        }
+    }
+
+    fn life(first: u8, steps: &[(u64, u8)]) -> Life {
+        Life {
+            first_state: first,
+            transitions: steps
+                .iter()
+                .map(|&(ts_ns, state)| Transition { ts_ns, state })
+                .collect(),
+            ..Life::default()
+        }
+    }
+
+    #[test]
+    fn client_closing_first_enters_time_wait() {
+        let mut l = life(
+            CLOSE,
+            &[
+                (1_000, SYN_SENT),
+                (2_000, ESTABLISHED),
+                (10_000, FIN_WAIT1),
+                (11_000, FIN_WAIT2),
+                (12_000, CLOSE),
+            ],
+        );
+        l.last_send_ns = Some(3_000);
+        l.last_recv_ns = Some(4_000);
+        let f = facts(&sock(Origin::Active), &l, false, 20_000);
+        assert_eq!(f.role, Role::Client);
+        assert_eq!(f.end, EndKind::Fin);
+        assert_eq!(f.fin_first, FinFirst::Local);
+        assert!(f.time_wait);
+        assert_eq!(f.lifetime_ns, 10_000);
+        assert_eq!(f.idle_before_close_ns, Some(6_000));
+        assert_eq!(f.close_wait_ns, None);
+    }
+
+    #[test]
+    fn peer_close_and_close_wait_dwell() {
+        let l = life(
+            LISTEN,
+            &[
+                (1_000, SYN_RECV),
+                (1_500, ESTABLISHED),
+                (5_000, CLOSE_WAIT),
+                (9_000, LAST_ACK),
+                (9_500, CLOSE),
+            ],
+        );
+        let f = facts(&sock(Origin::Passive), &l, false, 9_600);
+        assert_eq!(
+            (f.role, f.fin_first, f.end),
+            (Role::Server, FinFirst::Peer, EndKind::Fin)
+        );
+        assert_eq!(f.close_wait_ns, Some(4_000));
+        assert!(!f.time_wait);
+        // Still in CLOSE_WAIT at exit: the dwell runs to the end of tracing.
+        let l = life(
+            LISTEN,
+            &[(1_000, SYN_RECV), (1_500, ESTABLISHED), (5_000, CLOSE_WAIT)],
+        );
+        let f = facts(&sock(Origin::Passive), &l, true, 8_000);
+        assert_eq!((f.end, f.close_wait_ns), (EndKind::Open, Some(3_000)));
+    }
+
+    #[test]
+    fn reset_direction_comes_from_the_evidence() {
+        // A reset received while established: the peer reset us.
+        let mut l = life(
+            CLOSE,
+            &[(1_000, SYN_SENT), (2_000, ESTABLISHED), (9_000, CLOSE)],
+        );
+        l.resets_received = 1;
+        l.first_reset_received_ns = Some(9_000);
+        l.last_recv_ns = Some(3_000);
+        let f = facts(&sock(Origin::Active), &l, false, 9_100);
+        assert_eq!(f.end, EndKind::ResetReceived);
+        assert_eq!(f.silent_gap_ns, Some(6_000));
+        // After our own FIN, "received" and sent within the same instant: a local abort.
+        let mut l = life(
+            CLOSE,
+            &[
+                (1_000, SYN_SENT),
+                (2_000, ESTABLISHED),
+                (3_000, FIN_WAIT1),
+                (4_000, FIN_WAIT2),
+                (5_000, CLOSE),
+            ],
+        );
+        l.resets_received = 1;
+        l.resets_sent = 1;
+        l.first_reset_received_ns = Some(5_000);
+        l.first_reset_sent_ns = Some(5_010);
+        assert_eq!(
+            facts(&sock(Origin::Active), &l, false, 6_000).end,
+            EndKind::LocalAbort
+        );
+    }
+
+    #[test]
+    fn timeouts_and_failed_connects() {
+        let mut l = life(
+            CLOSE,
+            &[(1_000, SYN_SENT), (2_000, ESTABLISHED), (30_000, CLOSE)],
+        );
+        l.retransmits = 8;
+        l.last_recv_ns = Some(2_500);
+        l.last_send_ns = Some(12_500);
+        let f = facts(&sock(Origin::Active), &l, false, 30_000);
+        assert_eq!(f.end, EndKind::Timeout);
+        assert_eq!(f.silent_gap_ns, Some(10_000));
+        let l = life(CLOSE, &[(1_000, SYN_SENT), (2_000, CLOSE)]);
+        assert_eq!(
+            facts(&sock(Origin::Active), &l, false, 2_000).end,
+            EndKind::ConnectFailed
+        );
+    }
+}

@@ -1,0 +1,1017 @@
+//! From connections to verdicts: per-peer sliding windows and the reuse-failure patterns.
+//!
+//! Pure: events in (already ordered), findings out. Time is the events' kernel time, never
+//! the wall clock, so a replay of a recorded stream finds exactly what the live run found.
+//! Maps are ordered (BTreeMap) so that output order never depends on hashing.
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fmt,
+    net::SocketAddr,
+};
+
+use hdrhistogram::Histogram;
+use serde_json::{Map, Value, json};
+
+use crate::{
+    correlate::{EndKind, Facts, Role, facts},
+    event::{Body, Event, FinFirst, SocketId},
+};
+
+/// Thresholds. The defaults are chosen so that a healthy client reusing one connection, and
+/// the server serving it, produce no finding. Recorded in the stream's `started` record, so
+/// that `replay` decides with the same ones.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DetectConfig {
+    /// Sliding window for rates and counts.
+    pub window_ns: u64,
+    /// Dial per request: connections to one peer within the window.
+    pub min_conns: usize,
+    /// Dial per request: a median lifetime at most this long is "short".
+    pub short_lifetime_ns: u64,
+    /// Fixed-age rotation: closed lifetimes needed, and their allowed spread around the median.
+    pub min_age_samples: usize,
+    pub age_jitter: f64,
+    /// Fixed-age rotation: the replacement connection starts within this of the close.
+    pub reconnect_gap_ns: u64,
+    /// Idle close by peer: closes needed.
+    pub min_idle_closes: usize,
+    /// CLOSE_WAIT longer than this is stuck.
+    pub close_wait_stuck_ns: u64,
+    /// Handshake failure: ends this soon after establishment with at most this many bytes.
+    pub handshake_ns: u64,
+    pub handshake_bytes: u64,
+    pub min_handshake_failures: usize,
+    /// Black hole / reset after idle: silence before the retransmissions or the RST.
+    pub idle_gap_ns: u64,
+    /// Per process, within the window.
+    pub time_wait_pileup: usize,
+    pub rst_storm: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            window_ns: 10_000_000_000,
+            min_conns: 10,
+            short_lifetime_ns: 1_000_000_000,
+            min_age_samples: 4,
+            age_jitter: 0.2,
+            reconnect_gap_ns: 1_000_000_000,
+            min_idle_closes: 3,
+            close_wait_stuck_ns: 5_000_000_000,
+            handshake_ns: 100_000_000,
+            handshake_bytes: 4096,
+            min_handshake_failures: 3,
+            idle_gap_ns: 1_000_000_000,
+            time_wait_pileup: 500,
+            rst_storm: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Pattern {
+    DialPerRequest,
+    FixedAgeRotation,
+    IdleCloseByPeer,
+    CloseWaitStuck,
+    HandshakeFailureLoop,
+    BlackHole,
+    ResetAfterIdle,
+    ProxyUpstreamChurn,
+    TimeWaitPileup,
+    RstStorm,
+}
+
+impl Pattern {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DialPerRequest => "dial-per-request",
+            Self::FixedAgeRotation => "fixed-age-rotation",
+            Self::IdleCloseByPeer => "idle-close-by-peer",
+            Self::CloseWaitStuck => "close-wait-stuck",
+            Self::HandshakeFailureLoop => "handshake-failure-loop",
+            Self::BlackHole => "black-hole",
+            Self::ResetAfterIdle => "reset-after-idle",
+            Self::ProxyUpstreamChurn => "proxy-upstream-churn",
+            Self::TimeWaitPileup => "time-wait-pileup",
+            Self::RstStorm => "rst-storm",
+        }
+    }
+
+    fn remedies(self) -> &'static [&'static str] {
+        match self {
+            Self::DialPerRequest => &[
+                "create one gRPC channel / HTTP client per target and share it across requests instead of one per call",
+                "HTTP/1.1 clients: enable keep-alive (a pooled client, no `Connection: close`)",
+                "check pool limits (max idle connections per host) so connections are returned to the pool, not closed",
+            ],
+            Self::FixedAgeRotation => &[
+                "gRPC servers: keep MaxConnectionAge if you want rebalancing, but set MaxConnectionAgeGrace so in-flight RPCs finish",
+                "raise the maximum connection age (server, proxy or client pool) if the churn costs more than the rebalancing gains",
+                "proxies: align the upstream connection lifetime with the backend's limit",
+            ],
+            Self::IdleCloseByPeer => &[
+                "send HTTP/2 PINGs / gRPC keepalive more often than the peer's idle timeout",
+                "or close idle pooled connections on the client before the peer does (client idle timeout below the peer's)",
+                "or raise the peer's idle timeout (e.g. nginx keepalive_timeout, Envoy idle_timeout)",
+            ],
+            Self::CloseWaitStuck => &[
+                "make the application notice EOF/errors and close (or return to its pool) connections the peer closed",
+                "look for leaked sockets: file descriptors that are never closed",
+            ],
+            Self::HandshakeFailureLoop => &[
+                "look at the peer's logs for the handshake error (TLS version/cipher/ALPN, certificates, SNI, h2c vs TLS)",
+                "check that client and server agree on TLS and HTTP/2 (a plaintext client to a TLS port closes right after connecting)",
+            ],
+            Self::BlackHole | Self::ResetAfterIdle => &[
+                "send HTTP/2 PINGs / gRPC keepalive (or TCP keepalive) more often than the middlebox's idle timeout",
+                "or raise the idle timeout of the NAT/firewall/load balancer (e.g. nf_conntrack_tcp_timeout_established)",
+                "or let clients close idle connections before the middlebox forgets them",
+            ],
+            Self::ProxyUpstreamChurn => &[
+                "enable upstream keep-alive in the proxy (nginx: `keepalive N` in the upstream and `proxy_http_version 1.1`, or grpc_pass with keepalive)",
+                "check whether cancelled requests make the proxy tear down the upstream connection",
+            ],
+            Self::TimeWaitPileup => &[
+                "reuse connections instead of closing them after each request",
+                "clients that must churn: net.ipv4.tcp_tw_reuse=1; avoid SO_LINGER 0 as a workaround (it turns closes into resets)",
+            ],
+            Self::RstStorm => &[
+                "find which side resets and why (reset reasons in the connection records)",
+                "check for SO_LINGER 0, closes with unread data, and middleboxes forging resets",
+            ],
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who is talking to whom: a process and either the peer it dials or the port it serves.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupKey {
+    pub tgid: u32,
+    pub netns: u32,
+    pub peer: Peer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    /// Connections this process opened to that address.
+    Remote(SocketAddr),
+    /// Connections this process accepted on that local port.
+    Listen(u16),
+    /// All of the process's connections (process-wide findings).
+    All,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Remote(a) => write!(f, "{a}"),
+            Self::Listen(p) => write!(f, "clients on port {p}"),
+            Self::All => f.write_str("all peers"),
+        }
+    }
+}
+
+/// A finding, as emitted: once when it fires, again when its evidence has doubled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub id: String,
+    pub pattern: Pattern,
+    /// "new" or "update".
+    pub status: &'static str,
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub comm: String,
+    pub netns: u32,
+    pub peer: Peer,
+    pub window_start_ns: u64,
+    pub window_end_ns: u64,
+    pub numbers: Map<String, Value>,
+    pub confidence: f64,
+    pub evidence: Vec<String>,
+    pub summary: String,
+    pub remedies: &'static [&'static str],
+}
+
+/// One closed (or still open) connection as the windows keep it.
+#[derive(Debug, Clone)]
+struct Conn {
+    id: SocketId,
+    f: Facts,
+    bytes_sent: u64,
+    bytes_received: u64,
+    retransmits: u32,
+    /// The peer's RST came while the connection was still established (not after its FIN).
+    reset_in_established: bool,
+}
+
+#[derive(Default)]
+struct Group {
+    comm: String,
+    /// Recent connections, by end time; older than the window are dropped, but the last
+    /// `AGE_HISTORY` stay for fixed-age detection (ages can exceed the window).
+    recent: VecDeque<Conn>,
+    /// Connection start times within the window (rate and replacement checks).
+    starts: VecDeque<u64>,
+    // Totals for the per-peer summary.
+    total: u64,
+    first_ns: u64,
+    last_ns: u64,
+    lifetimes: Option<Histogram<u64>>,
+    closers: BTreeMap<&'static str, u64>,
+    ends: BTreeMap<&'static str, u64>,
+    findings: BTreeSet<Pattern>,
+}
+
+const AGE_HISTORY: usize = 32;
+/// Connection ids listed as evidence, at most.
+const MAX_EVIDENCE: usize = 20;
+
+/// Per-process counters over the window (TIME_WAIT, resets).
+#[derive(Default)]
+struct Process {
+    comm: String,
+    netns: u32,
+    time_waits: VecDeque<(u64, SocketId)>,
+    resets: VecDeque<(u64, SocketId)>,
+    closes: VecDeque<u64>,
+}
+
+struct Emitted {
+    evidence: usize,
+}
+
+/// Per-peer totals at the end of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSummary {
+    pub tgid: u32,
+    pub comm: String,
+    pub netns: u32,
+    pub peer: Peer,
+    pub connections: u64,
+    pub rate_per_s: f64,
+    pub lifetime_p50_ns: u64,
+    pub lifetime_p99_ns: u64,
+    pub closers: BTreeMap<&'static str, u64>,
+    pub ends: BTreeMap<&'static str, u64>,
+    pub findings: Vec<&'static str>,
+}
+
+pub struct Detector {
+    cfg: DetectConfig,
+    groups: BTreeMap<GroupKey, Group>,
+    processes: BTreeMap<u32, Process>,
+    /// Sockets now in CLOSE_WAIT: entered at, group.
+    close_wait: BTreeMap<SocketId, (u64, GroupKey)>,
+    emitted: BTreeMap<(Pattern, GroupKey), Emitted>,
+    now: u64,
+}
+
+fn percentile(values: &[u64], q: f64) -> u64 {
+    let mut h = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+    for &v in values {
+        h.record(v).expect("auto-resizing histogram");
+    }
+    h.value_at_quantile(q)
+}
+
+fn ms(ns: u64) -> String {
+    if ns >= 10_000_000_000 {
+        format!("{:.0}s", ns as f64 / 1e9)
+    } else if ns >= 1_000_000_000 {
+        format!("{:.1}s", ns as f64 / 1e9)
+    } else {
+        format!("{:.1}ms", ns as f64 / 1e6)
+    }
+}
+
+fn clustered(values: &[u64], jitter: f64) -> Option<(u64, f64)> {
+    let med = percentile(values, 0.5);
+    if med == 0 {
+        return None;
+    }
+    let within = values
+        .iter()
+        .filter(|&&v| (v as f64 - med as f64).abs() <= jitter * med as f64)
+        .count();
+    let share = within as f64 / values.len() as f64;
+    (share >= 0.8).then_some((med, share))
+}
+
+fn group_key(ev: &Event) -> GroupKey {
+    let s = &ev.socket;
+    let peer = match Role::of(s) {
+        Role::Client => Peer::Remote(s.remote),
+        Role::Server => Peer::Listen(s.local.port()),
+        // Seen mid-life: an ephemeral remote port means we are the server.
+        Role::Unknown if s.remote.port() >= 32768 && s.local.port() < 32768 => {
+            Peer::Listen(s.local.port())
+        }
+        Role::Unknown => Peer::Remote(s.remote),
+    };
+    GroupKey {
+        tgid: s.owner.as_ref().map_or(0, |o| o.tgid),
+        netns: s.netns,
+        peer,
+    }
+}
+
+fn prune<T>(q: &mut VecDeque<T>, keep_from: u64, ts: impl Fn(&T) -> u64) {
+    while q.front().is_some_and(|x| ts(x) < keep_from) {
+        q.pop_front();
+    }
+}
+
+impl Detector {
+    pub fn new(cfg: DetectConfig) -> Self {
+        Self {
+            cfg,
+            groups: BTreeMap::new(),
+            processes: BTreeMap::new(),
+            close_wait: BTreeMap::new(),
+            emitted: BTreeMap::new(),
+            now: 0,
+        }
+    }
+
+    pub fn config(&self) -> &DetectConfig {
+        &self.cfg
+    }
+
+    /// The derived facts of a connection record (also written into the record itself).
+    pub fn facts_of(ev: &Event) -> Option<Facts> {
+        match &ev.body {
+            Body::Life(l) => Some(facts(&ev.socket, l, false, ev.ts_ns)),
+            Body::Open(l) => Some(facts(&ev.socket, l, true, ev.ts_ns)),
+            _ => None,
+        }
+    }
+
+    /// Time passes without events (the agent's `tick` records): CLOSE_WAIT can become stuck.
+    pub fn advance(&mut self, now: u64, out: &mut Vec<Finding>) {
+        self.now = self.now.max(now);
+        self.check_close_wait(out);
+    }
+
+    /// Whether anything waits for time to pass (sockets in CLOSE_WAIT).
+    pub fn wants_tick(&self) -> bool {
+        !self.close_wait.is_empty()
+    }
+
+    pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Finding>) {
+        // Time has passed up to this event: a socket may have become stuck before it closes.
+        self.advance(ev.ts_ns, out);
+        let key = group_key(ev);
+        let comm = ev
+            .socket
+            .owner
+            .as_ref()
+            .map(|o| o.comm.clone())
+            .unwrap_or_default();
+        match &ev.body {
+            Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
+                self.close_wait.insert(ev.socket.id, (ev.ts_ns, key));
+            }
+            Body::ResetSent { .. } | Body::ResetReceived { .. } => {
+                let p = self.process(&key, &comm);
+                p.resets.push_back((ev.ts_ns, ev.socket.id));
+                self.check_process(key.tgid, out);
+            }
+            Body::Life(l) | Body::Open(l) => {
+                let f = Self::facts_of(ev).expect("a life");
+                self.close_wait.remove(&ev.socket.id);
+                let conn = Conn {
+                    id: ev.socket.id,
+                    bytes_sent: l.bytes_sent,
+                    bytes_received: l.bytes_received,
+                    retransmits: l.retransmits,
+                    reset_in_established: l.reset_received_state
+                        == Some(h2trace_common::tcp_state::ESTABLISHED),
+                    f,
+                };
+                self.add(key, comm, conn, out);
+            }
+            _ => {}
+        }
+    }
+
+    fn process(&mut self, key: &GroupKey, comm: &str) -> &mut Process {
+        let p = self.processes.entry(key.tgid).or_default();
+        if p.comm.is_empty() {
+            p.comm = comm.to_string();
+            p.netns = key.netns;
+        }
+        p
+    }
+
+    fn add(&mut self, key: GroupKey, comm: String, c: Conn, out: &mut Vec<Finding>) {
+        let window_from = self.now.saturating_sub(self.cfg.window_ns);
+        {
+            let p = self.process(&key, &comm);
+            if c.f.time_wait {
+                p.time_waits.push_back((c.f.end_ns, c.id));
+            }
+            if c.f.end != EndKind::Open {
+                p.closes.push_back(c.f.end_ns);
+            }
+        }
+        let g = self.groups.entry(key.clone()).or_default();
+        if g.comm.is_empty() {
+            g.comm = comm;
+            g.first_ns = c.f.start_ns;
+        }
+        g.total += 1;
+        g.first_ns = g.first_ns.min(c.f.start_ns);
+        g.last_ns = g.last_ns.max(c.f.end_ns);
+        g.lifetimes
+            .get_or_insert_with(|| Histogram::new(3).expect("valid"))
+            .record(c.f.lifetime_ns.max(1))
+            .expect("auto-resizing histogram");
+        *g.closers.entry(c.f.fin_first.as_str()).or_default() += 1;
+        *g.ends.entry(c.f.end.as_str()).or_default() += 1;
+        // Starts arrive with their (later) close, so keep them sorted.
+        let pos = g.starts.partition_point(|&s| s <= c.f.start_ns);
+        g.starts.insert(pos, c.f.start_ns);
+        g.recent.push_back(c);
+        prune(
+            &mut g.starts,
+            window_from.min(self.now.saturating_sub(2 * self.cfg.reconnect_gap_ns)),
+            |s| *s,
+        );
+        while g.recent.len() > AGE_HISTORY
+            && g.recent.front().is_some_and(|c| c.f.end_ns < window_from)
+        {
+            g.recent.pop_front();
+        }
+        self.check_group(&key, out);
+        self.check_process(key.tgid, out);
+    }
+
+    fn emit(&mut self, pattern: Pattern, key: &GroupKey, mut f: Finding, out: &mut Vec<Finding>) {
+        let n = f.evidence.len().max(
+            f.numbers
+                .get("connections")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize,
+        );
+        let slot = (pattern, key.clone());
+        let status = match self.emitted.get(&slot) {
+            None => "new",
+            // Updated only when the evidence has doubled: the finding persists, not repeats.
+            Some(e) if n >= 2 * e.evidence.max(1) => "update",
+            Some(_) => return,
+        };
+        self.emitted.insert(slot, Emitted { evidence: n });
+        if let Some(g) = self.groups.get_mut(key) {
+            g.findings.insert(pattern);
+        }
+        f.status = status;
+        f.evidence.truncate(MAX_EVIDENCE);
+        out.push(f);
+    }
+
+    fn finding(
+        &self,
+        pattern: Pattern,
+        key: &GroupKey,
+        comm: &str,
+        from: u64,
+        numbers: Value,
+        confidence: f64,
+        evidence: Vec<String>,
+        summary: String,
+    ) -> Finding {
+        let id_src = format!("{pattern}|{}|{}|{}", key.tgid, key.netns, key.peer);
+        let digest = sha1::Digest::finalize(<sha1::Sha1 as sha1::Digest>::new_with_prefix(
+            id_src.as_bytes(),
+        ));
+        Finding {
+            id: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
+            pattern,
+            status: "new",
+            ts_ns: self.now,
+            tgid: key.tgid,
+            comm: comm.to_string(),
+            netns: key.netns,
+            peer: key.peer,
+            window_start_ns: from,
+            window_end_ns: self.now,
+            numbers: match numbers {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+            confidence: (confidence.clamp(0.0, 1.0) * 100.0).round() / 100.0,
+            evidence,
+            summary,
+            remedies: pattern.remedies(),
+        }
+    }
+
+    fn check_group(&mut self, key: &GroupKey, out: &mut Vec<Finding>) {
+        let cfg = self.cfg.clone();
+        let now = self.now;
+        let from = now.saturating_sub(cfg.window_ns);
+        let Some(g) = self.groups.get(key) else {
+            return;
+        };
+        let who = if key.tgid == 0 {
+            g.comm.clone()
+        } else {
+            format!("{} (pid {})", g.comm, key.tgid)
+        };
+        let window: Vec<&Conn> = g.recent.iter().filter(|c| c.f.end_ns >= from).collect();
+        let closed: Vec<&Conn> = window
+            .iter()
+            .copied()
+            .filter(|c| c.f.end != EndKind::Open)
+            .collect();
+        let mut found = Vec::new();
+        let ids = |cs: &[&Conn]| {
+            cs.iter()
+                .rev()
+                .map(|c| c.id.to_string())
+                .collect::<Vec<_>>()
+        };
+
+        // Dial per request: many short connections to one peer, each one exchange, closed by us.
+        if let (Peer::Remote(_), true) = (key.peer, closed.len() >= cfg.min_conns) {
+            let lifetimes: Vec<u64> = closed.iter().map(|c| c.f.lifetime_ns).collect();
+            let p50 = percentile(&lifetimes, 0.5);
+            let local = closed
+                .iter()
+                .filter(|c| {
+                    matches!(c.f.fin_first, FinFirst::Local)
+                        || matches!(c.f.end, EndKind::ResetSent | EndKind::LocalAbort)
+                })
+                .count() as f64
+                / closed.len() as f64;
+            let exchanged = closed
+                .iter()
+                .filter(|c| c.bytes_sent > 0 && c.bytes_received > 0)
+                .count() as f64
+                / closed.len() as f64;
+            if p50 <= cfg.short_lifetime_ns && local >= 0.6 && exchanged >= 0.8 {
+                let span = (now - closed.iter().map(|c| c.f.start_ns).min().unwrap_or(now)).max(1);
+                let rate = closed.len() as f64 / (span as f64 / 1e9);
+                let sent = percentile(
+                    &closed.iter().map(|c| c.bytes_sent).collect::<Vec<_>>(),
+                    0.5,
+                );
+                let recv = percentile(
+                    &closed.iter().map(|c| c.bytes_received).collect::<Vec<_>>(),
+                    0.5,
+                );
+                let numbers = json!({
+                    "connections": closed.len(), "rate_per_s": (rate * 10.0).round() / 10.0,
+                    "lifetime_p50_ns": p50, "lifetime_p90_ns": percentile(&lifetimes, 0.9), "lifetime_p99_ns": percentile(&lifetimes, 0.99),
+                    "bytes_sent_p50": sent, "bytes_received_p50": recv, "closed_by_local_share": (local * 100.0).round() / 100.0,
+                });
+                let summary = format!(
+                    "{who} opens a new connection to {} for every request: {} connections in {} ({rate:.1}/s), each living {} and carrying one exchange (~{sent} B out, ~{recv} B in), closed by the client. HTTP/1.1 without keep-alive looks the same.",
+                    key.peer,
+                    closed.len(),
+                    ms(span),
+                    ms(p50)
+                );
+                let conf = (closed.len() as f64 / (2 * cfg.min_conns) as f64).min(1.0) * local;
+                found.push((
+                    Pattern::DialPerRequest,
+                    self.finding(
+                        Pattern::DialPerRequest,
+                        key,
+                        &g.comm,
+                        from,
+                        numbers,
+                        conf,
+                        ids(&closed),
+                        summary,
+                    ),
+                ));
+            }
+        }
+
+        // Fixed-age rotation: lifetimes cluster at one age and each close is followed (or
+        // preceded, with GOAWAY) by a replacement within milliseconds.
+        let aged: Vec<&Conn> = g
+            .recent
+            .iter()
+            .filter(|c| c.f.end != EndKind::Open && c.f.established_ns.is_some())
+            .collect();
+        if aged.len() >= cfg.min_age_samples {
+            let ages: Vec<u64> = aged
+                .iter()
+                .map(|c| {
+                    c.f.close_start_ns
+                        .unwrap_or(c.f.end_ns)
+                        .saturating_sub(c.f.established_ns.unwrap_or(c.f.start_ns))
+                })
+                .collect();
+            if let Some((age, share)) = clustered(&ages, cfg.age_jitter) {
+                let replaced = aged
+                    .iter()
+                    .filter(|c| {
+                        let close = c.f.close_start_ns.unwrap_or(c.f.end_ns);
+                        g.starts.iter().any(|&s| {
+                            s != c.f.start_ns
+                                && s + cfg.reconnect_gap_ns >= close
+                                && s <= close + cfg.reconnect_gap_ns
+                        })
+                    })
+                    .count() as f64
+                    / aged.len() as f64;
+                if age >= 2 * cfg.reconnect_gap_ns.min(250_000_000)
+                    && age > cfg.short_lifetime_ns / 2
+                    && replaced >= 0.75
+                {
+                    let spread = percentile(&ages, 0.9).saturating_sub(percentile(&ages, 0.1));
+                    let numbers = json!({
+                        "connections": aged.len(), "age_p50_ns": age, "age_p10_ns": percentile(&ages, 0.1), "age_p90_ns": percentile(&ages, 0.9),
+                        "replaced_share": (replaced * 100.0).round() / 100.0,
+                    });
+                    let summary = format!(
+                        "Connections between {who} and {} are closed at a fixed age of {} (spread {}) and replaced at once: a maximum connection age (gRPC MaxConnectionAge, a proxy or pool lifetime limit).",
+                        key.peer,
+                        ms(age),
+                        ms(spread)
+                    );
+                    found.push((
+                        Pattern::FixedAgeRotation,
+                        self.finding(
+                            Pattern::FixedAgeRotation,
+                            key,
+                            &g.comm,
+                            from,
+                            numbers,
+                            share * replaced,
+                            ids(&aged),
+                            summary,
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // Idle close by peer: the peer closes after a consistent idle period.
+        let by_peer: Vec<&Conn> = g
+            .recent
+            .iter()
+            .filter(|c| c.f.fin_first == FinFirst::Peer && c.f.idle_before_close_ns.is_some())
+            .collect();
+        if by_peer.len() >= cfg.min_idle_closes {
+            let idles: Vec<u64> = by_peer
+                .iter()
+                .filter_map(|c| c.f.idle_before_close_ns)
+                .collect();
+            if let Some((idle, share)) = clustered(&idles, cfg.age_jitter) {
+                if idle >= 100_000_000 {
+                    let cw: Vec<u64> = by_peer.iter().filter_map(|c| c.f.close_wait_ns).collect();
+                    let cw50 = if cw.is_empty() {
+                        0
+                    } else {
+                        percentile(&cw, 0.5)
+                    };
+                    let numbers = json!({
+                        "connections": by_peer.len(), "idle_before_close_p50_ns": idle,
+                        "close_wait_p50_ns": cw50, "close_wait_max_ns": cw.iter().max().copied().unwrap_or(0),
+                    });
+                    let summary = format!(
+                        "{} closes connections of {who} after {} of inactivity (its idle timeout); {who} then stayed {} in CLOSE_WAIT. The client keeps connections idle longer than the peer allows.",
+                        key.peer,
+                        ms(idle),
+                        ms(cw50)
+                    );
+                    found.push((
+                        Pattern::IdleCloseByPeer,
+                        self.finding(
+                            Pattern::IdleCloseByPeer,
+                            key,
+                            &g.comm,
+                            from,
+                            numbers,
+                            share,
+                            ids(&by_peer),
+                            summary,
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // Handshake-failure loop: connections that end right after establishment with little
+        // data, repeating with growing gaps (backoff) or closed by the peer.
+        let failed: Vec<&Conn> = window
+            .iter()
+            .copied()
+            .filter(|c| {
+                matches!(key.peer, Peer::Remote(_))
+                    && c.f.end != EndKind::Open
+                    && c.f.established_ns.is_some()
+                    && c.f.lifetime_ns <= cfg.handshake_ns
+                    && c.bytes_sent + c.bytes_received <= cfg.handshake_bytes
+            })
+            .collect();
+        if failed.len() >= cfg.min_handshake_failures {
+            let mut starts: Vec<u64> = failed.iter().map(|c| c.f.start_ns).collect();
+            starts.sort_unstable();
+            let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+            let growing = gaps
+                .windows(2)
+                .filter(|w| w[1] as f64 >= 1.2 * w[0] as f64)
+                .count() as f64
+                / (gaps.len().max(2) - 1) as f64;
+            let by_peer = failed
+                .iter()
+                .filter(|c| {
+                    matches!(c.f.fin_first, FinFirst::Peer) || c.f.end == EndKind::ResetReceived
+                })
+                .count() as f64
+                / failed.len() as f64;
+            // A rejection carries next to nothing back (a TLS alert, an HTTP/2 GOAWAY); a short
+            // request/response carries a response.
+            let rejected = failed.iter().filter(|c| c.bytes_received <= 128).count() as f64
+                / failed.len() as f64;
+            if growing >= 0.5 || by_peer >= 0.5 && rejected >= 0.5 {
+                let numbers = json!({
+                    "connections": failed.len(), "lifetime_p50_ns": percentile(&failed.iter().map(|c| c.f.lifetime_ns).collect::<Vec<_>>(), 0.5),
+                    "gaps_ns": gaps, "growing_gaps_share": (growing * 100.0).round() / 100.0, "closed_by_peer_share": (by_peer * 100.0).round() / 100.0,
+                });
+                let summary = format!(
+                    "{who} keeps connecting to {} and the connection ends within {} of being established with almost no data ({} times{}): a handshake (TLS/ALPN/HTTP/2 preface) that fails and is retried.",
+                    key.peer,
+                    ms(cfg.handshake_ns),
+                    failed.len(),
+                    if growing >= 0.5 {
+                        ", with growing gaps: backoff"
+                    } else {
+                        ""
+                    }
+                );
+                found.push((
+                    Pattern::HandshakeFailureLoop,
+                    self.finding(
+                        Pattern::HandshakeFailureLoop,
+                        key,
+                        &g.comm,
+                        from,
+                        numbers,
+                        growing.max(by_peer),
+                        ids(&failed),
+                        summary,
+                    ),
+                ));
+            }
+        }
+
+        // Black hole / reset after idle: silence, then retransmissions into nothing or a RST.
+        for (pattern, pick) in [
+            (
+                Pattern::BlackHole,
+                (|c: &Conn| {
+                    c.retransmits >= 2
+                        && matches!(
+                            c.f.end,
+                            EndKind::Timeout | EndKind::Open | EndKind::ResetReceived
+                        )
+                }) as fn(&Conn) -> bool,
+            ),
+            (Pattern::ResetAfterIdle, |c: &Conn| {
+                c.f.end == EndKind::ResetReceived && c.reset_in_established && c.retransmits < 2
+            }),
+        ] {
+            let hit: Vec<&Conn> = window
+                .iter()
+                .copied()
+                .filter(|c| pick(c) && c.f.silent_gap_ns.is_some_and(|gap| gap >= cfg.idle_gap_ns))
+                .collect();
+            if let Some(last) = hit.last() {
+                let gap = last.f.silent_gap_ns.unwrap_or(0);
+                let numbers = json!({
+                    "connections": hit.len(), "idle_gap_ns": gap, "retransmits": last.retransmits,
+                    "ended": last.f.end.as_str(),
+                });
+                let summary = match pattern {
+                    Pattern::BlackHole => format!(
+                        "After {} idle, a connection of {who} to {} went into a black hole: {} retransmissions with no answer. A NAT, firewall or load balancer forgot the idle connection.",
+                        ms(gap),
+                        key.peer,
+                        last.retransmits
+                    ),
+                    _ => format!(
+                        "After {} idle, a connection of {who} to {} was reset at its first packet: the peer or a middlebox no longer knew it.",
+                        ms(gap),
+                        key.peer
+                    ),
+                };
+                found.push((
+                    pattern,
+                    self.finding(
+                        pattern,
+                        key,
+                        &g.comm,
+                        from,
+                        numbers,
+                        0.8,
+                        ids(&hit),
+                        summary,
+                    ),
+                ));
+            }
+        }
+
+        for (p, f) in found {
+            self.emit(p, key, f, out);
+        }
+        self.check_proxy(key.tgid, out);
+    }
+
+    /// A process that accepts long-lived connections while dialing a new short upstream
+    /// connection per request.
+    fn check_proxy(&mut self, tgid: u32, out: &mut Vec<Finding>) {
+        if tgid == 0 {
+            return;
+        }
+        let upstream = self
+            .emitted
+            .keys()
+            .find(|(p, k)| *p == Pattern::DialPerRequest && k.tgid == tgid)
+            .map(|(_, k)| k.clone());
+        let Some(up) = upstream else { return };
+        let Some(ug) = self.groups.get(&up) else {
+            return;
+        };
+        let up_p50 = ug
+            .lifetimes
+            .as_ref()
+            .map_or(0, |h| h.value_at_quantile(0.5));
+        let down = self.groups.iter().find(|(k, g)| {
+            k.tgid == tgid
+                && matches!(k.peer, Peer::Listen(_))
+                && g.lifetimes
+                    .as_ref()
+                    .is_some_and(|h| h.max() >= 10 * up_p50.max(1))
+                && ug.total >= 2 * g.total
+        });
+        let Some((dk, dg)) = down else {
+            return;
+        };
+        let numbers = json!({
+            "connections": ug.total, "upstream_lifetime_p50_ns": up_p50, "downstream_connections": dg.total,
+            "downstream_lifetime_max_ns": dg.lifetimes.as_ref().map_or(0, |h| h.max()),
+        });
+        let summary = format!(
+            "{} (pid {tgid}) keeps its clients' connections ({}) open but opens a new upstream connection to {} per request ({} upstream connections living {} each): a proxy without upstream keep-alive.",
+            ug.comm,
+            dk.peer,
+            up.peer,
+            ug.total,
+            ms(up_p50)
+        );
+        let from = self.now.saturating_sub(self.cfg.window_ns);
+        let evidence = ug.recent.iter().rev().map(|c| c.id.to_string()).collect();
+        let f = self.finding(
+            Pattern::ProxyUpstreamChurn,
+            &up,
+            &ug.comm,
+            from,
+            numbers,
+            0.8,
+            evidence,
+            summary,
+        );
+        self.emit(Pattern::ProxyUpstreamChurn, &up, f, out);
+    }
+
+    fn check_process(&mut self, tgid: u32, out: &mut Vec<Finding>) {
+        let from = self.now.saturating_sub(self.cfg.window_ns);
+        let Some(p) = self.processes.get_mut(&tgid) else {
+            return;
+        };
+        prune(&mut p.time_waits, from, |x| x.0);
+        prune(&mut p.resets, from, |x| x.0);
+        prune(&mut p.closes, from, |x| *x);
+        let (tw, rst, closes) = (p.time_waits.len(), p.resets.len(), p.closes.len());
+        let comm = p.comm.clone();
+        let netns = p.netns;
+        let tw_ids: Vec<String> = p.time_waits.iter().rev().map(|x| x.1.to_string()).collect();
+        let rst_ids: Vec<String> = p.resets.iter().rev().map(|x| x.1.to_string()).collect();
+        let key = GroupKey {
+            tgid,
+            netns,
+            peer: Peer::All,
+        };
+        let who = format!("{comm} (pid {tgid})");
+        let w = ms(self.cfg.window_ns);
+        if tw >= self.cfg.time_wait_pileup {
+            let summary = format!(
+                "{who} closed {tw} connections first within {w}, each leaving a TIME_WAIT socket behind: connections are not being reused."
+            );
+            let f = self.finding(
+                Pattern::TimeWaitPileup,
+                &key,
+                &comm,
+                from,
+                json!({"connections": tw, "time_wait": tw}),
+                0.9,
+                tw_ids,
+                summary,
+            );
+            self.emit(Pattern::TimeWaitPileup, &key, f, out);
+        }
+        if rst >= self.cfg.rst_storm && rst * 2 >= closes {
+            let summary = format!(
+                "{who} saw {rst} resets within {w} ({closes} connections closed): connections end in RSTs, not FINs."
+            );
+            let f = self.finding(
+                Pattern::RstStorm,
+                &key,
+                &comm,
+                from,
+                json!({"connections": rst, "resets": rst, "closes": closes}),
+                0.9,
+                rst_ids,
+                summary,
+            );
+            self.emit(Pattern::RstStorm, &key, f, out);
+        }
+    }
+
+    fn check_close_wait(&mut self, out: &mut Vec<Finding>) {
+        let limit = self.cfg.close_wait_stuck_ns;
+        let now = self.now;
+        let stuck: BTreeMap<GroupKey, Vec<(SocketId, u64)>> = self
+            .close_wait
+            .iter()
+            .filter(|(_, (t, _))| now.saturating_sub(*t) > limit)
+            .fold(BTreeMap::new(), |mut m, (id, (t, k))| {
+                m.entry(k.clone()).or_default().push((*id, now - t));
+                m
+            });
+        for (key, socks) in stuck {
+            let longest = socks.iter().map(|s| s.1).max().unwrap_or(0);
+            let comm = self
+                .groups
+                .get(&key)
+                .map(|g| g.comm.clone())
+                .unwrap_or_default();
+            let who = if key.tgid == 0 {
+                "a process".to_string()
+            } else {
+                format!("{comm} (pid {})", key.tgid)
+            };
+            let summary = format!(
+                "{} connection(s) of {who} with {} were closed by the peer {} ago and are still in CLOSE_WAIT: the application has not noticed the close, or leaks the sockets.",
+                socks.len(),
+                key.peer,
+                ms(longest)
+            );
+            let numbers = json!({"connections": socks.len(), "close_wait_longest_ns": longest});
+            let ids = socks.iter().map(|s| s.0.to_string()).collect();
+            let f = self.finding(
+                Pattern::CloseWaitStuck,
+                &key,
+                &comm,
+                now.saturating_sub(longest),
+                numbers,
+                0.9,
+                ids,
+                summary,
+            );
+            self.emit(Pattern::CloseWaitStuck, &key, f, out);
+        }
+    }
+
+    /// End of the stream at kernel time `end_ns`: last checks, then the per-peer table.
+    pub fn finish(&mut self, end_ns: u64, out: &mut Vec<Finding>) -> Vec<PeerSummary> {
+        self.now = self.now.max(end_ns);
+        self.check_close_wait(out);
+        self.groups
+            .iter()
+            .map(|(k, g)| {
+                let span = g.last_ns.saturating_sub(g.first_ns).max(1);
+                PeerSummary {
+                    tgid: k.tgid,
+                    comm: g.comm.clone(),
+                    netns: k.netns,
+                    peer: k.peer,
+                    connections: g.total,
+                    rate_per_s: ((g.total as f64 / (span as f64 / 1e9)) * 10.0).round() / 10.0,
+                    lifetime_p50_ns: g.lifetimes.as_ref().map_or(0, |h| h.value_at_quantile(0.5)),
+                    lifetime_p99_ns: g
+                        .lifetimes
+                        .as_ref()
+                        .map_or(0, |h| h.value_at_quantile(0.99)),
+                    closers: g.closers.clone(),
+                    ends: g.ends.clone(),
+                    findings: g.findings.iter().map(|p| p.as_str()).collect(),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,119 @@
+//! What live runs and replays share: filter → detect → sink, in event order.
+use std::io;
+
+use crate::{
+    detect::{DetectConfig, Detector, Finding},
+    event::{Body, Event},
+    filter::{Filter, Selector},
+    output::{Notice, Sink, Summary},
+};
+
+pub struct Pipeline {
+    selector: Selector,
+    detector: Detector,
+    sink: Box<dyn Sink>,
+    findings: Vec<Finding>,
+    pub summary: Summary,
+    /// First write error; a closed pipe ends the run quietly.
+    pub write_error: Option<io::Error>,
+}
+
+impl Pipeline {
+    pub fn new(filter: Filter, detect: DetectConfig, sink: Box<dyn Sink>) -> Self {
+        Self {
+            selector: Selector::new(filter),
+            detector: Detector::new(detect),
+            sink,
+            findings: Vec::new(),
+            summary: Summary::default(),
+            write_error: None,
+        }
+    }
+
+    fn write(&mut self, f: impl FnOnce(&mut dyn Sink) -> io::Result<()>) {
+        if self.write_error.is_none() {
+            if let Err(e) = f(self.sink.as_mut()) {
+                self.write_error = Some(e);
+            }
+        }
+    }
+
+    /// One event, in kernel-time order.
+    pub fn deliver(&mut self, ev: Event) {
+        let mut selected = Vec::new();
+        self.selector.offer(ev, &mut |e| selected.push(e));
+        self.summary.losses.filter_overflow = self.selector.overflowed;
+        for ev in selected {
+            let s = &mut self.summary;
+            match &ev.body {
+                Body::Life(_) => s.connections += 1,
+                Body::Open(_) => {}
+                Body::ResetSent { .. } => s.resets_sent += 1,
+                Body::ResetReceived { .. } => s.resets_received += 1,
+                Body::Retransmit { .. } => s.retransmits += 1,
+                Body::State { .. } => {}
+            }
+            if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
+                s.events += 1;
+            }
+            self.write(|sink| sink.event(&ev));
+            self.detector.on_event(&ev, &mut self.findings);
+            self.drain_findings();
+        }
+    }
+
+    fn drain_findings(&mut self) {
+        let found = std::mem::take(&mut self.findings);
+        self.summary.findings += found.len() as u64;
+        for f in &found {
+            self.write(|sink| sink.finding(f));
+        }
+    }
+
+    /// Kernel time has reached `ktime_ns` without events. Written to the stream (so replay
+    /// sees the same passage of time) only when the detector waits for time to pass.
+    pub fn tick(&mut self, ktime_ns: u64) {
+        if self.detector.wants_tick() {
+            self.tick_recorded(ktime_ns);
+        }
+    }
+
+    /// A tick that is written (live) or was written (replay) to the stream.
+    pub fn tick_recorded(&mut self, ktime_ns: u64) {
+        self.write(|sink| sink.notice(&Notice::Tick { ktime_ns }));
+        self.detector.advance(ktime_ns, &mut self.findings);
+        self.drain_findings();
+    }
+
+    pub fn notice(&mut self, n: &Notice<'_>) {
+        self.write(|sink| sink.notice(n));
+    }
+
+    /// The stream ended at kernel time `end_ns`: last findings and the per-peer table.
+    pub fn finish(&mut self, end_ns: u64) {
+        let peers = self.detector.finish(end_ns, &mut self.findings);
+        self.drain_findings();
+        self.write(|sink| sink.peers(end_ns, &peers));
+    }
+
+    pub fn set_clock(&mut self, clock: crate::output::Clock) {
+        self.sink.set_clock(clock);
+    }
+
+    pub fn set_reset_reasons(&mut self, names: std::collections::BTreeMap<u32, String>) {
+        self.sink.set_reset_reasons(names);
+    }
+
+    /// Decide with these thresholds (replay: the recorded ones). Before any event only.
+    pub fn set_detect(&mut self, cfg: DetectConfig) {
+        self.detector = Detector::new(cfg);
+    }
+
+    pub fn detect_config(&self) -> &DetectConfig {
+        self.detector.config()
+    }
+
+    pub fn flush(&mut self) {
+        self.write(|sink| sink.flush());
+    }
+}
