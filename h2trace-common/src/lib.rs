@@ -172,8 +172,11 @@ pub struct SockLife {
     pub rst_recv_state: u8,
     pub _pad2: [u8; 3],
     pub last_retrans_ns: u64,
+    /// The last send or receive before the connection left ESTABLISHED (0: none), so that
+    /// the idle time before the close survives later I/O (e.g. a write after the peer's FIN).
+    pub active_before_close_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<SockLife>() == 280);
+const _: () = assert!(core::mem::size_of::<SockLife>() == 288);
 
 /// All-zero values for the kernel's statics and scratch buffers.
 macro_rules! zeroed {
@@ -195,7 +198,7 @@ pub struct LifeRecord {
     pub hdr: Header,
     pub life: SockLife,
 }
-const _: () = assert!(core::mem::size_of::<LifeRecord>() == 296);
+const _: () = assert!(core::mem::size_of::<LifeRecord>() == 304);
 
 /// [`kind::STATE`], [`kind::RESET_SENT`], [`kind::RESET_RECEIVED`], [`kind::RETRANSMIT`]:
 /// something that must be seen while it happens.

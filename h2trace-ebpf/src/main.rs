@@ -325,6 +325,9 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         count(counter::TRANSITIONS_TRUNCATED);
     }
     life.n_trans = life.n_trans.saturating_add(1);
+    if old == tcp_state::ESTABLISHED {
+        life.active_before_close_ns = life.last_send_ns.max(life.last_recv_ns);
+    }
 
     // Only these transitions run in the owner's process context (connect(), close(),
     // shutdown()); the others run in softirq on whatever task was on the CPU.

@@ -114,7 +114,7 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         .zip(l.transitions.iter())
         .find(|(from, _)| *from == ESTABLISHED)
         .map(|(_, t)| t.ts_ns);
-    let last_activity = [l.last_send_ns, l.last_recv_ns, established_ns]
+    let last_activity = [l.active_before_close_ns, established_ns]
         .into_iter()
         .flatten()
         .max();
@@ -224,6 +224,7 @@ mod tests {
         );
         l.last_send_ns = Some(3_000);
         l.last_recv_ns = Some(4_000);
+        l.active_before_close_ns = Some(4_000);
         let f = facts(&sock(Origin::Active), &l, false, 20_000);
         assert_eq!(f.role, Role::Client);
         assert_eq!(f.end, EndKind::Fin);

@@ -141,6 +141,8 @@ pub struct Life {
     pub reset_received_state: Option<u8>,
     pub retransmits: u32,
     pub last_retransmit_ns: Option<u64>,
+    /// The last send or receive before the connection left ESTABLISHED.
+    pub active_before_close_ns: Option<u64>,
 }
 
 /// Which side sent the first FIN, read off the state sequence.
@@ -324,6 +326,7 @@ fn life(l: &SockLife) -> Life {
         reset_received_state: (l.rst_recv > 0).then_some(l.rst_recv_state),
         retransmits: l.retrans,
         last_retransmit_ns: nonzero(l.last_retrans_ns),
+        active_before_close_ns: nonzero(l.active_before_close_ns),
     }
 }
 

@@ -309,6 +309,8 @@ struct Connection<'a> {
     retransmits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_retransmit_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active_before_close_ns: Option<u64>,
     /// Derived (recomputed by replay, ignored on input).
     analysis: Analysis,
 }
@@ -415,6 +417,7 @@ impl<W: Write> Ndjson<W> {
                     reset_received_state: l.reset_received_state.map(state_name),
                     retransmits: l.retransmits,
                     last_retransmit_ns: l.last_retransmit_ns,
+                    active_before_close_ns: l.active_before_close_ns,
                     analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
@@ -922,6 +925,7 @@ pub(crate) mod tests {
                 reset_received_state: None,
                 retransmits: 0,
                 last_retransmit_ns: None,
+                active_before_close_ns: None,
             })),
         }
     }

@@ -306,6 +306,7 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         },
         retransmits: count("retransmits")? as u32,
         last_retransmit_ns: opt_u64(c, &["last_retransmit_ns"]),
+        active_before_close_ns: opt_u64(c, &["active_before_close_ns"]),
     })
 }
 
@@ -500,6 +501,7 @@ mod tests {
                         reset_received_state: rstate,
                         retransmits: retr,
                         last_retransmit_ns: lrt.map(|v| v >> 1),
+                        active_before_close_ns: lrt.map(|v| v >> 2),
                     }
                 },
             )

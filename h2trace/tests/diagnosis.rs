@@ -11,10 +11,12 @@ use serde_json::Value;
 
 /// Trace `scenario` with `args`; returns the records after checking the schema and that the
 /// replay of the recording is identical.
-fn traced(tag: &str, args: &[&str], scenario: impl FnOnce()) -> Vec<Value> {
+/// The scenario returns the processes that must outlive the trace (still-open connections).
+fn traced(tag: &str, args: &[&str], scenario: impl FnOnce() -> Vec<KillOnDrop>) -> Vec<Value> {
     let tracer = Tracer::start(tag, args);
-    scenario();
+    let alive = scenario();
     let (recs, _dir, path) = tracer.stop_keep();
+    drop(alive);
     validate_all(&recs);
     assert_replay_identical(&path);
     keep_fixture(&path, tag);
@@ -81,7 +83,7 @@ fn healthy_reuse_has_no_finding() {
     let addr = format!("{}:8080", net.server_v4);
     let mut client_pid = 0;
     let recs = traced("healthy-reuse", &[], || {
-        let _server = net.server(
+        let server = net.server(
             &addr,
             &[
                 "--requests",
@@ -93,7 +95,7 @@ fn healthy_reuse_has_no_finding() {
             ],
         );
         // One connection, 40 requests over 2 s, still open when tracing stops.
-        let mut client = net.spawn_client(
+        let client = net.spawn_client(
             &addr,
             &[
                 "--requests",
@@ -106,7 +108,7 @@ fn healthy_reuse_has_no_finding() {
         );
         client_pid = client.0.id();
         std::thread::sleep(Duration::from_millis(2500));
-        let _ = client.0.try_wait();
+        vec![server, client]
     });
     assert!(
         recs.iter().all(|r| action(r) != "finding"),
@@ -135,6 +137,7 @@ fn dial_per_request_and_time_wait_pileup() {
                 .unwrap()
                 .success()
         );
+        vec![]
     });
     let f = the_finding(&recs, "dial-per-request", client_pid);
     assert_eq!(f["destination"]["ip"].as_str().unwrap(), net.server_v4);
@@ -197,6 +200,7 @@ fn fixed_age_rotation() {
                 .unwrap()
                 .success()
         );
+        vec![]
     });
     let f = the_finding(&recs, "fixed-age-rotation", client_pid);
     let age = number(f, "age_p50_ns");
@@ -247,6 +251,7 @@ fn idle_close_by_peer() {
                 .unwrap()
                 .success()
         );
+        vec![]
     });
     let f = the_finding(&recs, "idle-close-by-peer", client_pid);
     let idle = number(f, "idle_before_close_p50_ns");
@@ -271,12 +276,12 @@ fn close_wait_stuck() {
     let addr = format!("{}:8080", net.server_v4);
     let mut client_pid = 0;
     let recs = traced("close-wait-stuck", &["--close-wait-stuck", "1s"], || {
-        let _server = net.server(&addr, &["--then", "close"]);
+        let server = net.server(&addr, &["--then", "close"]);
         // The client never notices the server's close while h2trace runs.
-        let mut client = net.spawn_client(&addr, &["--then", "hold:30000"]);
+        let client = net.spawn_client(&addr, &["--then", "hold:30000"]);
         client_pid = client.0.id();
         std::thread::sleep(Duration::from_millis(3500));
-        let _ = client.0.try_wait();
+        vec![server, client]
     });
     let f = the_finding(&recs, "close-wait-stuck", client_pid);
     assert_eq!(number(f, "connections"), 1);
@@ -318,6 +323,7 @@ fn handshake_failure_loop() {
                 .unwrap()
                 .success()
         );
+        vec![]
     });
     let f = the_finding(&recs, "handshake-failure-loop", client_pid);
     assert!(number(f, "connections") >= 3);
@@ -335,7 +341,7 @@ fn middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
     let addr = format!("{}:8080", net.server_v4);
     let mut client_pid = 0;
     let recs = traced(tag, &[], || {
-        let _server = net.server(
+        let server = net.server(
             &addr,
             &[
                 "--requests",
@@ -362,9 +368,10 @@ fn middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
         client_pid = client.0.id();
         std::thread::sleep(Duration::from_millis(500));
         net.router_nft(&format!(
-            "table inet h2t {{ chain forward_filter {{ type filter hook forward priority 0; tcp dport 8080 {verdict}; }} }}"
+            "table inet h2t {{\n chain forward_filter {{\n  type filter hook forward priority 0;\n  tcp dport 8080 {verdict}\n }}\n}}\n"
         ));
         wait_timeout(&mut client.0, Duration::from_secs(20)).expect("client timed out");
+        vec![server]
     });
     (recs, client_pid)
 }
@@ -433,6 +440,7 @@ fn proxy_upstream_churn() {
                 .unwrap()
                 .success()
         );
+        vec![]
     });
     let f = the_finding(&recs, "proxy-upstream-churn", proxy_pid);
     assert_eq!(number(f, "connections"), 30);
@@ -454,6 +462,7 @@ fn rst_storm() {
                 .unwrap()
                 .success()
         );
+        vec![]
     });
     let f = the_finding(&recs, "rst-storm", client_pid);
     assert!(number(f, "resets") >= 20);
