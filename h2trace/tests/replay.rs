@@ -1,0 +1,239 @@
+//! The diagnosis on recorded streams, without privileges: the fixtures were recorded by the
+//! kernel tests in tests/diagnosis.rs (`H2TRACE_RECORD_FIXTURES=DIR cargo test --test
+//! diagnosis`), from real TCP between namespaces. Also: replay's handling of bad input.
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use common::{action, findings, h2trace_bin};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.ndjson"))
+}
+
+fn replay_bytes(input: &[u8], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(h2trace_bin())
+        .args(["replay", "-f", "ndjson"])
+        .args(args)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn records(ndjson: &str) -> Vec<Value> {
+    ndjson
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (fixture, pattern that must be found, patterns that must not).
+const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
+    (
+        "healthy-reuse",
+        None,
+        &[
+            "dial-per-request",
+            "fixed-age-rotation",
+            "idle-close-by-peer",
+            "close-wait-stuck",
+        ],
+    ),
+    (
+        "dial-per-request",
+        Some("dial-per-request"),
+        &["fixed-age-rotation", "handshake-failure-loop"],
+    ),
+    (
+        "fixed-age-rotation",
+        Some("fixed-age-rotation"),
+        &["idle-close-by-peer", "dial-per-request"],
+    ),
+    (
+        "idle-close-by-peer",
+        Some("idle-close-by-peer"),
+        &["reset-after-idle", "black-hole"],
+    ),
+    ("close-wait-stuck", Some("close-wait-stuck"), &[]),
+    (
+        "handshake-failure-loop",
+        Some("handshake-failure-loop"),
+        &["dial-per-request"],
+    ),
+    ("blackhole", Some("black-hole"), &["reset-after-idle"]),
+    ("forgedrst", Some("reset-after-idle"), &["black-hole"]),
+    ("proxy-upstream-churn", Some("proxy-upstream-churn"), &[]),
+    ("rst-storm", Some("rst-storm"), &[]),
+];
+
+#[test]
+fn fixtures_replay_to_themselves_with_the_expected_findings() {
+    for (name, want, not) in EXPECTED {
+        let recorded = std::fs::read_to_string(fixture(name)).unwrap();
+        let (code, out, err) = replay_bytes(recorded.as_bytes(), &[]);
+        assert_eq!(code, Some(0), "{name}: {err}");
+        assert_eq!(out, recorded, "{name}: replay differs from the recording");
+        let recs = records(&out);
+        if let Some(p) = want {
+            assert!(!findings(&recs, p).is_empty(), "{name}: no {p}");
+        } else {
+            assert!(
+                recs.iter().all(|r| action(r) != "finding"),
+                "{name}: unexpected findings"
+            );
+        }
+        for p in *not {
+            assert!(findings(&recs, p).is_empty(), "{name}: unexpected {p}");
+        }
+    }
+}
+
+#[test]
+fn every_socket_life_ends_exactly_once_and_replay_is_idempotent() {
+    for (name, _, _) in EXPECTED {
+        let recorded = std::fs::read_to_string(fixture(name)).unwrap();
+        let mut ends: HashMap<String, usize> = HashMap::new();
+        for r in records(&recorded) {
+            if matches!(action(&r), "connection-closed" | "connection-open") {
+                *ends
+                    .entry(r["h2trace"]["socket"]["id"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+        assert!(
+            ends.values().all(|&n| n == 1),
+            "{name}: a socket life ended twice"
+        );
+        // Every live event belongs to a life that ends in the stream.
+        for r in records(&recorded) {
+            if let Some(id) = r["h2trace"]["socket"]["id"].as_str() {
+                assert!(ends.contains_key(id), "{name}: {id} never ends");
+            }
+        }
+        let (_, once, _) = replay_bytes(recorded.as_bytes(), &[]);
+        let (_, twice, _) = replay_bytes(once.as_bytes(), &[]);
+        assert_eq!(once, twice, "{name}: replay is not idempotent");
+    }
+}
+
+#[test]
+fn thresholds_given_to_replay_override_the_recorded_ones() {
+    let recorded = std::fs::read_to_string(fixture("dial-per-request")).unwrap();
+    let (code, out, _) = replay_bytes(
+        recorded.as_bytes(),
+        &["--min-conns", "1000", "--time-wait-pileup", "1000"],
+    );
+    assert_eq!(code, Some(0));
+    let recs = records(&out);
+    assert!(findings(&recs, "dial-per-request").is_empty());
+    assert_eq!(recs[0]["h2trace"]["detect"]["min_conns"], 1000);
+}
+
+#[test]
+fn malformed_lines_are_reported_by_number_and_skipped() {
+    let recorded = std::fs::read_to_string(fixture("idle-close-by-peer")).unwrap();
+    let lines: Vec<&str> = recorded.lines().collect();
+    let mut input = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        input.extend_from_slice(l.as_bytes());
+        input.push(b'\n');
+        match i {
+            1 => input.extend_from_slice(b"{\"truncated\": \n"),
+            2 => input.extend_from_slice(b"\xff\xfe not utf-8\n"),
+            3 => input.extend_from_slice(&[b'x'; 2 << 20]), // a 2 MiB line
+            _ => {}
+        }
+        if i == 3 {
+            input.push(b'\n');
+        }
+        if i == 4 {
+            input.extend_from_slice(b"{\"schema\":\"h2trace/1\",\"event\":{\"action\":\"connection-closed\"},\"h2trace\":{\"ktime_ns\":1}}\n");
+        }
+    }
+    let (code, out, err) = replay_bytes(&input, &[]);
+    assert_eq!(
+        code,
+        Some(3),
+        "skipped lines must show in the exit status: {err}"
+    );
+    let errs: Vec<&str> = err.lines().collect();
+    assert!(
+        errs[0].starts_with("h2trace replay: line 3: not JSON"),
+        "{err}"
+    );
+    assert!(
+        errs[1].starts_with("h2trace replay: line 5: not UTF-8"),
+        "{err}"
+    );
+    assert!(
+        errs[2].starts_with("h2trace replay: line 7: longer than"),
+        "{err}"
+    );
+    assert!(
+        errs[3].starts_with("h2trace replay: line 9: missing or invalid field"),
+        "{err}"
+    );
+    assert!(err.contains("4 of"), "{err}");
+    // Nothing else was lost: the good lines replay to the recording.
+    assert_eq!(out, recorded);
+}
+
+#[test]
+fn missing_files_and_bad_thresholds_are_usage_errors() {
+    let o = Command::new(h2trace_bin())
+        .args(["replay", "/nonexistent/h2trace.ndjson"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/h2trace.ndjson"));
+    let (code, _, err) = replay_bytes(b"", &["--window", "soon"]);
+    assert_eq!(code, Some(2), "{err}");
+}
+
+#[test]
+fn text_replay_prints_findings_and_the_peer_table() {
+    let recorded = std::fs::read_to_string(fixture("dial-per-request")).unwrap();
+    let mut child = Command::new(h2trace_bin())
+        .args(["replay", "-f", "text", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(recorded.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("!! FINDING dial-per-request [new]"), "{text}");
+    assert!(
+        text.contains("Per peer:") && text.contains("LIFE p50"),
+        "{text}"
+    );
+    assert!(text.contains("Summary over"));
+}
