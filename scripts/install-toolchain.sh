@@ -29,8 +29,14 @@ apt_install() {
 	return 1
 }
 
-# nftables: the middlebox in the diagnosis tests (black hole, forged reset).
-apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 iproute2 nftables ca-certificates
+# nftables: the middlebox in the diagnosis tests (black hole, forged reset). nginx-light: a
+# real HTTP server and proxy for the end-to-end tests. Keep apt from starting nginx as a
+# service: the tests run their own instances inside private namespaces.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+	printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+	trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 iproute2 nftables nginx-light ca-certificates
 
 # tracefs: the tracepoint format files and the tracepoints themselves live there.
 if [ ! -e /sys/kernel/tracing/events ]; then
@@ -51,5 +57,17 @@ if ! linker_ok; then
 	LLVM_PREFIX=$prefix LLVM_SYS_221_PREFIX=$prefix cargo install bpf-linker --version 0.13.0 --locked \
 		--no-default-features --features llvm-22
 	linker_ok || { log "bpf-linker did not install"; exit 1; }
+fi
+# Real gRPC and HTTP peers for the end-to-end tests, from PyPI, in a venv of our own.
+venv=${XDG_CACHE_HOME:-$HOME/.cache}/h2trace/venv
+if ! "$venv/bin/python" -c 'import grpc, requests' 2>/dev/null; then
+	log "creating $venv with grpcio and requests"
+	python3 -m venv "$venv"
+	for i in 1 2 3; do
+		"$venv/bin/pip" install -q 'grpcio==1.*' 'requests==2.*' && break
+		log "pip failed (try $i), retrying"
+		sleep $((i * 5))
+	done
+	"$venv/bin/python" -c 'import grpc, requests' || { log "grpcio/requests did not install"; exit 1; }
 fi
 log "toolchain ready"

@@ -231,6 +231,8 @@ struct Group {
 }
 
 const AGE_HISTORY: usize = 32;
+/// Closed "right after use": at most this long after the last byte.
+const AFTER_USE_NS: u64 = 100_000_000;
 /// Connection ids listed as evidence, at most.
 const MAX_EVIDENCE: usize = 20;
 
@@ -557,7 +559,13 @@ impl Detector {
                 .filter(|c| c.bytes_sent > 0 && c.bytes_received > 0)
                 .count() as f64
                 / closed.len() as f64;
-            if p50 <= cfg.short_lifetime_ns && local >= 0.6 && exchanged >= 0.8 {
+            // Closed right after use, by either side (HTTP/1.0-style servers close first).
+            let after_use = closed
+                .iter()
+                .filter(|c| c.f.idle_before_close_ns.is_none_or(|i| i <= AFTER_USE_NS))
+                .count() as f64
+                / closed.len() as f64;
+            if p50 <= cfg.short_lifetime_ns && after_use >= 0.6 && exchanged >= 0.8 {
                 let span = (now - closed.iter().map(|c| c.f.start_ns).min().unwrap_or(now)).max(1);
                 let rate = closed.len() as f64 / (span as f64 / 1e9);
                 let sent = percentile(
@@ -574,13 +582,19 @@ impl Detector {
                     "bytes_sent_p50": sent, "bytes_received_p50": recv, "closed_by_local_share": (local * 100.0).round() / 100.0,
                 });
                 let summary = format!(
-                    "{who} opens a new connection to {} for every request: {} connections in {} ({rate:.1}/s), each living {} and carrying one exchange (~{sent} B out, ~{recv} B in), closed by the client. HTTP/1.1 without keep-alive looks the same.",
+                    "{who} opens a new connection to {} for every request: {} connections in {} ({rate:.1}/s), each living {} and carrying one exchange (~{sent} B out, ~{recv} B in), closed right after use ({}% by {}). HTTP/1.1 without keep-alive looks the same.",
                     key.peer,
                     closed.len(),
                     ms(span),
-                    ms(p50)
+                    ms(p50),
+                    ((if local >= 0.5 { local } else { 1.0 - local }) * 100.0).round(),
+                    if local >= 0.5 {
+                        "the client"
+                    } else {
+                        "the server"
+                    }
                 );
-                let conf = (closed.len() as f64 / (2 * cfg.min_conns) as f64).min(1.0) * local;
+                let conf = (closed.len() as f64 / (2 * cfg.min_conns) as f64).min(1.0) * after_use;
                 found.push((
                     Pattern::DialPerRequest,
                     self.finding(

@@ -50,6 +50,33 @@ fn records(ndjson: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The recorded kernel facts, without what the diagnosis derives from them (findings, the
+/// per-peer table, each connection's analysis): those change as the detectors improve; the
+/// facts must come back unchanged.
+fn facts(ndjson: &str) -> Vec<Value> {
+    records(ndjson)
+        .into_iter()
+        .filter(|r| !matches!(action(r), "finding" | "peer-summary"))
+        .map(|mut r| {
+            if let Some(c) = r["h2trace"]["connection"].as_object_mut() {
+                c.remove("analysis");
+            }
+            if let Some(s) = r["h2trace"]["summary"].as_object_mut() {
+                s.remove("findings");
+            }
+            r
+        })
+        .collect()
+}
+
+fn assert_same_facts(name: &str, recorded: &str, replayed: &str) {
+    let (a, b) = (facts(recorded), facts(replayed));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(x == y, "{name}: record {i} differs:\n{x}\n{y}");
+    }
+    assert_eq!(a.len(), b.len(), "{name}: record count");
+}
+
 /// (fixture, pattern that must be found, patterns that must not).
 const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
     (
@@ -95,7 +122,7 @@ fn fixtures_replay_to_themselves_with_the_expected_findings() {
         let recorded = std::fs::read_to_string(fixture(name)).unwrap();
         let (code, out, err) = replay_bytes(recorded.as_bytes(), &[]);
         assert_eq!(code, Some(0), "{name}: {err}");
-        assert_eq!(out, recorded, "{name}: replay differs from the recording");
+        assert_same_facts(name, &recorded, &out);
         let recs = records(&out);
         if let Some(p) = want {
             assert!(!findings(&recs, p).is_empty(), "{name}: no {p}");
@@ -198,7 +225,7 @@ fn malformed_lines_are_reported_by_number_and_skipped() {
     );
     assert!(err.contains("4 of"), "{err}");
     // Nothing else was lost: the good lines replay to the recording.
-    assert_eq!(out, recorded);
+    assert_same_facts("malformed", &recorded, &out);
 }
 
 #[test]
