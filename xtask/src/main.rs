@@ -45,6 +45,10 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--package", "h2trace", "--examples"]))?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace"]);
+            // setup installed the end-to-end peers: their absence is a failure, not a skip.
+            if is_root() {
+                cmd.env("H2TRACE_REQUIRE_E2E", "1");
+            }
             if no_kernel {
                 cmd.env("H2TRACE_SKIP_KERNEL_TESTS", "1");
             }

@@ -281,11 +281,19 @@ impl Drop for NetPair {
     }
 }
 
-/// A child process killed when the test ends, also when it fails.
+/// A child process stopped when the test ends, also when it fails: SIGTERM first (so that a
+/// server such as nginx takes its workers down with it), SIGKILL if it lingers.
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            if wait_timeout(&mut self.0, Duration::from_secs(3)).is_some() {
+                return;
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -1,0 +1,325 @@
+//! End to end with real peers nobody here wrote: grpcio (client and server) and nginx (server
+//! and proxy), driven by tests/e2e/peers.py with the libraries' own APIs, between private
+//! namespaces. h2trace must name the cause. Root only; serial. `scripts/install-toolchain.sh`
+//! installs the peers (nginx-light from apt, grpcio and requests from PyPI in a venv).
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+fn python() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    let py = cache.join("h2trace/venv/bin/python");
+    if py.exists() && PathBuf::from("/usr/sbin/nginx").exists() {
+        return Some(py);
+    }
+    // `cargo xtask test` installs the peers and sets this: there, missing peers are a failure.
+    assert!(
+        std::env::var_os("H2TRACE_REQUIRE_E2E").is_none(),
+        "end-to-end peers missing ({} or /usr/sbin/nginx): run scripts/install-toolchain.sh",
+        py.display()
+    );
+    eprintln!("skipped: end-to-end peers not installed (run scripts/install-toolchain.sh)");
+    None
+}
+
+fn peers_py() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/peers.py")
+}
+
+fn py_cmd(py: &PathBuf, ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(py)
+        .arg(peers_py())
+        .args(args);
+    c
+}
+
+/// Start a Python server in `ns`; returns once it printed `ready`.
+fn py_server(py: &PathBuf, ns: &str, args: &[&str]) -> KillOnDrop {
+    use std::io::BufRead;
+    let mut child = py_cmd(py, ns, args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let child = KillOnDrop(child);
+    assert_eq!(line.trim(), "ready", "{args:?} did not start");
+    child
+}
+
+/// Run a Python client in `ns` to completion; returns its pid.
+fn py_client(py: &PathBuf, ns: &str, args: &[&str]) -> u32 {
+    let mut c = KillOnDrop(py_cmd(py, ns, args).spawn().unwrap());
+    let pid = c.0.id();
+    let st = wait_timeout(&mut c.0, Duration::from_secs(60)).expect("client timed out");
+    assert!(st.success(), "{args:?} failed: {st}");
+    pid
+}
+
+/// nginx in the server namespace with three servers: :8081 with a 1 s keep-alive timeout,
+/// :8083 a backend, :8082 a proxy to it without upstream keep-alive (nginx's default).
+fn nginx(net: &NetPair, dir: &TempDir) -> KillOnDrop {
+    let ip = &net.server_v4;
+    let d = dir.0.display();
+    let conf = format!(
+        "worker_processes 1;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\nevents {{ worker_connections 256; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+         keepalive_timeout 1s;\n\
+         server {{ listen {ip}:8081; location / {{ return 200 \"ok\\n\"; }} }}\n\
+         server {{ listen {ip}:8083; keepalive_timeout 0; location / {{ return 200 \"backend\\n\"; }} }}\n\
+         server {{ listen {ip}:8082; keepalive_timeout 30s; location / {{ proxy_pass http://{ip}:8083; }} }}\n}}\n"
+    );
+    let path = dir.0.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.server,
+            "nginx",
+            "-g",
+            "daemon off;",
+            "-c",
+        ])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nginx");
+    let guard = KillOnDrop(child);
+    let start = Instant::now();
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &net.server, "ss", "-Hltn"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).matches(":808").count() >= 3 {
+            return guard;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nginx did not start: {}",
+            std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Trace `scenario`; check the schema and that the recording replays to itself.
+fn traced(tag: &str, scenario: impl FnOnce() -> Vec<KillOnDrop>) -> Vec<Value> {
+    let tracer = Tracer::start(tag, &[]);
+    let alive = scenario();
+    let (recs, _dir, path) = tracer.stop_keep();
+    drop(alive);
+    validate_all(&recs);
+    assert_replay_identical(&path);
+    keep_fixture(&path, tag);
+    recs
+}
+
+fn finding_for<'a>(
+    recs: &'a [Value],
+    pattern: &str,
+    pid: Option<u32>,
+    comm: Option<&str>,
+) -> &'a Value {
+    findings(recs, pattern)
+        .into_iter()
+        .find(|f| {
+            pid.is_none_or(|p| owner_pid(f) == Some(p as u64))
+                && comm.is_none_or(|c| f["process"]["name"] == c)
+        })
+        .unwrap_or_else(|| {
+            let all: Vec<String> = recs
+                .iter()
+                .filter(|r| action(r) == "finding")
+                .map(|r| {
+                    format!(
+                        "{} {} {}",
+                        r["rule"]["id"], r["process"]["pid"], r["message"]
+                    )
+                })
+                .collect();
+            panic!("no {pattern} for {pid:?}/{comm:?}; findings: {all:#?}")
+        })
+}
+
+#[test]
+fn grpc_channel_per_call_is_dial_per_request() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-dial", 81);
+    let target = format!("{}:50051", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-grpc-channel-per-call", || {
+        let server = py_server(&py, &net.server, &["grpc-server", &target]);
+        client = py_client(
+            &py,
+            &net.client,
+            &[
+                "grpc-client",
+                &target,
+                "--calls",
+                "25",
+                "--channel-per-call",
+            ],
+        );
+        vec![server]
+    });
+    let f = finding_for(&recs, "dial-per-request", Some(client), None);
+    assert_eq!(f["destination"]["port"], 50051);
+    assert!(
+        f["h2trace"]["finding"]["numbers"]["connections"]
+            .as_u64()
+            .unwrap()
+            >= 10
+    );
+}
+
+#[test]
+fn grpc_reusing_one_channel_has_no_finding() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-ok", 82);
+    let target = format!("{}:50051", net.server_v4);
+    let recs = traced("e2e-grpc-healthy", || {
+        let server = py_server(&py, &net.server, &["grpc-server", &target]);
+        py_client(
+            &py,
+            &net.client,
+            &[
+                "grpc-client",
+                &target,
+                "--calls",
+                "40",
+                "--interval-ms",
+                "50",
+            ],
+        );
+        vec![server]
+    });
+    let found: Vec<_> = recs
+        .iter()
+        .filter(|r| action(r) == "finding")
+        .map(|r| r["message"].clone())
+        .collect();
+    assert!(found.is_empty(), "{found:#?}");
+}
+
+#[test]
+fn grpc_max_connection_age_is_fixed_age_rotation() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-age", 83);
+    let target = format!("{}:50051", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-grpc-max-age", || {
+        let server = py_server(
+            &py,
+            &net.server,
+            &["grpc-server", &target, "--max-age-ms", "700"],
+        );
+        client = py_client(
+            &py,
+            &net.client,
+            &[
+                "grpc-client",
+                &target,
+                "--calls",
+                "90",
+                "--interval-ms",
+                "50",
+            ],
+        );
+        vec![server]
+    });
+    let f = finding_for(&recs, "fixed-age-rotation", Some(client), None);
+    let age = f["h2trace"]["finding"]["numbers"]["age_p50_ns"]
+        .as_u64()
+        .unwrap();
+    assert!((500_000_000..1_300_000_000).contains(&age), "age {age}");
+    assert!(findings(&recs, "dial-per-request").is_empty());
+}
+
+#[test]
+fn nginx_keepalive_timeout_is_idle_close_by_peer() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-nginx-idle", 84);
+    let dir = TempDir::new("e2e-nginx-idle");
+    let url = format!("http://{}:8081/", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-nginx-idle-timeout", || {
+        let nginx = nginx(&net, &dir);
+        // A pooled client (requests.Session) that pauses longer than nginx keeps idle connections.
+        client = py_client(
+            &py,
+            &net.client,
+            &[
+                "http-client",
+                &url,
+                "--requests",
+                "5",
+                "--pause-ms",
+                "1600",
+                "--session",
+            ],
+        );
+        vec![nginx]
+    });
+    let f = finding_for(&recs, "idle-close-by-peer", Some(client), None);
+    let idle = f["h2trace"]["finding"]["numbers"]["idle_before_close_p50_ns"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (800_000_000..1_400_000_000).contains(&idle),
+        "nginx's 1 s timeout, measured {idle}"
+    );
+}
+
+#[test]
+fn nginx_proxy_without_upstream_keepalive_is_upstream_churn() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-nginx-proxy", 85);
+    let dir = TempDir::new("e2e-nginx-proxy");
+    let url = format!("http://{}:8082/", net.server_v4);
+    let recs = traced("e2e-nginx-proxy", || {
+        let nginx = nginx(&net, &dir);
+        py_client(
+            &py,
+            &net.client,
+            &[
+                "http-client",
+                &url,
+                "--requests",
+                "25",
+                "--pause-ms",
+                "20",
+                "--session",
+            ],
+        );
+        vec![nginx]
+    });
+    let f = finding_for(&recs, "proxy-upstream-churn", None, Some("nginx"));
+    assert!(
+        f["h2trace"]["finding"]["numbers"]["connections"]
+            .as_u64()
+            .unwrap()
+            >= 20
+    );
+    let up = finding_for(&recs, "dial-per-request", None, Some("nginx"));
+    assert_eq!(up["destination"]["port"], 8083);
+}
