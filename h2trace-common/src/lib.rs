@@ -175,8 +175,12 @@ pub struct SockLife {
     /// The last send or receive before the connection left ESTABLISHED (0: none), so that
     /// the idle time before the close survives later I/O (e.g. a write after the peer's FIN).
     pub active_before_close_ns: u64,
+    /// The longest silence before a send that opened a new exchange (a send after the last
+    /// one had been answered), and when that send happened: the idle gap a middlebox saw.
+    pub longest_request_gap_ns: u64,
+    pub longest_request_gap_end_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<SockLife>() == 288);
+const _: () = assert!(core::mem::size_of::<SockLife>() == 304);
 
 /// All-zero values for the kernel's statics and scratch buffers.
 macro_rules! zeroed {
@@ -198,7 +202,7 @@ pub struct LifeRecord {
     pub hdr: Header,
     pub life: SockLife,
 }
-const _: () = assert!(core::mem::size_of::<LifeRecord>() == 304);
+const _: () = assert!(core::mem::size_of::<LifeRecord>() == 320);
 
 /// [`kind::STATE`], [`kind::RESET_SENT`], [`kind::RESET_RECEIVED`], [`kind::RETRANSMIT`]:
 /// something that must be seen while it happens.

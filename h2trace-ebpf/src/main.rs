@@ -591,6 +591,16 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     if ret > 0 {
         if send {
+            // A send after the previous one was answered opens a new exchange: remember the
+            // longest silence before one (what an idle-timeout middlebox measures).
+            if life.last_send_ns <= life.last_recv_ns {
+                let last = life.last_recv_ns.max(life.meta.start_ns);
+                let gap = now.saturating_sub(last);
+                if gap > life.longest_request_gap_ns {
+                    life.longest_request_gap_ns = gap;
+                    life.longest_request_gap_end_ns = now;
+                }
+            }
             life.bytes_sent += ret as u64;
             life.last_send_ns = now;
         } else {

@@ -159,11 +159,20 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         EndKind::Fin
     };
     let last_recv = [l.last_recv_ns, established_ns].into_iter().flatten().max();
-    let silent_gap_ns = match (kind, last_recv) {
-        (EndKind::ResetReceived, Some(r)) => l.first_reset_received_ns.map(|t| t.saturating_sub(r)),
-        (_, Some(r)) if l.retransmits > 0 => l.last_send_ns.map(|t| t.saturating_sub(r)),
+    // The silence before the trouble: the longest idle gap before a new request, if that
+    // request came before the reset or the retransmissions; else from the last byte received.
+    let trouble = match kind {
+        EndKind::ResetReceived => l.first_reset_received_ns,
+        _ if l.retransmits > 0 => l.last_retransmit_ns,
         _ => None,
     };
+    let silent_gap_ns = trouble.and_then(|t| match l.longest_request_gap {
+        Some((gap, end)) if end <= t => Some(gap),
+        _ => last_recv.map(|r| match kind {
+            EndKind::ResetReceived => t.saturating_sub(r),
+            _ => l.last_send_ns.unwrap_or(t).saturating_sub(r),
+        }),
+    });
     Facts {
         role: Role::of(s),
         start_ns,
@@ -305,7 +314,11 @@ mod tests {
         );
         l.retransmits = 8;
         l.last_recv_ns = Some(2_500);
-        l.last_send_ns = Some(12_500);
+        l.last_send_ns = Some(14_000);
+        l.last_retransmit_ns = Some(20_000);
+        // The request that went into the silence was sent at 12.5 µs, 10 µs after the last
+        // answer; later sends (at 14 µs) do not count.
+        l.longest_request_gap = Some((10_000, 12_500));
         let f = facts(&sock(Origin::Active), &l, false, 30_000);
         assert_eq!(f.end, EndKind::Timeout);
         assert_eq!(f.silent_gap_ns, Some(10_000));

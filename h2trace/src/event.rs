@@ -143,6 +143,8 @@ pub struct Life {
     pub last_retransmit_ns: Option<u64>,
     /// The last send or receive before the connection left ESTABLISHED.
     pub active_before_close_ns: Option<u64>,
+    /// The longest silence before a send that opened a new exchange, and when it ended.
+    pub longest_request_gap: Option<(u64, u64)>,
 }
 
 /// Which side sent the first FIN, read off the state sequence.
@@ -327,6 +329,8 @@ fn life(l: &SockLife) -> Life {
         retransmits: l.retrans,
         last_retransmit_ns: nonzero(l.last_retrans_ns),
         active_before_close_ns: nonzero(l.active_before_close_ns),
+        longest_request_gap: (l.longest_request_gap_end_ns != 0)
+            .then_some((l.longest_request_gap_ns, l.longest_request_gap_end_ns)),
     }
 }
 

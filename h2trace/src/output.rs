@@ -311,6 +311,10 @@ struct Connection<'a> {
     last_retransmit_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     active_before_close_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    longest_request_gap_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    longest_request_gap_end_ns: Option<u64>,
     /// Derived (recomputed by replay, ignored on input).
     analysis: Analysis,
 }
@@ -418,6 +422,8 @@ impl<W: Write> Ndjson<W> {
                     retransmits: l.retransmits,
                     last_retransmit_ns: l.last_retransmit_ns,
                     active_before_close_ns: l.active_before_close_ns,
+                    longest_request_gap_ns: l.longest_request_gap.map(|g| g.0),
+                    longest_request_gap_end_ns: l.longest_request_gap.map(|g| g.1),
                     analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
@@ -926,6 +932,7 @@ pub(crate) mod tests {
                 retransmits: 0,
                 last_retransmit_ns: None,
                 active_before_close_ns: None,
+                longest_request_gap: None,
             })),
         }
     }

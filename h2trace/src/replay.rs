@@ -307,6 +307,8 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         retransmits: count("retransmits")? as u32,
         last_retransmit_ns: opt_u64(c, &["last_retransmit_ns"]),
         active_before_close_ns: opt_u64(c, &["active_before_close_ns"]),
+        longest_request_gap: opt_u64(c, &["longest_request_gap_ns"])
+            .zip(opt_u64(c, &["longest_request_gap_end_ns"])),
     })
 }
 
@@ -502,6 +504,7 @@ mod tests {
                         retransmits: retr,
                         last_retransmit_ns: lrt.map(|v| v >> 1),
                         active_before_close_ns: lrt.map(|v| v >> 2),
+                        longest_request_gap: ls.zip(lr).map(|(a, b)| (a >> 3, b >> 3)),
                     }
                 },
             )

@@ -80,8 +80,12 @@ fn nginx(net: &NetPair, dir: &TempDir) -> KillOnDrop {
          keepalive_timeout 1s;\n\
          server {{ listen {ip}:8081; location / {{ return 200 \"ok\\n\"; }} }}\n\
          server {{ listen {ip}:8083; keepalive_timeout 0; location / {{ return 200 \"backend\\n\"; }} }}\n\
-         server {{ listen {ip}:8082; keepalive_timeout 30s; location / {{ proxy_pass http://{ip}:8083; }} }}\n}}\n"
+         server {{ listen {ip}:8082; keepalive_timeout 30s; location / {{ proxy_pass http://{ip}:8083; }} }}\n\
+         server {{ listen {ip}:8084; location / {{ root {d}/www; }} }}\n}}\n"
     );
+    // A large response for clients that give up on it.
+    std::fs::create_dir_all(dir.0.join("www")).unwrap();
+    std::fs::write(dir.0.join("www/big"), vec![b'x'; 1 << 20]).unwrap();
     let path = dir.0.join("nginx.conf");
     std::fs::write(&path, conf).unwrap();
     let child = Command::new("ip")
@@ -105,7 +109,7 @@ fn nginx(net: &NetPair, dir: &TempDir) -> KillOnDrop {
             .args(["netns", "exec", &net.server, "ss", "-Hltn"])
             .output()
             .unwrap();
-        if String::from_utf8_lossy(&out.stdout).matches(":808").count() >= 3 {
+        if String::from_utf8_lossy(&out.stdout).matches(":808").count() >= 4 {
             return guard;
         }
         assert!(
@@ -118,8 +122,8 @@ fn nginx(net: &NetPair, dir: &TempDir) -> KillOnDrop {
 }
 
 /// Trace `scenario`; check the schema and that the recording replays to itself.
-fn traced(tag: &str, scenario: impl FnOnce() -> Vec<KillOnDrop>) -> Vec<Value> {
-    let tracer = Tracer::start(tag, &[]);
+fn traced(tag: &str, args: &[&str], scenario: impl FnOnce() -> Vec<KillOnDrop>) -> Vec<Value> {
+    let tracer = Tracer::start(tag, args);
     let alive = scenario();
     let (recs, _dir, path) = tracer.stop_keep();
     drop(alive);
@@ -163,7 +167,7 @@ fn grpc_channel_per_call_is_dial_per_request() {
     let net = NetPair::new("e2e-grpc-dial", 81);
     let target = format!("{}:50051", net.server_v4);
     let mut client = 0;
-    let recs = traced("e2e-grpc-channel-per-call", || {
+    let recs = traced("e2e-grpc-channel-per-call", &[], || {
         let server = py_server(&py, &net.server, &["grpc-server", &target]);
         client = py_client(
             &py,
@@ -194,7 +198,7 @@ fn grpc_reusing_one_channel_has_no_finding() {
     let Some(py) = python() else { return };
     let net = NetPair::new("e2e-grpc-ok", 82);
     let target = format!("{}:50051", net.server_v4);
-    let recs = traced("e2e-grpc-healthy", || {
+    let recs = traced("e2e-grpc-healthy", &[], || {
         let server = py_server(&py, &net.server, &["grpc-server", &target]);
         py_client(
             &py,
@@ -225,7 +229,7 @@ fn grpc_max_connection_age_is_fixed_age_rotation() {
     let net = NetPair::new("e2e-grpc-age", 83);
     let target = format!("{}:50051", net.server_v4);
     let mut client = 0;
-    let recs = traced("e2e-grpc-max-age", || {
+    let recs = traced("e2e-grpc-max-age", &[], || {
         let server = py_server(
             &py,
             &net.server,
@@ -261,7 +265,7 @@ fn nginx_keepalive_timeout_is_idle_close_by_peer() {
     let dir = TempDir::new("e2e-nginx-idle");
     let url = format!("http://{}:8081/", net.server_v4);
     let mut client = 0;
-    let recs = traced("e2e-nginx-idle-timeout", || {
+    let recs = traced("e2e-nginx-idle-timeout", &[], || {
         let nginx = nginx(&net, &dir);
         // A pooled client (requests.Session) that pauses longer than nginx keeps idle connections.
         client = py_client(
@@ -296,7 +300,7 @@ fn nginx_proxy_without_upstream_keepalive_is_upstream_churn() {
     let net = NetPair::new("e2e-nginx-proxy", 85);
     let dir = TempDir::new("e2e-nginx-proxy");
     let url = format!("http://{}:8082/", net.server_v4);
-    let recs = traced("e2e-nginx-proxy", || {
+    let recs = traced("e2e-nginx-proxy", &[], || {
         let nginx = nginx(&net, &dir);
         py_client(
             &py,
@@ -322,4 +326,187 @@ fn nginx_proxy_without_upstream_keepalive_is_upstream_churn() {
     );
     let up = finding_for(&recs, "dial-per-request", None, Some("nginx"));
     assert_eq!(up["destination"]["port"], 8083);
+}
+
+#[test]
+fn grpc_tls_to_a_plaintext_server_is_a_handshake_failure_loop() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-tls", 86);
+    let target = format!("{}:50051", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-grpc-tls-mismatch", &[], || {
+        let server = py_server(&py, &net.server, &["grpc-server", &target]);
+        client = py_client(
+            &py,
+            &net.client,
+            &["grpc-client", &target, "--tls", "--deadline-s", "3"],
+        );
+        vec![server]
+    });
+    let f = finding_for(&recs, "handshake-failure-loop", Some(client), None);
+    assert!(
+        f["h2trace"]["finding"]["numbers"]["connections"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+}
+
+#[test]
+fn nginx_idle_close_left_unnoticed_is_close_wait_stuck() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-nginx-cw", 87);
+    let dir = TempDir::new("e2e-nginx-cw");
+    let url = format!("http://{}:8081/", net.server_v4);
+    let mut client = 0;
+    let recs = traced(
+        "e2e-nginx-close-wait",
+        &["--close-wait-stuck", "1s"],
+        || {
+            let nginx = nginx(&net, &dir);
+            // One request, then the pooled connection sits unused while nginx closes it after 1 s.
+            client = py_client(
+                &py,
+                &net.client,
+                &[
+                    "http-client",
+                    &url,
+                    "--requests",
+                    "1",
+                    "--session",
+                    "--hold-ms",
+                    "3500",
+                ],
+            );
+            vec![nginx]
+        },
+    );
+    let f = finding_for(&recs, "close-wait-stuck", Some(client), None);
+    assert!(
+        f["h2trace"]["finding"]["numbers"]["close_wait_longest_ns"]
+            .as_u64()
+            .unwrap()
+            >= 1_000_000_000
+    );
+}
+
+#[test]
+fn requests_abandoning_responses_is_an_rst_storm() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-rst", 88);
+    let dir = TempDir::new("e2e-rst");
+    let url = format!("http://{}:8084/big", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-requests-abandon", &["--rst-storm", "15"], || {
+        let nginx = nginx(&net, &dir);
+        client = py_client(
+            &py,
+            &net.client,
+            &["http-client", &url, "--requests", "25", "--abandon"],
+        );
+        vec![nginx]
+    });
+    let f = finding_for(&recs, "rst-storm", Some(client), None);
+    assert!(
+        f["h2trace"]["finding"]["numbers"]["resets"]
+            .as_u64()
+            .unwrap()
+            >= 15
+    );
+}
+
+#[test]
+fn requests_without_a_session_piles_up_time_wait() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-tw", 89);
+    let dir = TempDir::new("e2e-tw");
+    let url = format!("http://{}:8081/", net.server_v4);
+    let mut client = 0;
+    let recs = traced(
+        "e2e-requests-no-session",
+        &["--time-wait-pileup", "20"],
+        || {
+            let nginx = nginx(&net, &dir);
+            client = py_client(&py, &net.client, &["http-client", &url, "--requests", "30"]);
+            vec![nginx]
+        },
+    );
+    finding_for(&recs, "time-wait-pileup", Some(client), None);
+    let dial = finding_for(&recs, "dial-per-request", Some(client), None);
+    assert_eq!(dial["destination"]["port"], 8081);
+}
+
+/// A gRPC connection through the router goes idle; then the router `verdict`s its packets.
+fn grpc_through_middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
+    let py = python().expect("checked by the caller");
+    let net = NetPair::with_router(tag, subnet);
+    let target = format!("{}:50051", net.server_v4);
+    let mut client = 0;
+    let recs = traced(tag, &[], || {
+        let server = py_server(&py, &net.server, &["grpc-server", &target]);
+        let mut c = KillOnDrop(
+            py_cmd(
+                &py,
+                &net.client,
+                &[
+                    "grpc-client",
+                    &target,
+                    "--calls",
+                    "2",
+                    "--pause-after-first-ms",
+                    "1500",
+                    "--deadline-s",
+                    "3",
+                ],
+            )
+            .spawn()
+            .unwrap(),
+        );
+        client = c.0.id();
+        std::thread::sleep(Duration::from_millis(700));
+        net.router_nft(&format!(
+            "table inet h2t {{\n chain forward_filter {{\n  type filter hook forward priority 0;\n  tcp dport 50051 {verdict}\n }}\n}}\n"
+        ));
+        wait_timeout(&mut c.0, Duration::from_secs(20)).expect("client timed out");
+        vec![server]
+    });
+    (recs, client)
+}
+
+#[test]
+fn grpc_through_a_middlebox_that_forgets_is_a_black_hole() {
+    let Some(_lock) = kernel_test() else { return };
+    if python().is_none() {
+        return;
+    }
+    let (recs, client) = grpc_through_middlebox("e2e-grpc-blackhole", 90, "drop");
+    let f = finding_for(&recs, "black-hole", Some(client), None);
+    let gap = f["h2trace"]["finding"]["numbers"]["idle_gap_ns"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (1_200_000_000..2_500_000_000).contains(&gap),
+        "idle gap {gap}"
+    );
+}
+
+#[test]
+fn grpc_through_a_middlebox_that_resets_is_reset_after_idle() {
+    let Some(_lock) = kernel_test() else { return };
+    if python().is_none() {
+        return;
+    }
+    let (recs, client) = grpc_through_middlebox("e2e-grpc-forgedrst", 91, "reject with tcp reset");
+    let f = finding_for(&recs, "reset-after-idle", Some(client), None);
+    let gap = f["h2trace"]["finding"]["numbers"]["idle_gap_ns"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (1_200_000_000..2_500_000_000).contains(&gap),
+        "idle gap {gap}"
+    );
 }

@@ -3,8 +3,9 @@ the way applications use them. Every mode is bounded in count and time and talks
 address it is given (inside the test's private network namespaces).
 
   peers.py grpc-server HOST:PORT [--max-age-ms N]
-  peers.py grpc-client HOST:PORT --calls N [--interval-ms M] [--channel-per-call]
-  peers.py http-client URL --requests N [--pause-ms M] [--session]
+  peers.py grpc-client HOST:PORT --calls N [--interval-ms M] [--channel-per-call] [--tls]
+                       [--pause-after-first-ms M] [--deadline-s S]
+  peers.py http-client URL --requests N [--pause-ms M] [--session] [--abandon] [--hold-ms M]
 """
 import argparse
 import sys
@@ -33,14 +34,27 @@ def grpc_server(addr, max_age_ms):
     server.wait_for_termination(timeout=120)
 
 
-def grpc_client(addr, calls, interval_ms, channel_per_call):
+def grpc_client(addr, calls, interval_ms, channel_per_call, tls, pause_after_first_ms, deadline_s):
     def call(channel):
         stub = channel.unary_unary(f"/{SERVICE}/{METHOD}")
-        return stub(b"ping" * 25, timeout=5, wait_for_ready=True)
+        try:
+            return stub(b"ping" * 25, timeout=deadline_s, wait_for_ready=True)
+        except grpc.RpcError as e:
+            if not (tls or pause_after_first_ms):
+                raise
+            print(f"rpc failed as expected: {e.code()}", file=sys.stderr)
 
-    channel = None if channel_per_call else grpc.insecure_channel(addr)
+    if tls:
+        # A TLS client against a plaintext server: every handshake fails, and the channel
+        # retries with its reconnect backoff (shortened here so the test takes seconds).
+        opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100)]
+        channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(), options=opts)
+    else:
+        channel = None if channel_per_call else grpc.insecure_channel(addr)
     for i in range(calls):
-        if i and interval_ms:
+        if i == 1 and pause_after_first_ms:
+            time.sleep(pause_after_first_ms / 1000)
+        elif i and interval_ms:
             time.sleep(interval_ms / 1000)
         if channel_per_call:
             # The anti-pattern: a new channel (and connection) for every RPC.
@@ -52,15 +66,22 @@ def grpc_client(addr, calls, interval_ms, channel_per_call):
         channel.close()
 
 
-def http_client(url, requests_n, pause_ms, session):
+def http_client(url, requests_n, pause_ms, session, abandon, hold_ms):
     import requests
 
     s = requests.Session() if session else requests
     for i in range(requests_n):
         if i and pause_ms:
             time.sleep(pause_ms / 1000)
-        r = s.get(url, timeout=5)
+        r = s.get(url, timeout=5, stream=abandon)
         r.raise_for_status()
+        if abandon:
+            # Give up on a large response without reading it: closing a socket with unread
+            # data makes the kernel reset the connection.
+            r.close()
+    if hold_ms:
+        # The pooled connection stays open (and, once the server closes it, in CLOSE_WAIT).
+        time.sleep(hold_ms / 1000)
     if session:
         s.close()
 
@@ -76,13 +97,18 @@ def main():
     p.add_argument("--requests", type=int, default=1)
     p.add_argument("--pause-ms", type=int, default=0)
     p.add_argument("--session", action="store_true")
+    p.add_argument("--abandon", action="store_true")
+    p.add_argument("--hold-ms", type=int, default=0)
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--pause-after-first-ms", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=5)
     a = p.parse_args()
     if a.mode == "grpc-server":
         grpc_server(a.target, a.max_age_ms)
     elif a.mode == "grpc-client":
-        grpc_client(a.target, a.calls, a.interval_ms, a.channel_per_call)
+        grpc_client(a.target, a.calls, a.interval_ms, a.channel_per_call, a.tls, a.pause_after_first_ms, a.deadline_s)
     else:
-        http_client(a.target, a.requests, a.pause_ms, a.session)
+        http_client(a.target, a.requests, a.pause_ms, a.session, a.abandon, a.hold_ms)
 
 
 if __name__ == "__main__":
