@@ -231,6 +231,8 @@ struct Group {
 }
 
 const AGE_HISTORY: usize = 32;
+/// Reconnect backoff is measured in tens of milliseconds at least.
+const BACKOFF_MIN_GAP_NS: u64 = 10_000_000;
 /// Closed "right after use": at most this long after the last byte.
 const AFTER_USE_NS: u64 = 100_000_000;
 /// Connection ids listed as evidence, at most.
@@ -735,11 +737,18 @@ impl Detector {
             let mut starts: Vec<u64> = failed.iter().map(|c| c.f.start_ns).collect();
             starts.sort_unstable();
             let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-            let growing = gaps
+            // Backoff: gaps of at least BACKOFF_MIN_GAP_NS that mostly grow, the last at least
+            // twice the first. Scheduling jitter between back-to-back dials is not backoff.
+            let steps = gaps
                 .windows(2)
                 .filter(|w| w[1] as f64 >= 1.2 * w[0] as f64)
                 .count() as f64
                 / (gaps.len().max(2) - 1) as f64;
+            let trend = match (gaps.first(), gaps.last()) {
+                (Some(&a), Some(&b)) => a >= BACKOFF_MIN_GAP_NS && b >= 2 * a,
+                _ => false,
+            };
+            let growing = if trend { steps } else { 0.0 };
             let by_peer = failed
                 .iter()
                 .filter(|c| {

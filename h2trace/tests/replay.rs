@@ -114,6 +114,34 @@ const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
     ("forgedrst", Some("reset-after-idle"), &["black-hole"]),
     ("proxy-upstream-churn", Some("proxy-upstream-churn"), &[]),
     ("rst-storm", Some("rst-storm"), &[]),
+    // Recorded with real peers (tests/e2e.rs): grpcio and nginx.
+    (
+        "e2e-grpc-channel-per-call",
+        Some("dial-per-request"),
+        &["handshake-failure-loop"],
+    ),
+    ("e2e-grpc-healthy", None, &[]),
+    (
+        "e2e-grpc-max-age",
+        Some("fixed-age-rotation"),
+        &["dial-per-request"],
+    ),
+    ("e2e-grpc-tls-mismatch", Some("handshake-failure-loop"), &[]),
+    (
+        "e2e-grpc-blackhole",
+        Some("black-hole"),
+        &["reset-after-idle"],
+    ),
+    (
+        "e2e-grpc-forgedrst",
+        Some("reset-after-idle"),
+        &["black-hole"],
+    ),
+    ("e2e-nginx-idle-timeout", Some("idle-close-by-peer"), &[]),
+    ("e2e-nginx-close-wait", Some("close-wait-stuck"), &[]),
+    ("e2e-nginx-proxy", Some("proxy-upstream-churn"), &[]),
+    ("e2e-requests-abandon", Some("rst-storm"), &[]),
+    ("e2e-requests-no-session", Some("time-wait-pileup"), &[]),
 ];
 
 #[test]
