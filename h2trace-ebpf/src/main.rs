@@ -450,19 +450,26 @@ fn set_state_from_sock<C: EbpfContext>(ctx: &C, sk: *const u8, new: i32) -> Opti
     Some(())
 }
 
+/// The tracked life of the socket a `tcp:*` trace record names, with the record's base.
+#[inline(always)]
+fn tracked(
+    ctx: &TracePointContext,
+    skaddr_off: u16,
+) -> Option<(u64, *const u8, &'static mut SockLife)> {
+    let base = ctx.as_ptr() as *const u8;
+    let sk: u64 = unsafe { read(base, skaddr_off)? };
+    let life = SOCKS.get_ptr_mut(&sk)?;
+    Some((sk, base, unsafe { &mut *life }))
+}
+
 /// `tcp:tcp_send_reset` (`tcp_v4_send_reset`/`tcp_send_active_reset`).
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let l = config!(send_reset);
-    let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+    let Some((_, base, life)) = tracked(&ctx, l.skaddr) else {
         return 0;
     };
     let reason = unsafe { read::<u32>(base, l.reason) }.unwrap_or(u32::MAX);
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
-        return 0;
-    };
-    let life = unsafe { &mut *life };
     let now = unsafe { bpf_ktime_get_ns() };
     if life.rst_sent == 0 {
         life.first_rst_sent_ns = now;
@@ -486,15 +493,9 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 /// (data after close): userspace tells the two apart with the RST it then sends.
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let l = config!(receive_reset);
-    let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+    let Some((_, _, life)) = tracked(&ctx, config!(receive_reset.skaddr)) else {
         return 0;
     };
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
-        return 0;
-    };
-    let life = unsafe { &mut *life };
     let now = unsafe { bpf_ktime_get_ns() };
     let state = current_state(life);
     if life.rst_recv == 0 {
@@ -518,14 +519,9 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let l = config!(retransmit);
-    let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
+    let Some((_, base, life)) = tracked(&ctx, l.skaddr) else {
         return 0;
     };
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
-        return 0;
-    };
-    let life = unsafe { &mut *life };
     let now = unsafe { bpf_ktime_get_ns() };
     life.retrans = life.retrans.saturating_add(1);
     life.last_retrans_ns = now;
@@ -550,12 +546,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 /// RST that followed its move to CLOSE.
 #[tracepoint]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    let l = config!(destroy);
-    let base = ctx.as_ptr() as *const u8;
-    let Some(sk) = (unsafe { read::<u64>(base, l.skaddr) }) else {
-        return 0;
-    };
-    let Some(life) = SOCKS.get_ptr_mut(&sk) else {
+    let Some((sk, _, life)) = tracked(&ctx, config!(destroy.skaddr)) else {
         return 0;
     };
     end_life(&ctx, life, unsafe { bpf_ktime_get_ns() });

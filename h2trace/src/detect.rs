@@ -481,12 +481,11 @@ impl Detector {
         out.push(f);
     }
 
+    /// A finding over the current window; the process name comes from what was seen of it.
     fn finding(
         &self,
         pattern: Pattern,
         key: &GroupKey,
-        comm: &str,
-        from: u64,
         numbers: Value,
         confidence: f64,
         evidence: Vec<String>,
@@ -496,6 +495,13 @@ impl Detector {
         let digest = sha1::Digest::finalize(<sha1::Sha1 as sha1::Digest>::new_with_prefix(
             id_src.as_bytes(),
         ));
+        let comm = self
+            .groups
+            .get(key)
+            .map(|g| g.comm.as_str())
+            .or_else(|| self.processes.get(&key.tgid).map(|p| p.comm.as_str()))
+            .unwrap_or_default();
+        let from = self.now.saturating_sub(self.cfg.window_ns);
         Finding {
             id: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
             pattern,
@@ -602,8 +608,6 @@ impl Detector {
                     self.finding(
                         Pattern::DialPerRequest,
                         key,
-                        &g.comm,
-                        from,
                         numbers,
                         conf,
                         ids(&closed),
@@ -662,8 +666,6 @@ impl Detector {
                         self.finding(
                             Pattern::FixedAgeRotation,
                             key,
-                            &g.comm,
-                            from,
                             numbers,
                             share * replaced,
                             ids(&aged),
@@ -685,38 +687,36 @@ impl Detector {
                 .iter()
                 .filter_map(|c| c.f.idle_before_close_ns)
                 .collect();
-            if let Some((idle, share)) = clustered(&idles, cfg.age_jitter) {
-                if idle >= 100_000_000 {
-                    let cw: Vec<u64> = by_peer.iter().filter_map(|c| c.f.close_wait_ns).collect();
-                    let cw50 = if cw.is_empty() {
-                        0
-                    } else {
-                        percentile(&cw, 0.5)
-                    };
-                    let numbers = json!({
-                        "connections": by_peer.len(), "idle_before_close_p50_ns": idle,
-                        "close_wait_p50_ns": cw50, "close_wait_max_ns": cw.iter().max().copied().unwrap_or(0),
-                    });
-                    let summary = format!(
-                        "{} closes connections of {who} after {} of inactivity (its idle timeout); {who} then stayed {} in CLOSE_WAIT. The client keeps connections idle longer than the peer allows.",
-                        key.peer,
-                        ms(idle),
-                        ms(cw50)
-                    );
-                    found.push((
+            if let Some((idle, share)) = clustered(&idles, cfg.age_jitter)
+                && idle >= 100_000_000
+            {
+                let cw: Vec<u64> = by_peer.iter().filter_map(|c| c.f.close_wait_ns).collect();
+                let cw50 = if cw.is_empty() {
+                    0
+                } else {
+                    percentile(&cw, 0.5)
+                };
+                let numbers = json!({
+                    "connections": by_peer.len(), "idle_before_close_p50_ns": idle,
+                    "close_wait_p50_ns": cw50, "close_wait_max_ns": cw.iter().max().copied().unwrap_or(0),
+                });
+                let summary = format!(
+                    "{} closes connections of {who} after {} of inactivity (its idle timeout); {who} then stayed {} in CLOSE_WAIT. The client keeps connections idle longer than the peer allows.",
+                    key.peer,
+                    ms(idle),
+                    ms(cw50)
+                );
+                found.push((
+                    Pattern::IdleCloseByPeer,
+                    self.finding(
                         Pattern::IdleCloseByPeer,
-                        self.finding(
-                            Pattern::IdleCloseByPeer,
-                            key,
-                            &g.comm,
-                            from,
-                            numbers,
-                            share,
-                            ids(&by_peer),
-                            summary,
-                        ),
-                    ));
-                }
+                        key,
+                        numbers,
+                        share,
+                        ids(&by_peer),
+                        summary,
+                    ),
+                ));
             }
         }
 
@@ -781,8 +781,6 @@ impl Detector {
                     self.finding(
                         Pattern::HandshakeFailureLoop,
                         key,
-                        &g.comm,
-                        from,
                         numbers,
                         growing.max(by_peer),
                         ids(&failed),
@@ -834,16 +832,7 @@ impl Detector {
                 };
                 found.push((
                     pattern,
-                    self.finding(
-                        pattern,
-                        key,
-                        &g.comm,
-                        from,
-                        numbers,
-                        0.8,
-                        ids(&hit),
-                        summary,
-                    ),
+                    self.finding(pattern, key, numbers, 0.8, ids(&hit), summary),
                 ));
             }
         }
@@ -896,13 +885,10 @@ impl Detector {
             ug.total,
             ms(up_p50)
         );
-        let from = self.now.saturating_sub(self.cfg.window_ns);
         let evidence = ug.recent.iter().rev().map(|c| c.id.to_string()).collect();
         let f = self.finding(
             Pattern::ProxyUpstreamChurn,
             &up,
-            &ug.comm,
-            from,
             numbers,
             0.8,
             evidence,
@@ -938,8 +924,6 @@ impl Detector {
             let f = self.finding(
                 Pattern::TimeWaitPileup,
                 &key,
-                &comm,
-                from,
                 json!({"connections": tw, "time_wait": tw}),
                 0.9,
                 tw_ids,
@@ -954,8 +938,6 @@ impl Detector {
             let f = self.finding(
                 Pattern::RstStorm,
                 &key,
-                &comm,
-                from,
                 json!({"connections": rst, "resets": rst, "closes": closes}),
                 0.9,
                 rst_ids,
@@ -996,16 +978,9 @@ impl Detector {
             );
             let numbers = json!({"connections": socks.len(), "close_wait_longest_ns": longest});
             let ids = socks.iter().map(|s| s.0.to_string()).collect();
-            let f = self.finding(
-                Pattern::CloseWaitStuck,
-                &key,
-                &comm,
-                now.saturating_sub(longest),
-                numbers,
-                0.9,
-                ids,
-                summary,
-            );
+            let mut f = self.finding(Pattern::CloseWaitStuck, &key, numbers, 0.9, ids, summary);
+            // The window of this finding is the longest dwell.
+            f.window_start_ns = now.saturating_sub(longest);
             self.emit(Pattern::CloseWaitStuck, &key, f, out);
         }
     }

@@ -383,7 +383,7 @@ pub fn closed_ns(l: &Life) -> Option<u64> {
         .map(|t| t.ts_ns)
 }
 
-fn reason_name<'a>(names: &'a BTreeMap<u32, String>, code: u32) -> &'a str {
+fn reason_name(names: &BTreeMap<u32, String>, code: u32) -> &str {
     names.get(&code).map(String::as_str).unwrap_or("UNKNOWN")
 }
 

@@ -31,10 +31,10 @@ impl Pipeline {
     }
 
     fn write(&mut self, f: impl FnOnce(&mut dyn Sink) -> io::Result<()>) {
-        if self.write_error.is_none() {
-            if let Err(e) = f(self.sink.as_mut()) {
-                self.write_error = Some(e);
-            }
+        if self.write_error.is_none()
+            && let Err(e) = f(self.sink.as_mut())
+        {
+            self.write_error = Some(e);
         }
     }
 

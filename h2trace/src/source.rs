@@ -100,7 +100,7 @@ impl Reader {
             Self::Perf { bufs, scratch } => {
                 for buf in bufs.iter_mut() {
                     buf.for_each(|e| match e {
-                        PerfEvent::Sample { head, tail } if tail.is_empty() => f(head),
+                        PerfEvent::Sample { head, tail: [] } => f(head),
                         PerfEvent::Sample { head, tail } => {
                             scratch.clear();
                             scratch.extend_from_slice(head);

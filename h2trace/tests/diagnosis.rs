@@ -367,9 +367,7 @@ fn middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
         );
         client_pid = client.0.id();
         std::thread::sleep(Duration::from_millis(500));
-        net.router_nft(&format!(
-            "table inet h2t {{\n chain forward_filter {{\n  type filter hook forward priority 0;\n  tcp dport 8080 {verdict}\n }}\n}}\n"
-        ));
+        net.router_block(8080, verdict);
         wait_timeout(&mut client.0, Duration::from_secs(20)).expect("client timed out");
         vec![server]
     });

@@ -468,9 +468,7 @@ fn grpc_through_middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, 
         );
         client = c.0.id();
         std::thread::sleep(Duration::from_millis(700));
-        net.router_nft(&format!(
-            "table inet h2t {{\n chain forward_filter {{\n  type filter hook forward priority 0;\n  tcp dport 50051 {verdict}\n }}\n}}\n"
-        ));
+        net.router_block(50051, verdict);
         wait_timeout(&mut c.0, Duration::from_secs(20)).expect("client timed out");
         vec![server]
     });

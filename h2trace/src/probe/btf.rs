@@ -52,10 +52,10 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Option<(u32, Type)> {
         if mname == name {
             return Some((m.bit_offset(), mty));
         }
-        if mname.is_empty() {
-            if let Some((inner, t)) = find_member(btf, &mty, name) {
-                return Some((m.bit_offset() + inner, t));
-            }
+        if mname.is_empty()
+            && let Some((inner, t)) = find_member(btf, &mty, name)
+        {
+            return Some((m.bit_offset() + inner, t));
         }
     }
     None

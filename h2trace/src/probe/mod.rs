@@ -423,24 +423,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         ok: false,
         detail: f,
     }));
-    for (name, cat, tp, consequence) in OPTIONAL_TRACEPOINTS {
-        let result = match facts.missing_tracepoints.get(name) {
-            Some(why) => Err(why.clone()),
-            None => attach_tracepoint(&mut ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
-        };
-        hooks.push(match result {
-            Ok(()) => HookStatus {
-                hook: format!("tracepoint {cat}:{tp}"),
-                ok: true,
-                detail: "attached".into(),
-            },
-            Err(why) => HookStatus {
-                hook: format!("tracepoint {cat}:{tp}"),
-                ok: false,
-                detail: format!("{why}; {consequence}"),
-            },
-        });
-    }
+    hooks.extend(attach_optional(&mut ebpf, &facts, "attached"));
     Ok(Probes {
         ebpf,
         state_hook,
@@ -448,6 +431,29 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         reset_reasons: facts.reset_reasons,
         hooks,
     })
+}
+
+/// Attach every optional tracepoint the kernel has; one status each, saying what is lost
+/// without it.
+fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts, ok_detail: &str) -> Vec<HookStatus> {
+    OPTIONAL_TRACEPOINTS
+        .iter()
+        .map(|&(name, cat, tp, consequence)| {
+            let result = match facts.missing_tracepoints.get(name) {
+                Some(why) => Err(why.clone()),
+                None => attach_tracepoint(ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
+            };
+            let (ok, detail) = match result {
+                Ok(()) => (true, ok_detail.to_string()),
+                Err(why) => (false, format!("{why}; {consequence}")),
+            };
+            HookStatus {
+                hook: format!("tracepoint {cat}:{tp}"),
+                ok,
+                detail,
+            }
+        })
+        .collect()
 }
 
 fn attach_tracepoint(
@@ -553,24 +559,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
         });
     }
     let mut ebpf = loader_for(&facts, opts, transport)?;
-    for (name, cat, tp, consequence) in OPTIONAL_TRACEPOINTS {
-        let result = match facts.missing_tracepoints.get(name) {
-            Some(why) => Err(why.clone()),
-            None => attach_tracepoint(&mut ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
-        };
-        out.push(match result {
-            Ok(()) => HookStatus {
-                hook: format!("tracepoint {cat}:{tp}"),
-                ok: true,
-                detail: "loads and attaches".into(),
-            },
-            Err(why) => HookStatus {
-                hook: format!("tracepoint {cat}:{tp}"),
-                ok: false,
-                detail: format!("{why}; {consequence}"),
-            },
-        });
-    }
+    out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
     if let Some(e) = &facts.sock_offsets_error {
         out.push(HookStatus {
             hook: "BTF struct offsets".into(),

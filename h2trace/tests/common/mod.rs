@@ -226,6 +226,14 @@ impl NetPair {
         );
     }
 
+    /// Make the router `verdict` (e.g. `drop`, `reject with tcp reset`) every packet to TCP
+    /// port `port`: a middlebox that forgot the connection.
+    pub fn router_block(&self, port: u16, verdict: &str) {
+        self.router_nft(&format!(
+            "table inet h2t {{\n chain forward_filter {{\n  type filter hook forward priority 0;\n  tcp dport {port} {verdict}\n }}\n}}\n"
+        ));
+    }
+
     /// The namespace's inode, as h2trace reports it in `h2trace.netns`.
     pub fn inode(ns: &str) -> u64 {
         std::fs::metadata(Path::new("/run/netns").join(ns))
