@@ -225,6 +225,7 @@ struct Group {
     first_ns: u64,
     last_ns: u64,
     lifetimes: Option<Histogram<u64>>,
+    idles: Option<Histogram<u64>>,
     closers: BTreeMap<&'static str, u64>,
     ends: BTreeMap<&'static str, u64>,
     findings: BTreeSet<Pattern>,
@@ -262,7 +263,12 @@ pub struct PeerSummary {
     pub connections: u64,
     pub rate_per_s: f64,
     pub lifetime_p50_ns: u64,
+    pub lifetime_p90_ns: u64,
     pub lifetime_p99_ns: u64,
+    /// Idle time before the close began (p50, p90, p99), over connections that had one.
+    pub idle_before_close_ns: [u64; 3],
+    /// Most connections open at the same time, among the recent ones.
+    pub concurrent_max: u64,
     pub closers: BTreeMap<&'static str, u64>,
     pub ends: BTreeMap<&'static str, u64>,
     pub findings: Vec<&'static str>,
@@ -284,6 +290,29 @@ fn percentile(values: &[u64], q: f64) -> u64 {
         h.record(v).expect("auto-resizing histogram");
     }
     h.value_at_quantile(q)
+}
+
+fn record(h: &mut Option<Histogram<u64>>, v: u64) {
+    h.get_or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"))
+        .record(v.max(1))
+        .expect("auto-resizing histogram");
+}
+
+fn quantile(h: &Option<Histogram<u64>>, q: f64) -> u64 {
+    h.as_ref().map_or(0, |h| h.value_at_quantile(q))
+}
+
+/// The most intervals `(start, end)` that overlap at one instant.
+fn max_concurrent(spans: impl Iterator<Item = (u64, u64)>) -> u64 {
+    let mut edges: Vec<(u64, i64)> = spans.flat_map(|(s, e)| [(s, 1), (e, -1)]).collect();
+    // At equal times, ends before starts: back-to-back connections do not overlap.
+    edges.sort_unstable();
+    let (mut now, mut max) = (0i64, 0i64);
+    for (_, d) in edges {
+        now += d;
+        max = max.max(now);
+    }
+    max as u64
 }
 
 fn ms(ns: u64) -> String {
@@ -434,10 +463,10 @@ impl Detector {
         g.total += 1;
         g.first_ns = g.first_ns.min(c.f.start_ns);
         g.last_ns = g.last_ns.max(c.f.end_ns);
-        g.lifetimes
-            .get_or_insert_with(|| Histogram::new(3).expect("valid"))
-            .record(c.f.lifetime_ns.max(1))
-            .expect("auto-resizing histogram");
+        record(&mut g.lifetimes, c.f.lifetime_ns);
+        if let Some(idle) = c.f.idle_before_close_ns {
+            record(&mut g.idles, idle);
+        }
         *g.closers.entry(c.f.fin_first.as_str()).or_default() += 1;
         *g.ends.entry(c.f.end.as_str()).or_default() += 1;
         // Starts arrive with their (later) close, so keep them sorted.
@@ -587,6 +616,7 @@ impl Detector {
                 let numbers = json!({
                     "connections": closed.len(), "rate_per_s": (rate * 10.0).round() / 10.0,
                     "lifetime_p50_ns": p50, "lifetime_p90_ns": percentile(&lifetimes, 0.9), "lifetime_p99_ns": percentile(&lifetimes, 0.99),
+                    "concurrent_max": max_concurrent(closed.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
                     "bytes_sent_p50": sent, "bytes_received_p50": recv, "closed_by_local_share": (local * 100.0).round() / 100.0,
                 });
                 let summary = format!(
@@ -1000,16 +1030,40 @@ impl Detector {
                     peer: k.peer,
                     connections: g.total,
                     rate_per_s: ((g.total as f64 / (span as f64 / 1e9)) * 10.0).round() / 10.0,
-                    lifetime_p50_ns: g.lifetimes.as_ref().map_or(0, |h| h.value_at_quantile(0.5)),
-                    lifetime_p99_ns: g
-                        .lifetimes
-                        .as_ref()
-                        .map_or(0, |h| h.value_at_quantile(0.99)),
+                    lifetime_p50_ns: quantile(&g.lifetimes, 0.5),
+                    lifetime_p90_ns: quantile(&g.lifetimes, 0.9),
+                    lifetime_p99_ns: quantile(&g.lifetimes, 0.99),
+                    idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| quantile(&g.idles, q)),
+                    concurrent_max: max_concurrent(
+                        g.recent.iter().map(|c| (c.f.start_ns, c.f.end_ns)),
+                    ),
                     closers: g.closers.clone(),
                     ends: g.ends.clone(),
                     findings: g.findings.iter().map(|p| p.as_str()).collect(),
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrency_counts_overlaps_not_back_to_back() {
+        assert_eq!(max_concurrent([(0, 10), (10, 20), (20, 30)].into_iter()), 1);
+        assert_eq!(
+            max_concurrent([(0, 10), (5, 20), (6, 7), (15, 30)].into_iter()),
+            3
+        );
+        assert_eq!(max_concurrent(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn clusters_need_four_fifths_within_the_jitter() {
+        assert!(clustered(&[700, 720, 690, 710, 705], 0.2).is_some());
+        assert!(clustered(&[700, 100, 690, 2000, 705], 0.2).is_none());
+        assert!(clustered(&[0, 0, 0], 0.2).is_none());
     }
 }

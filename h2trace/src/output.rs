@@ -630,7 +630,11 @@ impl<W: Write> Sink for Ndjson<W> {
                     "netns": p.netns,
                     "peer": {
                         "peer": p.peer.to_string(), "connections": p.connections, "rate_per_s": p.rate_per_s,
-                        "lifetime_p50_ns": p.lifetime_p50_ns, "lifetime_p99_ns": p.lifetime_p99_ns,
+                        "concurrent_max": p.concurrent_max,
+                        "lifetime_p50_ns": p.lifetime_p50_ns, "lifetime_p90_ns": p.lifetime_p90_ns, "lifetime_p99_ns": p.lifetime_p99_ns,
+                        "idle_before_close_p50_ns": p.idle_before_close_ns[0],
+                        "idle_before_close_p90_ns": p.idle_before_close_ns[1],
+                        "idle_before_close_p99_ns": p.idle_before_close_ns[2],
                         "closers": p.closers, "ends": p.ends, "findings": p.findings,
                     },
                 },
@@ -819,8 +823,18 @@ impl<W: Write> Sink for Text<W> {
         }
         writeln!(
             self.out,
-            "\nPer peer:\n{:>7} {:<15} {:<45} {:>6} {:>8} {:>10} {:>10} {:<28} {:<28} FINDINGS",
-            "PID", "COMM", "PEER", "CONNS", "RATE/s", "LIFE p50", "LIFE p99", "FIRST FIN", "ENDS"
+            "\nPer peer:\n{:>7} {:<15} {:<45} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:<28} {:<28} FINDINGS",
+            "PID",
+            "COMM",
+            "PEER",
+            "CONNS",
+            "RATE/s",
+            "CONC",
+            "LIFE p50",
+            "LIFE p99",
+            "IDLE p50",
+            "FIRST FIN",
+            "ENDS"
         )?;
         let counts = |m: &std::collections::BTreeMap<&'static str, u64>| {
             m.iter()
@@ -831,14 +845,16 @@ impl<W: Write> Sink for Text<W> {
         for p in peers {
             writeln!(
                 self.out,
-                "{:>7} {:<15} {:<45} {:>6} {:>8.1} {:>10} {:>10} {:<28} {:<28} {}",
+                "{:>7} {:<15} {:<45} {:>6} {:>8.1} {:>5} {:>10} {:>10} {:>10} {:<28} {:<28} {}",
                 p.tgid,
                 p.comm,
                 p.peer.to_string(),
                 p.connections,
                 p.rate_per_s,
+                p.concurrent_max,
                 ms(p.lifetime_p50_ns),
                 ms(p.lifetime_p99_ns),
+                ms(p.idle_before_close_ns[0]),
                 counts(&p.closers),
                 counts(&p.ends),
                 if p.findings.is_empty() {
