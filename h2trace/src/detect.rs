@@ -768,14 +768,14 @@ impl Detector {
             starts.sort_unstable();
             let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
             // Backoff: gaps of at least BACKOFF_MIN_GAP_NS that mostly grow, the last at least
-            // twice the first. Scheduling jitter between back-to-back dials is not backoff.
+            // 1.5 times the first. Scheduling jitter between back-to-back dials is not backoff.
             let steps = gaps
                 .windows(2)
                 .filter(|w| w[1] as f64 >= 1.2 * w[0] as f64)
                 .count() as f64
                 / (gaps.len().max(2) - 1) as f64;
             let trend = match (gaps.first(), gaps.last()) {
-                (Some(&a), Some(&b)) => a >= BACKOFF_MIN_GAP_NS && b >= 2 * a,
+                (Some(&a), Some(&b)) => a >= BACKOFF_MIN_GAP_NS && b as f64 >= 1.5 * a as f64,
                 _ => false,
             };
             let growing = if trend { steps } else { 0.0 };

@@ -327,12 +327,12 @@ fn handshake_failure_loop() {
     });
     let f = the_finding(&recs, "handshake-failure-loop", client_pid);
     assert!(number(f, "connections") >= 3);
-    assert!(
-        f["h2trace"]["finding"]["numbers"]["growing_gaps_share"]
-            .as_f64()
-            .unwrap()
-            >= 0.5
-    );
+    // With the fourth attempt at the latest, the backoff shows.
+    let growing = findings(&recs, "handshake-failure-loop")
+        .iter()
+        .filter_map(|f| f["h2trace"]["finding"]["numbers"]["growing_gaps_share"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(growing >= 0.5, "growing gaps share {growing}");
 }
 
 /// A connection through the router goes idle; then the router starts `verdict`ing its packets.
