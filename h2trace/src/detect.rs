@@ -227,6 +227,11 @@ struct Group {
     lifetimes: Option<Histogram<u64>>,
     idles: Option<Histogram<u64>>,
     closers: BTreeMap<&'static str, u64>,
+    time_waits: u64,
+    retransmits: u64,
+    close_wait_max_ns: u64,
+    /// Connections still open in CLOSE_WAIT when tracing stopped.
+    close_wait_open: u64,
     ends: BTreeMap<&'static str, u64>,
     findings: BTreeSet<Pattern>,
 }
@@ -271,6 +276,12 @@ pub struct PeerSummary {
     pub concurrent_max: u64,
     pub closers: BTreeMap<&'static str, u64>,
     pub ends: BTreeMap<&'static str, u64>,
+    /// Connections that left a TIME_WAIT socket behind.
+    pub time_wait: u64,
+    pub retransmits: u64,
+    /// Sockets still in CLOSE_WAIT at the end, and the longest CLOSE_WAIT seen (closed or not).
+    pub close_wait_open: u64,
+    pub close_wait_max_ns: u64,
     pub findings: Vec<&'static str>,
 }
 
@@ -469,6 +480,12 @@ impl Detector {
         }
         *g.closers.entry(c.f.fin_first.as_str()).or_default() += 1;
         *g.ends.entry(c.f.end.as_str()).or_default() += 1;
+        g.time_waits += u64::from(c.f.time_wait);
+        g.retransmits += u64::from(c.retransmits);
+        g.close_wait_max_ns = g.close_wait_max_ns.max(c.f.close_wait_ns.unwrap_or(0));
+        if c.f.end == EndKind::Open && c.f.close_wait_ns.is_some() {
+            g.close_wait_open += 1;
+        }
         // Starts arrive with their (later) close, so keep them sorted.
         let pos = g.starts.partition_point(|&s| s <= c.f.start_ns);
         g.starts.insert(pos, c.f.start_ns);
@@ -1039,6 +1056,16 @@ impl Detector {
                     ),
                     closers: g.closers.clone(),
                     ends: g.ends.clone(),
+                    time_wait: g.time_waits,
+                    retransmits: g.retransmits,
+                    close_wait_open: g.close_wait_open
+                        + self.close_wait.values().filter(|(_, key)| key == k).count() as u64,
+                    close_wait_max_ns: self
+                        .close_wait
+                        .values()
+                        .filter(|(_, key)| key == k)
+                        .map(|(t, _)| self.now.saturating_sub(*t))
+                        .fold(g.close_wait_max_ns, u64::max),
                     findings: g.findings.iter().map(|p| p.as_str()).collect(),
                 }
             })

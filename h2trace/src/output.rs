@@ -635,6 +635,8 @@ impl<W: Write> Sink for Ndjson<W> {
                         "idle_before_close_p50_ns": p.idle_before_close_ns[0],
                         "idle_before_close_p90_ns": p.idle_before_close_ns[1],
                         "idle_before_close_p99_ns": p.idle_before_close_ns[2],
+                        "time_wait": p.time_wait, "retransmits": p.retransmits,
+                        "close_wait_open": p.close_wait_open, "close_wait_max_ns": p.close_wait_max_ns,
                         "closers": p.closers, "ends": p.ends, "findings": p.findings,
                     },
                 },

@@ -284,6 +284,17 @@ fn close_wait_stuck() {
         vec![server, client]
     });
     let f = the_finding(&recs, "close-wait-stuck", client_pid);
+    let peer = recs
+        .iter()
+        .find(|r| action(r) == "peer-summary" && owner_pid(r) == Some(client_pid as u64))
+        .expect("a per-peer summary for the client");
+    assert_eq!(peer["h2trace"]["peer"]["close_wait_open"], 1);
+    assert!(
+        peer["h2trace"]["peer"]["close_wait_max_ns"]
+            .as_u64()
+            .unwrap()
+            >= 2_000_000_000
+    );
     assert_eq!(number(f, "connections"), 1);
     assert!(number(f, "close_wait_longest_ns") >= 1_000_000_000);
     // Found while it was happening (a tick record carried the time), not only at exit.
