@@ -70,4 +70,8 @@ if ! "$venv/bin/python" -c 'import grpc, requests' 2>/dev/null; then
 	done
 	"$venv/bin/python" -c 'import grpc, requests' || { log "grpcio/requests did not install"; exit 1; }
 fi
+# `--bench`: the established tools the bench compares against.
+if [ "${1:-}" = "--bench" ]; then
+	apt_install libbpf-tools bpftrace
+fi
 log "toolchain ready"

@@ -218,6 +218,12 @@ struct Group {
     /// Recent connections, by end time; older than the window are dropped, but the last
     /// `AGE_HISTORY` stay for fixed-age detection (ages can exceed the window).
     recent: VecDeque<Conn>,
+    /// Closes per 100 ms over the window: exact counts without keeping every connection.
+    closes: Buckets,
+    window_closes: u64,
+    /// Event time of the next evaluation (busy groups are evaluated at most every
+    /// `CHECK_EVERY_NS`).
+    next_check_ns: u64,
     /// Connection start times within the window (rate and replacement checks).
     starts: VecDeque<u64>,
     // Totals for the per-peer summary.
@@ -237,6 +243,47 @@ struct Group {
 }
 
 const AGE_HISTORY: usize = 32;
+/// Connections kept per group for the statistics (the newest); counts come from `Buckets`.
+const MAX_RECENT: usize = 512;
+/// Per-process TIME_WAIT/reset entries kept within the window.
+const MAX_PROCESS_EVENTS: usize = 65_536;
+/// Groups with at most this many connections are evaluated on every connection.
+const EAGER: u64 = 64;
+/// Busy groups are evaluated at most this often (event time).
+const CHECK_EVERY_NS: u64 = 200_000_000;
+const BUCKET_NS: u64 = 100_000_000;
+
+/// Event counts in fixed time buckets, for exact counts over a sliding window.
+#[derive(Default)]
+struct Buckets {
+    q: VecDeque<(u64, u64)>,
+    total: u64,
+}
+
+impl Buckets {
+    fn add(&mut self, t: u64) {
+        let b = t / BUCKET_NS;
+        match self.q.back_mut() {
+            Some((last, n)) if *last == b => *n += 1,
+            // Events arrive nearly in time order; a late one counts in the newest bucket.
+            Some((last, n)) if *last > b => *n += 1,
+            _ => self.q.push_back((b, 1)),
+        }
+        self.total += 1;
+    }
+
+    fn in_window(&mut self, from: u64) -> u64 {
+        while self
+            .q
+            .front()
+            .is_some_and(|(b, _)| (b + 1) * BUCKET_NS <= from)
+        {
+            let (_, n) = self.q.pop_front().expect("checked");
+            self.total -= n;
+        }
+        self.total
+    }
+}
 /// Reconnect backoff is measured in tens of milliseconds at least.
 const BACKOFF_MIN_GAP_NS: u64 = 10_000_000;
 /// Closed "right after use": at most this long after the last byte.
@@ -367,6 +414,13 @@ fn group_key(ev: &Event) -> GroupKey {
     }
 }
 
+/// Bounded memory: past `MAX_PROCESS_EVENTS`, the oldest entries go (counts saturate).
+fn cap<T>(q: &mut VecDeque<T>) {
+    while q.len() > MAX_PROCESS_EVENTS {
+        q.pop_front();
+    }
+}
+
 fn prune<T>(q: &mut VecDeque<T>, keep_from: u64, ts: impl Fn(&T) -> u64) {
     while q.front().is_some_and(|x| ts(x) < keep_from) {
         q.pop_front();
@@ -426,6 +480,7 @@ impl Detector {
             Body::ResetSent { .. } | Body::ResetReceived { .. } => {
                 let p = self.process(&key, &comm);
                 p.resets.push_back((ev.ts_ns, ev.socket.id));
+                cap(&mut p.resets);
                 self.check_process(key.tgid, out);
             }
             Body::Life(l) | Body::Open(l) => {
@@ -465,6 +520,8 @@ impl Detector {
             if c.f.end != EndKind::Open {
                 p.closes.push_back(c.f.end_ns);
             }
+            cap(&mut p.time_waits);
+            cap(&mut p.closes);
         }
         let g = self.groups.entry(key.clone()).or_default();
         if g.comm.is_empty() {
@@ -486,6 +543,10 @@ impl Detector {
         if c.f.end == EndKind::Open && c.f.close_wait_ns.is_some() {
             g.close_wait_open += 1;
         }
+        if c.f.end != EndKind::Open {
+            g.closes.add(c.f.end_ns);
+        }
+        g.window_closes = g.closes.in_window(window_from);
         // Starts arrive with their (later) close, so keep them sorted.
         let pos = g.starts.partition_point(|&s| s <= c.f.start_ns);
         g.starts.insert(pos, c.f.start_ns);
@@ -495,13 +556,21 @@ impl Detector {
             window_from.min(self.now.saturating_sub(2 * self.cfg.reconnect_gap_ns)),
             |s| *s,
         );
-        while g.recent.len() > AGE_HISTORY
-            && g.recent.front().is_some_and(|c| c.f.end_ns < window_from)
+        while g.starts.len() > MAX_RECENT {
+            g.starts.pop_front();
+        }
+        while g.recent.len() > MAX_RECENT
+            || g.recent.len() > AGE_HISTORY
+                && g.recent.front().is_some_and(|c| c.f.end_ns < window_from)
         {
             g.recent.pop_front();
         }
-        self.check_group(&key, out);
-        self.check_process(key.tgid, out);
+        // Evaluating a group costs O(MAX_RECENT): at high churn, at most every CHECK_EVERY_NS.
+        if g.total <= EAGER || self.now >= g.next_check_ns {
+            g.next_check_ns = self.now + CHECK_EVERY_NS;
+            self.check_group(&key, out);
+            self.check_process(key.tgid, out);
+        }
     }
 
     fn emit(&mut self, pattern: Pattern, key: &GroupKey, mut f: Finding, out: &mut Vec<Finding>) {
@@ -620,8 +689,16 @@ impl Detector {
                 .count() as f64
                 / closed.len() as f64;
             if p50 <= cfg.short_lifetime_ns && after_use >= 0.6 && exchanged >= 0.8 {
-                let span = (now - closed.iter().map(|c| c.f.start_ns).min().unwrap_or(now)).max(1);
-                let rate = closed.len() as f64 / (span as f64 / 1e9);
+                // The statistics come from the newest MAX_RECENT; the count is exact.
+                let n = g.window_closes.max(closed.len() as u64);
+                let first = closed.iter().map(|c| c.f.start_ns).min().unwrap_or(now);
+                let span = if n > closed.len() as u64 {
+                    cfg.window_ns.min(now.saturating_sub(g.first_ns))
+                } else {
+                    now - first
+                }
+                .max(1);
+                let rate = n as f64 / (span as f64 / 1e9);
                 let sent = percentile(
                     &closed.iter().map(|c| c.bytes_sent).collect::<Vec<_>>(),
                     0.5,
@@ -631,7 +708,7 @@ impl Detector {
                     0.5,
                 );
                 let numbers = json!({
-                    "connections": closed.len(), "rate_per_s": (rate * 10.0).round() / 10.0,
+                    "connections": n, "rate_per_s": (rate * 10.0).round() / 10.0,
                     "lifetime_p50_ns": p50, "lifetime_p90_ns": percentile(&lifetimes, 0.9), "lifetime_p99_ns": percentile(&lifetimes, 0.99),
                     "concurrent_max": max_concurrent(closed.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
                     "bytes_sent_p50": sent, "bytes_received_p50": recv, "closed_by_local_share": (local * 100.0).round() / 100.0,
@@ -639,7 +716,7 @@ impl Detector {
                 let summary = format!(
                     "{who} opens a new connection to {} for every request: {} connections in {} ({rate:.1}/s), each living {} and carrying one exchange (~{sent} B out, ~{recv} B in), closed right after use ({}% by {}). HTTP/1.1 without keep-alive looks the same.",
                     key.peer,
-                    closed.len(),
+                    n,
                     ms(span),
                     ms(p50),
                     ((if local >= 0.5 { local } else { 1.0 - local }) * 100.0).round(),
@@ -955,8 +1032,14 @@ impl Detector {
         let (tw, rst, closes) = (p.time_waits.len(), p.resets.len(), p.closes.len());
         let comm = p.comm.clone();
         let netns = p.netns;
-        let tw_ids: Vec<String> = p.time_waits.iter().rev().map(|x| x.1.to_string()).collect();
-        let rst_ids: Vec<String> = p.resets.iter().rev().map(|x| x.1.to_string()).collect();
+        let ids = |q: &VecDeque<(u64, SocketId)>| -> Vec<String> {
+            q.iter()
+                .rev()
+                .take(MAX_EVIDENCE)
+                .map(|x| x.1.to_string())
+                .collect()
+        };
+        let (tw_ids, rst_ids) = (ids(&p.time_waits), ids(&p.resets));
         let key = GroupKey {
             tgid,
             netns,
@@ -1036,6 +1119,11 @@ impl Detector {
     pub fn finish(&mut self, end_ns: u64, out: &mut Vec<Finding>) -> Vec<PeerSummary> {
         self.now = self.now.max(end_ns);
         self.check_close_wait(out);
+        // Busy groups were evaluated every CHECK_EVERY_NS: once more with everything seen.
+        let keys: Vec<GroupKey> = self.groups.keys().cloned().collect();
+        for k in &keys {
+            self.check_group(k, out);
+        }
         self.groups
             .iter()
             .map(|(k, g)| {

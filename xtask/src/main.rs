@@ -1,4 +1,6 @@
 //! Developer and CI entry points: `cargo xtask setup | build-ebpf | test | run`.
+mod bench;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -27,6 +29,22 @@ enum Cmd {
         #[arg(long)]
         no_kernel: bool,
     },
+    /// Connection churn with and without tracers (h2trace, libbpf-tools tcpstates and tcplife,
+    /// a bpftrace script): throughput ratios, tracer CPU, peak RSS, losses. As root.
+    Bench {
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Interleaved rounds (medians and min-max are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Client threads of the churn load.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Load modes: close (FIN), rst (abortive), keep (one connection per thread).
+        #[arg(long, value_delimiter = ',', default_value = "close,rst")]
+        modes: Vec<String>,
+    },
     /// Build everything and run h2trace with the given arguments (as root).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -53,6 +71,40 @@ fn main() -> Result<()> {
                 cmd.env("H2TRACE_SKIP_KERNEL_TESTS", "1");
             }
             run(&mut cmd)
+        }
+        Cmd::Bench {
+            seconds,
+            rounds,
+            threads,
+            modes,
+        } => {
+            if !is_root() {
+                bail!(
+                    "the bench loads eBPF programs and creates a network namespace: run it as root"
+                );
+            }
+            setup()?;
+            run(Command::new("bash")
+                .arg(root().join("scripts/install-toolchain.sh"))
+                .arg("--bench"))?;
+            build_ebpf()?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "h2trace",
+                "--bins",
+                "--examples",
+            ]))?;
+            bench::bench(
+                &root(),
+                bench::Opts {
+                    seconds,
+                    rounds,
+                    threads,
+                    modes,
+                },
+            )
         }
         Cmd::Run { args } => {
             setup()?;

@@ -1,0 +1,134 @@
+//! Connection-churn load for `cargo xtask bench`: a server and client threads in one process,
+//! on one address (loopback inside the bench's private namespace), for a bounded time.
+//!
+//!   churn ADDR --threads T --seconds S --mode close|rst|keep
+//!
+//! close: connect, one request/response, the client closes (FIN). rst: the same, closed with
+//! SO_LINGER 0 (RST). keep: one connection per thread doing request/response for the whole
+//! run (the no-churn control). Prints `exchanges=N connections=M seconds=S` at the end.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+const REQ: &[u8; 64] = &[b'q'; 64];
+const RESP: &[u8; 64] = &[b'r'; 64];
+
+fn serve(mut s: TcpStream) {
+    let mut buf = [0u8; 64];
+    while s.read_exact(&mut buf).is_ok() {
+        if s.write_all(RESP).is_err() {
+            break;
+        }
+    }
+}
+
+fn linger0(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn exchange(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    s.write_all(REQ).is_ok() && s.read_exact(&mut buf).is_ok()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |flag: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.into())
+    };
+    let addr: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .expect("usage: churn ADDR [--threads T] [--seconds S] [--mode close|rst|keep]");
+    let threads: usize = get("--threads", "2").parse().expect("--threads");
+    let seconds: f64 = get("--seconds", "5").parse().expect("--seconds");
+    let mode = get("--mode", "close");
+
+    let listener = Arc::new(TcpListener::bind(addr).expect("bind"));
+    let addr = listener.local_addr().unwrap();
+    // Each client thread has at most one connection open: as many acceptors, each serving its
+    // connection to the end, keep up without a thread per connection.
+    for _ in 0..threads + 1 {
+        let l = listener.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                serve(s);
+            }
+        });
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let connections = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (stop, exchanges, connections, mode) = (
+                stop.clone(),
+                exchanges.clone(),
+                connections.clone(),
+                mode.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut kept: Option<TcpStream> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if mode == "keep" {
+                        let s = kept.get_or_insert_with(|| {
+                            connections.fetch_add(1, Ordering::Relaxed);
+                            TcpStream::connect(addr).expect("connect")
+                        });
+                        if exchange(s) {
+                            exchanges.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    let Ok(mut s) = TcpStream::connect(addr) else {
+                        continue; // out of ports for a moment: try again
+                    };
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    if exchange(&mut s) {
+                        exchanges.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if mode == "rst" {
+                        linger0(&s);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "exchanges={} connections={} seconds={secs:.3}",
+        exchanges.load(Ordering::Relaxed),
+        connections.load(Ordering::Relaxed)
+    );
+}

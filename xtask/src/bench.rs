@@ -1,0 +1,397 @@
+//! `cargo xtask bench`: connection churn with and without tracers, interleaved and repeated.
+//! Prints, per tracer, the throughput ratio against no tracer, the tracer's CPU time per
+//! million kernel state changes, its peak RSS, records lost, and records written against
+//! expected. Measures only; nothing here is asserted.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// A bpftrace script in the style of tcpstates: one line per TCP state change.
+const BPFTRACE_TCPSTATES: &str = r#"tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {
+  printf("%llu %d %s %d %d %d %d\n", nsecs, pid, comm, args->sport, args->dport, args->oldstate, args->newstate);
+}"#;
+
+pub struct Opts {
+    pub seconds: f64,
+    pub rounds: usize,
+    pub threads: usize,
+    pub modes: Vec<String>,
+}
+
+struct Tool {
+    name: &'static str,
+    /// Command line, with `{out}` for the output file; empty for "no tracer".
+    argv: Vec<String>,
+    /// Seconds to wait after starting before the load (compilation, attach).
+    warmup: f64,
+    /// What one written line is: a socket life, or a state change.
+    counts: Unit,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Unit {
+    None,
+    /// h2trace records: count `connection-closed` lines (plus live events when asked).
+    Lives,
+    StateChanges,
+}
+
+struct Sample {
+    rate: f64,
+    cpu_s: f64,
+    rss_kib: u64,
+    lost: Option<u64>,
+    written: u64,
+    expected: u64,
+    state_changes: u64,
+}
+
+fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
+    let h = h2trace.display().to_string();
+    let script = root.join("target/bench/tcpstates.bt");
+    let _ = fs::create_dir_all(script.parent().unwrap());
+    let _ = fs::write(&script, BPFTRACE_TCPSTATES);
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    vec![
+        Tool {
+            name: "no tracer",
+            argv: vec![],
+            warmup: 0.0,
+            counts: Unit::None,
+        },
+        Tool {
+            name: "h2trace ringbuf ndjson",
+            argv: s(&[&h, "-f", "ndjson", "--transport", "ringbuf", "-o", "{out}"]),
+            warmup: 1.0,
+            counts: Unit::Lives,
+        },
+        Tool {
+            name: "h2trace perf ndjson",
+            argv: s(&[&h, "-f", "ndjson", "--transport", "perf", "-o", "{out}"]),
+            warmup: 1.0,
+            counts: Unit::Lives,
+        },
+        Tool {
+            name: "h2trace ringbuf text",
+            argv: s(&[&h, "-f", "text", "-o", "{out}"]),
+            warmup: 1.0,
+            counts: Unit::Lives,
+        },
+        Tool {
+            name: "h2trace --events all",
+            argv: s(&[&h, "-f", "ndjson", "--events", "all", "-o", "{out}"]),
+            warmup: 1.0,
+            counts: Unit::StateChanges,
+        },
+        Tool {
+            name: "libbpf-tools tcpstates",
+            argv: s(&["/usr/sbin/tcpstates"]),
+            warmup: 1.0,
+            counts: Unit::StateChanges,
+        },
+        Tool {
+            name: "libbpf-tools tcplife",
+            argv: s(&["/usr/sbin/tcplife"]),
+            warmup: 1.0,
+            counts: Unit::Lives,
+        },
+        Tool {
+            name: "bpftrace tcpstates.bt",
+            argv: s(&["/usr/bin/bpftrace", &script.display().to_string()]),
+            warmup: 4.0,
+            counts: Unit::StateChanges,
+        },
+    ]
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+fn proc_cpu_s(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks (100 Hz here).
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn proc_hwm_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn netns(name: &str) -> Result<()> {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+    for args in [
+        vec!["netns", "add", name],
+        vec!["-n", name, "link", "set", "lo", "up"],
+        vec![
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ],
+    ] {
+        let st = Command::new("ip").args(&args).status()?;
+        if !st.success() {
+            bail!("ip {args:?} failed");
+        }
+    }
+    Ok(())
+}
+
+fn churn(churn_bin: &Path, ns: &str, o: &Opts, mode: &str) -> Result<(u64, f64)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(churn_bin)
+        .args([
+            "127.0.0.1:0",
+            "--threads",
+            &o.threads.to_string(),
+            "--seconds",
+            &o.seconds.to_string(),
+            "--mode",
+            mode,
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    match (field("connections="), field("seconds=")) {
+        (Some(c), Some(s)) => Ok((c as u64, s)),
+        _ => bail!(
+            "churn printed no result: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn run_once(
+    tool: &Tool,
+    churn_bin: &Path,
+    ns: &str,
+    o: &Opts,
+    mode: &str,
+    dir: &Path,
+) -> Result<Sample> {
+    let out = dir.join(format!("{}.out", tool.name.replace([' ', '-', '.'], "_")));
+    let mut child: Option<Child> = None;
+    if !tool.argv.is_empty() {
+        let argv: Vec<String> = tool
+            .argv
+            .iter()
+            .map(|a| a.replace("{out}", &out.display().to_string()))
+            .collect();
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+        if argv.iter().any(|a| a == "-o") {
+            cmd.stdout(Stdio::null());
+        } else {
+            cmd.stdout(fs::File::create(&out)?);
+        }
+        child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", argv[0]))?,
+        );
+        std::thread::sleep(Duration::from_secs_f64(tool.warmup));
+    }
+    let (connections, secs) = churn(churn_bin, ns, o, mode)?;
+    let mut cpu_s = 0.0;
+    let mut rss_kib = 0;
+    if let Some(c) = child.as_mut() {
+        cpu_s = proc_cpu_s(c.id());
+        rss_kib = proc_hwm_kib(c.id());
+        // SAFETY: signalling our own child.
+        unsafe { kill(c.id() as i32, 2) };
+        let start = Instant::now();
+        while c.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                c.kill()?;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let per_conn = if mode == "rst" { 6 } else { 10 };
+    let state_changes = connections * per_conn;
+    let text = fs::read_to_string(&out).unwrap_or_default();
+    let (written, expected, lost) = match tool.counts {
+        Unit::None => (0, 0, None),
+        Unit::Lives if tool.name.starts_with("h2trace") => {
+            let written = text
+                .lines()
+                .filter(|l| l.contains("connection-closed") || l.contains(" close "))
+                .count();
+            (written as u64, connections * 2, h2trace_losses(&text))
+        }
+        Unit::Lives => (
+            text.lines().count().saturating_sub(1) as u64,
+            connections * 2,
+            None,
+        ),
+        Unit::StateChanges => (
+            text.lines()
+                .filter(|l| {
+                    !l.contains("SKADDR") && !l.contains("Attaching") && !l.trim().is_empty()
+                })
+                .count() as u64,
+            state_changes,
+            None,
+        ),
+    };
+    let _ = fs::remove_file(&out);
+    Ok(Sample {
+        rate: connections as f64 / secs,
+        cpu_s,
+        rss_kib,
+        lost,
+        written,
+        expected,
+        state_changes,
+    })
+}
+
+/// The loss total of an h2trace run: the NDJSON summary's `losses`, or the text summary's
+/// "records lost" line.
+fn h2trace_losses(text: &str) -> Option<u64> {
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"summary\"") || l.contains("records lost"))?;
+    if let Some(n) = last.split("records lost").nth(1) {
+        return n.trim().parse().ok();
+    }
+    let v: serde_json::Value = serde_json::from_str(last).ok()?;
+    Some(
+        v["h2trace"]["summary"]["losses"]
+            .as_object()?
+            .values()
+            .filter_map(|x| x.as_u64())
+            .sum(),
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn bench(root: &Path, o: Opts) -> Result<()> {
+    let h2trace = root.join("target/release/h2trace");
+    let churn_bin = root.join("target/release/examples/churn");
+    for (p, what) in [(&h2trace, "h2trace"), (&churn_bin, "churn")] {
+        if !p.exists() {
+            bail!(
+                "{} missing ({what}): build with `cargo build --release --examples`",
+                p.display()
+            );
+        }
+    }
+    let ns = format!("h2t-bench-{}", std::process::id());
+    netns(&ns)?;
+    let dir: PathBuf = root.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let tools = tools(root, &h2trace);
+    let machine = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    println!(
+        "h2trace bench: {} × {:.0} s per run, {} client threads, {} CPUs ({machine}), kernel {}",
+        o.rounds,
+        o.seconds,
+        o.threads,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let result = (|| -> Result<()> {
+        for mode in &o.modes {
+            let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
+            for round in 0..o.rounds {
+                // Interleaved: every tool once per round, so drift hits all alike.
+                for (i, t) in tools.iter().enumerate() {
+                    eprint!("\r{mode}: round {}/{} {:<28}", round + 1, o.rounds, t.name);
+                    samples[i].push(run_once(t, &churn_bin, &ns, &o, mode, &dir)?);
+                }
+            }
+            eprintln!();
+            let mut base: Vec<f64> = samples[0].iter().map(|s| s.rate).collect();
+            let base = median(&mut base);
+            println!("\nmode {mode}: no tracer {base:.0} connections/s (median)");
+            println!(
+                "{:<26} {:>12} {:>17} {:>14} {:>9} {:>6} {:>20}",
+                "tracer",
+                "conn/s",
+                "vs none (min-max)",
+                "CPU s/M chg",
+                "peak RSS",
+                "lost",
+                "written/expected"
+            );
+            for (t, s) in tools.iter().zip(&samples).skip(1) {
+                let mut rates: Vec<f64> = s.iter().map(|x| x.rate).collect();
+                let (lo, hi) = (
+                    rates.iter().cloned().fold(f64::MAX, f64::min),
+                    rates.iter().cloned().fold(0.0, f64::max),
+                );
+                let med = median(&mut rates);
+                let mut cpu: Vec<f64> = s
+                    .iter()
+                    .map(|x| x.cpu_s / (x.state_changes as f64 / 1e6))
+                    .collect();
+                let rss = s.iter().map(|x| x.rss_kib).max().unwrap_or(0);
+                let lost = s
+                    .iter()
+                    .filter_map(|x| x.lost)
+                    .max()
+                    .map_or("-".into(), |l| l.to_string());
+                let (w, e): (u64, u64) = s
+                    .iter()
+                    .fold((0, 0), |a, x| (a.0 + x.written, a.1 + x.expected));
+                println!(
+                    "{:<26} {:>12.0} {:>6.2} ({:.2}-{:.2}) {:>14.2} {:>6} MiB {:>6} {:>9}/{:<10}",
+                    t.name,
+                    med,
+                    med / base,
+                    lo / base,
+                    hi / base,
+                    median(&mut cpu),
+                    rss / 1024,
+                    lost,
+                    w,
+                    e
+                );
+            }
+        }
+        Ok(())
+    })();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    result
+}
