@@ -250,6 +250,13 @@ fn run_once(
             connections * 2,
             None,
         ),
+        Unit::StateChanges if tool.name.starts_with("h2trace") => {
+            let written = text
+                .lines()
+                .filter(|l| l.contains("\"state-change\""))
+                .count();
+            (written as u64, state_changes, h2trace_losses(&text))
+        }
         Unit::StateChanges => (
             text.lines()
                 .filter(|l| {
