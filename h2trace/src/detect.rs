@@ -308,6 +308,8 @@ struct Emitted {
 /// Per-peer totals at the end of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerSummary {
+    /// `Some((start, end))` for a sliding-window record, `None` for the whole run.
+    pub window: Option<(u64, u64)>,
     pub tgid: u32,
     pub comm: String,
     pub netns: u32,
@@ -340,6 +342,10 @@ pub struct Detector {
     close_wait: BTreeMap<SocketId, (u64, GroupKey)>,
     emitted: BTreeMap<(Pattern, GroupKey), Emitted>,
     now: u64,
+    /// End of the current window (event time); 0 before the first event.
+    next_window_ns: u64,
+    /// Per-peer numbers of windows that ended, for the caller to take.
+    windows: Vec<PeerSummary>,
 }
 
 fn percentile(values: &[u64], q: f64) -> u64 {
@@ -436,6 +442,119 @@ impl Detector {
             close_wait: BTreeMap::new(),
             emitted: BTreeMap::new(),
             now: 0,
+            next_window_ns: 0,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Per-peer records of the windows that ended so far (taken).
+    pub fn take_windows(&mut self) -> Vec<PeerSummary> {
+        std::mem::take(&mut self.windows)
+    }
+
+    /// Close every window that ended before `now`: one record per peer active in it.
+    fn roll_windows(&mut self, now: u64) {
+        let w = self.cfg.window_ns;
+        if self.next_window_ns == 0 {
+            self.next_window_ns = now.saturating_add(w);
+            return;
+        }
+        if now < self.next_window_ns {
+            return;
+        }
+        let (from, to) = (self.next_window_ns - w, self.next_window_ns);
+        let records: Vec<PeerSummary> = self
+            .groups
+            .iter()
+            .filter_map(|(k, g)| {
+                let active = g
+                    .recent
+                    .iter()
+                    .any(|c| c.f.end_ns >= from && c.f.end_ns < to)
+                    || self.close_wait.values().any(|(_, key)| key == k);
+                active.then(|| self.summarize(k, g, Some((from, to))))
+            })
+            .collect();
+        self.windows.extend(records);
+        // Events arrive in time order: the windows between `to` and `now` are empty.
+        self.next_window_ns = to + w * ((now - to) / w + 1);
+    }
+
+    /// Numbers for one peer: over a window (from the group's recent connections), or over
+    /// the whole run.
+    fn summarize(&self, k: &GroupKey, g: &Group, window: Option<(u64, u64)>) -> PeerSummary {
+        let cw_now = || self.close_wait.values().filter(move |(_, key)| key == k);
+        let close_wait_open = cw_now().count() as u64;
+        let cw_longest = cw_now()
+            .map(|(t, _)| self.now.saturating_sub(*t))
+            .max()
+            .unwrap_or(0);
+        let Some((from, to)) = window else {
+            let span = g.last_ns.saturating_sub(g.first_ns).max(1);
+            return PeerSummary {
+                window: None,
+                tgid: k.tgid,
+                comm: g.comm.clone(),
+                netns: k.netns,
+                peer: k.peer,
+                connections: g.total,
+                rate_per_s: ((g.total as f64 / (span as f64 / 1e9)) * 10.0).round() / 10.0,
+                lifetime_p50_ns: quantile(&g.lifetimes, 0.5),
+                lifetime_p90_ns: quantile(&g.lifetimes, 0.9),
+                lifetime_p99_ns: quantile(&g.lifetimes, 0.99),
+                idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| quantile(&g.idles, q)),
+                concurrent_max: max_concurrent(g.recent.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
+                closers: g.closers.clone(),
+                ends: g.ends.clone(),
+                time_wait: g.time_waits,
+                retransmits: g.retransmits,
+                close_wait_open: g.close_wait_open + close_wait_open,
+                close_wait_max_ns: g.close_wait_max_ns.max(cw_longest),
+                findings: g.findings.iter().map(|p| p.as_str()).collect(),
+            };
+        };
+        let conns: Vec<&Conn> = g
+            .recent
+            .iter()
+            .filter(|c| c.f.end_ns >= from && c.f.end_ns < to)
+            .collect();
+        let lifetimes: Vec<u64> = conns.iter().map(|c| c.f.lifetime_ns).collect();
+        let idles: Vec<u64> = conns
+            .iter()
+            .filter_map(|c| c.f.idle_before_close_ns)
+            .collect();
+        let pct = |v: &[u64], q| if v.is_empty() { 0 } else { percentile(v, q) };
+        let mut closers = BTreeMap::new();
+        let mut ends = BTreeMap::new();
+        for c in &conns {
+            *closers.entry(c.f.fin_first.as_str()).or_default() += 1;
+            *ends.entry(c.f.end.as_str()).or_default() += 1;
+        }
+        PeerSummary {
+            window: Some((from, to)),
+            tgid: k.tgid,
+            comm: g.comm.clone(),
+            netns: k.netns,
+            peer: k.peer,
+            connections: conns.len() as u64,
+            rate_per_s: ((conns.len() as f64 / ((to - from) as f64 / 1e9)) * 10.0).round() / 10.0,
+            lifetime_p50_ns: pct(&lifetimes, 0.5),
+            lifetime_p90_ns: pct(&lifetimes, 0.9),
+            lifetime_p99_ns: pct(&lifetimes, 0.99),
+            idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| pct(&idles, q)),
+            concurrent_max: max_concurrent(conns.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
+            closers,
+            ends,
+            time_wait: conns.iter().filter(|c| c.f.time_wait).count() as u64,
+            retransmits: conns.iter().map(|c| u64::from(c.retransmits)).sum(),
+            close_wait_open,
+            close_wait_max_ns: conns
+                .iter()
+                .filter_map(|c| c.f.close_wait_ns)
+                .max()
+                .unwrap_or(0)
+                .max(cw_longest),
+            findings: g.findings.iter().map(|p| p.as_str()).collect(),
         }
     }
 
@@ -454,6 +573,7 @@ impl Detector {
 
     /// Time passes without events (the agent's `tick` records): CLOSE_WAIT can become stuck.
     pub fn advance(&mut self, now: u64, out: &mut Vec<Finding>) {
+        self.roll_windows(now);
         self.now = self.now.max(now);
         self.check_close_wait(out);
     }
@@ -464,7 +584,8 @@ impl Detector {
     }
 
     pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Finding>) {
-        // Time has passed up to this event: a socket may have become stuck before it closes.
+        // Time has passed up to this event: windows may have ended, a socket may have become
+        // stuck before it closes.
         self.advance(ev.ts_ns, out);
         let key = group_key(ev);
         let comm = ev
@@ -1126,37 +1247,7 @@ impl Detector {
         }
         self.groups
             .iter()
-            .map(|(k, g)| {
-                let span = g.last_ns.saturating_sub(g.first_ns).max(1);
-                PeerSummary {
-                    tgid: k.tgid,
-                    comm: g.comm.clone(),
-                    netns: k.netns,
-                    peer: k.peer,
-                    connections: g.total,
-                    rate_per_s: ((g.total as f64 / (span as f64 / 1e9)) * 10.0).round() / 10.0,
-                    lifetime_p50_ns: quantile(&g.lifetimes, 0.5),
-                    lifetime_p90_ns: quantile(&g.lifetimes, 0.9),
-                    lifetime_p99_ns: quantile(&g.lifetimes, 0.99),
-                    idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| quantile(&g.idles, q)),
-                    concurrent_max: max_concurrent(
-                        g.recent.iter().map(|c| (c.f.start_ns, c.f.end_ns)),
-                    ),
-                    closers: g.closers.clone(),
-                    ends: g.ends.clone(),
-                    time_wait: g.time_waits,
-                    retransmits: g.retransmits,
-                    close_wait_open: g.close_wait_open
-                        + self.close_wait.values().filter(|(_, key)| key == k).count() as u64,
-                    close_wait_max_ns: self
-                        .close_wait
-                        .values()
-                        .filter(|(_, key)| key == k)
-                        .map(|(t, _)| self.now.saturating_sub(*t))
-                        .fold(g.close_wait_max_ns, u64::max),
-                    findings: g.findings.iter().map(|p| p.as_str()).collect(),
-                }
-            })
+            .map(|(k, g)| self.summarize(k, g, None))
             .collect()
     }
 }
@@ -1173,6 +1264,63 @@ mod tests {
             3
         );
         assert_eq!(max_concurrent(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn windows_report_each_active_peer_once_per_window() {
+        use crate::event::{Life, Origin, Socket, Transition};
+        use h2trace_common::tcp_state::*;
+        let cfg = DetectConfig {
+            window_ns: 1_000_000_000,
+            ..DetectConfig::default()
+        };
+        let mut d = Detector::new(cfg);
+        let mut out = Vec::new();
+        // One short connection every 100 ms for 3.5 s, then a quiet gap and one more.
+        let times: Vec<u64> = (0..35)
+            .map(|i| i * 100_000_000)
+            .chain([9_000_000_000])
+            .collect();
+        for (i, &t) in times.iter().enumerate() {
+            let ev = Event {
+                ts_ns: t + 2_000_000,
+                cpu: 0,
+                socket: Socket {
+                    id: SocketId {
+                        skaddr: i as u64,
+                        start_ns: t,
+                    },
+                    netns: 1,
+                    local: "10.0.0.1:40000".parse().unwrap(),
+                    remote: "10.0.0.2:80".parse().unwrap(),
+                    owner: None,
+                    origin: Origin::Active,
+                },
+                body: Body::Life(Box::new(Life {
+                    first_state: CLOSE,
+                    transitions: [
+                        (t, SYN_SENT),
+                        (t + 1_000, ESTABLISHED),
+                        (t + 1_000_000, FIN_WAIT1),
+                        (t + 2_000_000, CLOSE),
+                    ]
+                    .map(|(ts_ns, state)| Transition { ts_ns, state })
+                    .to_vec(),
+                    ..Life::default()
+                })),
+            };
+            d.on_event(&ev, &mut out);
+        }
+        let w = d.take_windows();
+        // Windows of 1 s from the first event: three full, one with the last five; the quiet
+        // ones before the connection at 9 s are skipped, and its own window is still open.
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert_eq!(
+            w.iter().map(|p| p.connections).collect::<Vec<_>>(),
+            [10, 10, 10, 5]
+        );
+        assert_eq!(w[1].window.unwrap().0, w[0].window.unwrap().1);
+        assert_eq!(w[0].ends.get("fin"), Some(&10));
     }
 
     #[test]

@@ -624,7 +624,8 @@ impl<W: Write> Sink for Ndjson<W> {
             let mut v = json!({
                 "@timestamp": self.clock.rfc3339(ktime_ns),
                 "schema": SCHEMA,
-                "event": { "kind": "metric", "category": ["network"], "type": ["info"], "action": "peer-summary", "dataset": "h2trace.peers" },
+                "event": { "kind": "metric", "category": ["network"], "type": ["info"],
+                           "action": if p.window.is_some() { "peer-window" } else { "peer-summary" }, "dataset": "h2trace.peers" },
                 "h2trace": {
                     "ktime_ns": ktime_ns,
                     "netns": p.netns,
@@ -643,6 +644,9 @@ impl<W: Write> Sink for Ndjson<W> {
             });
             if p.tgid != 0 {
                 v["process"] = json!({ "pid": p.tgid, "name": p.comm });
+            }
+            if let Some((start, end)) = p.window {
+                v["h2trace"]["peer"]["window"] = json!({ "start_ns": start, "end_ns": end });
             }
             self.line(&v)?;
         }
@@ -820,7 +824,8 @@ impl<W: Write> Sink for Text<W> {
     }
 
     fn peers(&mut self, _ktime_ns: u64, peers: &[PeerSummary]) -> io::Result<()> {
-        if peers.is_empty() {
+        // People get the table at exit; the per-window numbers are for the NDJSON stream.
+        if peers.is_empty() || peers.iter().all(|p| p.window.is_some()) {
             return Ok(());
         }
         writeln!(

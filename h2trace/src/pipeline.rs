@@ -63,6 +63,10 @@ impl Pipeline {
     }
 
     fn drain_findings(&mut self) {
+        for w in self.detector.take_windows() {
+            let end = w.window.map_or(0, |(_, to)| to);
+            self.write(|sink| sink.peers(end, std::slice::from_ref(&w)));
+        }
         let found = std::mem::take(&mut self.findings);
         self.summary.findings += found.len() as u64;
         for f in &found {

@@ -56,7 +56,7 @@ fn records(ndjson: &str) -> Vec<Value> {
 fn facts(ndjson: &str) -> Vec<Value> {
     records(ndjson)
         .into_iter()
-        .filter(|r| !matches!(action(r), "finding" | "peer-summary"))
+        .filter(|r| !matches!(action(r), "finding" | "peer-summary" | "peer-window"))
         .map(|mut r| {
             if let Some(c) = r["h2trace"]["connection"].as_object_mut() {
                 c.remove("analysis");
