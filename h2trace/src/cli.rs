@@ -13,7 +13,11 @@ use crate::probe::{ProbeChoice, TransportChoice};
     long_about = "h2trace follows every TCP connection of a process (or of the whole host) from the \
 kernel: when it opened, each state it went through, who sent FIN or RST first, bytes each way, \
 retransmissions. It prints one record per finished connection, plus the few events that must be \
-seen live (CLOSE_WAIT, resets, retransmissions on established connections).",
+seen live (CLOSE_WAIT, resets, retransmissions on established connections). Per process and \
+peer it then names the cause when connections are not reused: dial per request, fixed-age \
+rotation (MaxConnectionAge), idle close by the peer, CLOSE_WAIT stuck, handshake-failure loops, \
+black holes and resets after idle, proxy upstream churn, TIME_WAIT pile-ups, RST storms — each \
+finding with its numbers, the connections that show it and the usual remedies.",
     after_help = "Examples:
   sudo h2trace --pid 1234                 follow one service's connections (text on a terminal)
   sudo h2trace -D 443 --duration 30s -o conns.ndjson
