@@ -1,7 +1,5 @@
 //! Reading records out of the kernel: the ring buffer or the per-CPU perf buffers, and the
 //! kernel's loss counters.
-use std::os::fd::AsRawFd;
-
 use aya::{
     Ebpf,
     maps::{
@@ -113,13 +111,6 @@ impl Reader {
             }
         }
         lost
-    }
-
-    pub fn fd(&self) -> Option<i32> {
-        match self {
-            Self::Ring(fd) => Some(fd.get_ref().as_raw_fd()),
-            Self::Perf { .. } => None,
-        }
     }
 }
 
