@@ -90,6 +90,8 @@ pub mod flags {
     pub const END_AT_CLOSE: u32 = 4;
     /// [`SockOffsets`] hold valid offsets (BTF was readable).
     pub const HAVE_SOCK_OFFSETS: u32 = 8;
+    /// Capture the first bytes each socket sends (`--peek`).
+    pub const PEEK: u32 = 16;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -170,7 +172,9 @@ pub struct SockLife {
     pub rst_sent_reason: u32,
     /// Socket state when the first RST was processed.
     pub rst_recv_state: u8,
-    pub _pad2: [u8; 3],
+    /// How many of `first_bytes` are valid (0: not captured; only with `--peek`).
+    pub first_bytes_len: u8,
+    pub _pad2: [u8; 2],
     pub last_retrans_ns: u64,
     /// The last send or receive before the connection left ESTABLISHED (0: none), so that
     /// the idle time before the close survives later I/O (e.g. a write after the peer's FIN).
@@ -179,8 +183,10 @@ pub struct SockLife {
     /// one had been answered), and when that send happened: the idle gap a middlebox saw.
     pub longest_request_gap_ns: u64,
     pub longest_request_gap_end_ns: u64,
+    /// The first bytes the socket sent (`--peek`): enough to tell HTTP/1.x, HTTP/2 and TLS.
+    pub first_bytes: [u8; 8],
 }
-const _: () = assert!(core::mem::size_of::<SockLife>() == 304);
+const _: () = assert!(core::mem::size_of::<SockLife>() == 312);
 
 /// All-zero values for the kernel's statics and scratch buffers.
 macro_rules! zeroed {
@@ -202,7 +208,7 @@ pub struct LifeRecord {
     pub hdr: Header,
     pub life: SockLife,
 }
-const _: () = assert!(core::mem::size_of::<LifeRecord>() == 320);
+const _: () = assert!(core::mem::size_of::<LifeRecord>() == 328);
 
 /// [`kind::STATE`], [`kind::RESET_SENT`], [`kind::RESET_RECEIVED`], [`kind::RETRANSMIT`]:
 /// something that must be seen while it happens.

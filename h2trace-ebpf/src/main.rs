@@ -13,6 +13,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_perf_event_output, bpf_probe_read_kernel,
+        bpf_probe_read_user,
         bpf_ringbuf_output, bpf_ringbuf_query,
     },
     macros::{fentry, kprobe, map, tracepoint},
@@ -66,6 +67,19 @@ static RING: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 #[map]
 static EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
+
+/// `--peek`: the user buffer of the send-family syscall a thread is in, until
+/// `sock:sock_send_length` (which fires inside the same syscall) reads its first bytes.
+#[map]
+static PEEK: LruHashMap<u64, UserBuf> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UserBuf {
+    ptr: u64,
+    /// 0: the data, 1: a `struct iovec *`, 2: a `struct user_msghdr *`.
+    kind: u64,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -582,6 +596,9 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     if ret > 0 {
         if send {
+            if life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0 {
+                peek_first_bytes(life, ret);
+            }
             // A send after the previous one was answered opens a new exchange: remember the
             // longest silence before one (what an idle-timeout middlebox measures).
             if life.last_send_ns <= life.last_recv_ns {
@@ -601,6 +618,72 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
     }
     claim_owner(&mut life.meta, owner_src::IO);
     Some(())
+}
+
+/// Remember the buffer of a send-family syscall. Syscall tracepoint records keep the
+/// arguments at 16 + 8·i; the buffer (or iovec, or msghdr) is the second.
+#[inline(always)]
+fn stash(ctx: &TracePointContext, kind: u64) -> u32 {
+    if config!(flags) & flags::PEEK == 0 {
+        return 0;
+    }
+    if let Some(ptr) = unsafe { read::<u64>(ctx.as_ptr() as *const u8, 24) } {
+        let _ = PEEK.insert(&bpf_get_current_pid_tgid(), &UserBuf { ptr, kind }, 0);
+    }
+    0
+}
+
+/// `syscalls:sys_enter_write` (only with `--peek`).
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    stash(&ctx, 0)
+}
+
+/// `syscalls:sys_enter_sendto` (only with `--peek`).
+#[tracepoint]
+pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
+    stash(&ctx, 0)
+}
+
+/// `syscalls:sys_enter_writev` (only with `--peek`).
+#[tracepoint]
+pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
+    stash(&ctx, 1)
+}
+
+/// `syscalls:sys_enter_sendmsg` (only with `--peek`).
+#[tracepoint]
+pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    stash(&ctx, 2)
+}
+
+/// The first bytes of this send, from the buffer the thread's syscall stashed.
+#[inline(always)]
+fn peek_first_bytes(life: &mut SockLife, sent: i32) {
+    let key = bpf_get_current_pid_tgid();
+    let Some(b) = (unsafe { PEEK.get(&key) }).copied() else {
+        return;
+    };
+    let _ = PEEK.remove(&key);
+    let mut ptr = b.ptr;
+    if b.kind == 2 {
+        // struct user_msghdr: msg_name, msg_namelen (+pad), then msg_iov at 16.
+        ptr = match unsafe { bpf_probe_read_user((ptr + 16) as *const u64) } {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+    }
+    if b.kind >= 1 {
+        // struct iovec: iov_base first.
+        ptr = match unsafe { bpf_probe_read_user(ptr as *const u64) } {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+    }
+    if let Ok(bytes) = unsafe { bpf_probe_read_user(ptr as *const [u8; 8]) } {
+        life.first_bytes = bytes;
+        life.first_bytes_len = if sent >= 8 { 8 } else { sent as u8 };
+    }
 }
 
 #[inline(always)]

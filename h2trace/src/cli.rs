@@ -145,6 +145,11 @@ pub struct TraceArgs {
     /// Which events to emit live.
     #[arg(long, value_enum, default_value = "default")]
     pub events: Events,
+    /// Read the first 8 bytes each connection sends, to tell HTTP/1.x, HTTP/2 (h2c) and TLS
+    /// apart. Attaches to the write/sendto/writev/sendmsg syscalls of the whole host, which
+    /// costs on write-heavy hosts: off by default.
+    #[arg(long)]
+    pub peek: bool,
     /// How to observe TCP state changes (auto: tracepoint, else fentry, else kprobe).
     #[arg(long, value_enum, default_value = "auto")]
     pub probe: ProbeChoice,

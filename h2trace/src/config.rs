@@ -143,6 +143,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             probe: a.probe,
             transport: a.transport,
             emit_all_transitions: a.events == Events::All,
+            peek: a.peek,
             ring_bytes,
             max_sockets: a.max_sockets,
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),

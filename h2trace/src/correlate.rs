@@ -64,6 +64,53 @@ impl EndKind {
     ];
 }
 
+/// What the first bytes a socket sent say about the protocol (`--peek`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// An HTTP/1.x request ("GET ", "POST", …) or response ("HTTP/1.").
+    Http1,
+    /// HTTP/2 in cleartext: the client preface ("PRI * HTTP/2.0") or a server's SETTINGS frame.
+    H2c,
+    /// A TLS record (handshake or alert).
+    Tls,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1",
+            Self::H2c => "h2c",
+            Self::Tls => "tls",
+        }
+    }
+
+    pub fn of(first: &[u8]) -> Option<Self> {
+        const METHODS: [&[u8]; 8] = [
+            b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN",
+        ];
+        if first.starts_with(b"HTTP/1.") || METHODS.iter().any(|m| first.starts_with(m)) {
+            Some(Self::Http1)
+        } else if first.starts_with(b"PRI * HT")
+            || first.len() >= 8
+                && first[0] == 0
+                && first[3] == 4
+                && first[4] & !1 == 0
+                && first[5..8] == [0, 0, 0]
+        {
+            // A server's first frame is SETTINGS: 24-bit length, type 4, flags, stream 0.
+            Some(Self::H2c)
+        } else if first.len() >= 3
+            && matches!(first[0], 0x14..=0x17)
+            && first[1] == 0x03
+            && first[2] <= 0x04
+        {
+            Some(Self::Tls)
+        } else {
+            None
+        }
+    }
+}
+
 /// A received RST this close to a sent one, on a socket this side had already closed, is the
 /// kernel aborting the socket itself, not the peer resetting it.
 const LOCAL_ABORT_WINDOW_NS: u64 = 1_000_000;
@@ -92,6 +139,8 @@ pub struct Facts {
     /// reset-after-idle diagnoses: from the last byte received to the last send (retransmitted),
     /// or to the RST.
     pub silent_gap_ns: Option<u64>,
+    /// From the first bytes sent, when captured (`--peek`).
+    pub protocol: Option<Protocol>,
 }
 
 fn first_at(l: &Life, pred: impl Fn(u8) -> bool) -> Option<u64> {
@@ -186,6 +235,7 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         close_wait_ns,
         time_wait,
         silent_gap_ns,
+        protocol: Protocol::of(&l.first_bytes),
     }
 }
 
@@ -304,6 +354,25 @@ mod tests {
             facts(&sock(Origin::Active), &l, false, 6_000).end,
             EndKind::LocalAbort
         );
+    }
+
+    #[test]
+    fn first_bytes_name_the_protocol() {
+        assert_eq!(Protocol::of(b"GET / HT"), Some(Protocol::Http1));
+        assert_eq!(Protocol::of(b"HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(Protocol::of(b"PRI * HT"), Some(Protocol::H2c));
+        // A server's SETTINGS frame: length 0x000012, type 4, flags 0.
+        assert_eq!(
+            Protocol::of(&[0, 0, 0x12, 4, 0, 0, 0, 0]),
+            Some(Protocol::H2c)
+        );
+        assert_eq!(
+            Protocol::of(&[0x16, 3, 1, 2, 0, 1, 0, 1]),
+            Some(Protocol::Tls)
+        );
+        assert_eq!(Protocol::of(b"\x00\x00\x00\x00"), None);
+        assert_eq!(Protocol::of(b""), None);
+        assert_eq!(Protocol::of(b"ping"), None);
     }
 
     #[test]

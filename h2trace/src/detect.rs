@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    correlate::{EndKind, Facts, Role, facts},
+    correlate::{EndKind, Facts, Protocol, Role, facts},
     event::{Body, Event, FinFirst, SocketId},
 };
 
@@ -834,8 +834,8 @@ impl Detector {
                     "concurrent_max": max_concurrent(closed.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
                     "bytes_sent_p50": sent, "bytes_received_p50": recv, "closed_by_local_share": (local * 100.0).round() / 100.0,
                 });
-                let summary = format!(
-                    "{who} opens a new connection to {} for every request: {} connections in {} ({rate:.1}/s), each living {} and carrying one exchange (~{sent} B out, ~{recv} B in), closed right after use ({}% by {}). HTTP/1.1 without keep-alive looks the same.",
+                let mut summary = format!(
+                    "{who} opens a new connection to {} for every request: {} connections in {} ({rate:.1}/s), each living {} and carrying one exchange (~{sent} B out, ~{recv} B in), closed right after use ({}% by {}).",
                     key.peer,
                     n,
                     ms(span),
@@ -847,6 +847,19 @@ impl Detector {
                         "the server"
                     }
                 );
+                // What the first bytes said (`--peek`), else what it could be.
+                let proto = |p| {
+                    closed.iter().filter(|c| c.f.protocol == Some(p)).count() * 2 > closed.len()
+                };
+                summary.push_str(if proto(Protocol::Http1) {
+                    " The connections carry HTTP/1.x: a client without keep-alive (or a server that closes after each response)."
+                } else if proto(Protocol::H2c) {
+                    " The connections carry HTTP/2: a new channel or client per call."
+                } else if proto(Protocol::Tls) {
+                    " The connections carry TLS: every request also pays a handshake."
+                } else {
+                    " HTTP/1.1 without keep-alive looks the same (--peek tells them apart)."
+                });
                 let conf = (closed.len() as f64 / (2 * cfg.min_conns) as f64).min(1.0) * after_use;
                 found.push((
                     Pattern::DialPerRequest,

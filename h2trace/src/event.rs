@@ -145,6 +145,8 @@ pub struct Life {
     pub active_before_close_ns: Option<u64>,
     /// The longest silence before a send that opened a new exchange, and when it ended.
     pub longest_request_gap: Option<(u64, u64)>,
+    /// The first bytes the socket sent (`--peek`; empty when not captured).
+    pub first_bytes: Vec<u8>,
 }
 
 /// Which side sent the first FIN, read off the state sequence.
@@ -331,6 +333,7 @@ fn life(l: &SockLife) -> Life {
         active_before_close_ns: nonzero(l.active_before_close_ns),
         longest_request_gap: (l.longest_request_gap_end_ns != 0)
             .then_some((l.longest_request_gap_ns, l.longest_request_gap_end_ns)),
+        first_bytes: l.first_bytes[..(l.first_bytes_len as usize).min(8)].to_vec(),
     }
 }
 

@@ -315,6 +315,9 @@ struct Connection<'a> {
     longest_request_gap_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     longest_request_gap_end_ns: Option<u64>,
+    /// Hex of the first bytes sent (`--peek`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_bytes: Option<String>,
     /// Derived (recomputed by replay, ignored on input).
     analysis: Analysis,
 }
@@ -332,6 +335,8 @@ struct Analysis {
     time_wait: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     silent_gap_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
 }
 
 impl From<&Facts> for Analysis {
@@ -344,6 +349,7 @@ impl From<&Facts> for Analysis {
             close_wait_ns: f.close_wait_ns,
             time_wait: f.time_wait,
             silent_gap_ns: f.silent_gap_ns,
+            protocol: f.protocol.map(|p| p.as_str()),
         }
     }
 }
@@ -424,6 +430,8 @@ impl<W: Write> Ndjson<W> {
                     active_before_close_ns: l.active_before_close_ns,
                     longest_request_gap_ns: l.longest_request_gap.map(|g| g.0),
                     longest_request_gap_end_ns: l.longest_request_gap.map(|g| g.1),
+                    first_bytes: (!l.first_bytes.is_empty())
+                        .then(|| l.first_bytes.iter().map(|b| format!("{b:02x}")).collect()),
                     analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
@@ -956,6 +964,7 @@ pub(crate) mod tests {
                 last_retransmit_ns: None,
                 active_before_close_ns: None,
                 longest_request_gap: None,
+                first_bytes: Vec::new(),
             })),
         }
     }

@@ -309,7 +309,21 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         active_before_close_ns: opt_u64(c, &["active_before_close_ns"]),
         longest_request_gap: opt_u64(c, &["longest_request_gap_ns"])
             .zip(opt_u64(c, &["longest_request_gap_end_ns"])),
+        first_bytes: match c["first_bytes"].as_str() {
+            None => Vec::new(),
+            Some(h) => hex(h).ok_or(ParseError::Field("h2trace.connection.first_bytes"))?,
+        },
     })
+}
+
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 16 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Parse one NDJSON line written by h2trace.
@@ -505,6 +519,8 @@ mod tests {
                         last_retransmit_ns: lrt.map(|v| v >> 1),
                         active_before_close_ns: lrt.map(|v| v >> 2),
                         longest_request_gap: ls.zip(lr).map(|(a, b)| (a >> 3, b >> 3)),
+                        first_bytes: lr
+                            .map_or(Vec::new(), |v| v.to_le_bytes()[..(v % 9) as usize].to_vec()),
                     }
                 },
             )

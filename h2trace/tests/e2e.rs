@@ -167,7 +167,7 @@ fn grpc_channel_per_call_is_dial_per_request() {
     let net = NetPair::new("e2e-grpc-dial", 81);
     let target = format!("{}:50051", net.server_v4);
     let mut client = 0;
-    let recs = traced("e2e-grpc-channel-per-call", &[], || {
+    let recs = traced("e2e-grpc-channel-per-call", &["--peek"], || {
         let server = py_server(&py, &net.server, &["grpc-server", &target]);
         client = py_client(
             &py,
@@ -184,6 +184,15 @@ fn grpc_channel_per_call_is_dial_per_request() {
     });
     let f = finding_for(&recs, "dial-per-request", Some(client), None);
     assert_eq!(f["destination"]["port"], 50051);
+    // grpcio writes with sendmsg: the HTTP/2 client preface, read through msghdr and iovec.
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("HTTP/2"), "{msg}");
+    let lives = in_netns(&recs, &net.client, "connection-closed");
+    assert!(
+        lives
+            .iter()
+            .any(|l| l["h2trace"]["connection"]["analysis"]["protocol"] == "h2c")
+    );
     assert!(
         f["h2trace"]["finding"]["numbers"]["connections"]
             .as_u64()
@@ -428,7 +437,7 @@ fn requests_without_a_session_piles_up_time_wait() {
     let mut client = 0;
     let recs = traced(
         "e2e-requests-no-session",
-        &["--time-wait-pileup", "20"],
+        &["--time-wait-pileup", "20", "--peek"],
         || {
             let nginx = nginx(&net, &dir);
             client = py_client(&py, &net.client, &["http-client", &url, "--requests", "30"]);
@@ -438,6 +447,21 @@ fn requests_without_a_session_piles_up_time_wait() {
     finding_for(&recs, "time-wait-pileup", Some(client), None);
     let dial = finding_for(&recs, "dial-per-request", Some(client), None);
     assert_eq!(dial["destination"]["port"], 8081);
+    // With --peek the bytes say which protocol: requests sends "GET /", nginx "HTTP/1.1 200".
+    let msg = dial["message"].as_str().unwrap();
+    assert!(msg.contains("HTTP/1.x"), "{msg}");
+    let lives = in_netns(&recs, &net.client, "connection-closed");
+    assert!(
+        lives
+            .iter()
+            .all(|l| l["h2trace"]["connection"]["first_bytes"] == "474554202f204854")
+    );
+    let served = in_netns(&recs, &net.server, "connection-closed");
+    assert!(
+        served
+            .iter()
+            .all(|l| l["h2trace"]["connection"]["analysis"]["protocol"] == "http/1")
+    );
 }
 
 /// A gRPC connection through the router goes idle; then the router `verdict`s its packets.

@@ -135,6 +135,8 @@ pub struct ProbeOptions {
     pub probe: ProbeChoice,
     pub transport: TransportChoice,
     pub emit_all_transitions: bool,
+    /// Capture the first bytes each socket sends (syscall tracepoints on the send family).
+    pub peek: bool,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_bytes: u32,
     /// Socket lives tracked at once in the kernel.
@@ -209,6 +211,14 @@ const OPTIONAL_TRACEPOINTS: [(&str, &str, &str, &str); 6] = [
         "sock_recv_length",
         "bytes received and receive-time owners are not seen",
     ),
+];
+
+/// `--peek`: the send-family syscalls whose buffers hold a socket's first bytes.
+const PEEK_SYSCALLS: [&str; 4] = [
+    "sys_enter_write",
+    "sys_enter_sendto",
+    "sys_enter_writev",
+    "sys_enter_sendmsg",
 ];
 
 /// Layouts and offsets gathered before loading.
@@ -297,6 +307,9 @@ fn loader_for(
     let mut config = facts.config;
     if opts.emit_all_transitions {
         config.flags |= flags::EMIT_ALL_TRANSITIONS;
+    }
+    if opts.peek {
+        config.flags |= flags::PEEK;
     }
     let ring = match transport {
         Transport::Perf => {
@@ -424,6 +437,20 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         detail: f,
     }));
     hooks.extend(attach_optional(&mut ebpf, &facts, "attached"));
+    if opts.peek {
+        for name in PEEK_SYSCALLS {
+            let result =
+                attach_tracepoint(&mut ebpf, name, "syscalls", name).map_err(|e| error_chain(&e));
+            hooks.push(HookStatus {
+                hook: format!("tracepoint syscalls:{name}"),
+                ok: result.is_ok(),
+                detail: result.map_or_else(
+                    |why| format!("{why}; --peek misses these sends"),
+                    |()| "attached".into(),
+                ),
+            });
+        }
+    }
     Ok(Probes {
         ebpf,
         state_hook,
