@@ -12,8 +12,8 @@ use h2trace::{
     filter::Filter,
     output::{Clock, Ndjson, Sink, Text},
     pipeline::Pipeline,
-    probe::{ProbeError, error_chain},
-    run::{self, Outcome, RunError},
+    probe::error_chain,
+    run::{self, Outcome},
 };
 
 fn main() -> ExitCode {
@@ -41,7 +41,6 @@ fn main() -> ExitCode {
     match rt.block_on(run::trace(cfg)) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Interrupted) => ExitCode::from(130),
-        Err(e @ RunError::Probe(ProbeError::Privileges(_))) => fail(&e, 1),
         Err(e) => fail(&e, 1),
     }
 }

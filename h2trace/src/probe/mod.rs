@@ -65,6 +65,15 @@ impl StateHook {
         }
     }
 
+    /// The program in the eBPF object that implements this hook.
+    fn program(self) -> &'static str {
+        match self {
+            Self::Tracepoint => "inet_sock_set_state",
+            Self::Fentry => "tcp_set_state_fentry",
+            Self::Kprobe => "tcp_set_state_kprobe",
+        }
+    }
+
     fn from_choice(c: ProbeChoice) -> Option<Self> {
         match c {
             ProbeChoice::Auto => None,
@@ -348,20 +357,22 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
     let err = |e| program_error(hook.name(), e);
     match hook {
         StateHook::Tracepoint => {
-            let p: &mut TracePoint = prog(ebpf, "inet_sock_set_state")?.try_into().map_err(err)?;
+            let p: &mut TracePoint = prog(ebpf, StateHook::Tracepoint.program())?
+                .try_into()
+                .map_err(err)?;
             p.load().map_err(err)?;
             p.attach("sock", "inet_sock_set_state").map_err(err)?;
         }
         StateHook::Fentry => {
             let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-            let p: &mut FEntry = prog(ebpf, "tcp_set_state_fentry")?
+            let p: &mut FEntry = prog(ebpf, StateHook::Fentry.program())?
                 .try_into()
                 .map_err(err)?;
             p.load("tcp_set_state", &btf).map_err(err)?;
             p.attach().map_err(err)?;
         }
         StateHook::Kprobe => {
-            let p: &mut KProbe = prog(ebpf, "tcp_set_state_kprobe")?
+            let p: &mut KProbe = prog(ebpf, StateHook::Kprobe.program())?
                 .try_into()
                 .map_err(err)?;
             p.load().map_err(err)?;
@@ -565,13 +576,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
                 detail: "loads and attaches".into(),
             },
             Err(why) => {
-                let loaded = ebpf
-                    .program(match hook {
-                        StateHook::Tracepoint => "inet_sock_set_state",
-                        StateHook::Fentry => "tcp_set_state_fentry",
-                        StateHook::Kprobe => "tcp_set_state_kprobe",
-                    })
-                    .is_some_and(|p| p.fd().is_ok());
+                let loaded = ebpf.program(hook.program()).is_some_and(|p| p.fd().is_ok());
                 let detail = if loaded {
                     format!("passes the verifier, cannot attach: {why}")
                 } else {
@@ -603,7 +608,7 @@ pub fn verify_kprobe(opts: &ProbeOptions) -> Result<(), ProbeError> {
     let facts = kernel_facts(&tracefs);
     let mut ebpf = loader_for(&facts, opts, Transport::Ringbuf)?;
     let hook = StateHook::Kprobe.name();
-    let p: &mut KProbe = prog(&mut ebpf, "tcp_set_state_kprobe")?
+    let p: &mut KProbe = prog(&mut ebpf, StateHook::Kprobe.program())?
         .try_into()
         .map_err(|e| program_error(hook, e))?;
     p.load().map_err(|e| program_error(hook, e))
