@@ -19,7 +19,7 @@ apt_install() {
 	local i
 	for i in 1 2 3 4 5; do
 		if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends "${missing[@]}"; then
+			--no-install-recommends ${APT_EXTRA:-} "${missing[@]}"; then
 			return 0
 		fi
 		log "apt failed (try $i), retrying in $((i * 5)) s"
@@ -73,5 +73,30 @@ fi
 # `--bench`: the established tools the bench compares against.
 if [ "${1:-}" = "--bench" ]; then
 	apt_install libbpf-tools bpftrace
+fi
+# `--vm`: the kernel matrix (xtask/src/vm.rs). QEMU runs other kernels; busybox is the guest's
+# shell and tools; kmod's depmod indexes the unpacked kernels' modules and its modprobe loads
+# them in the guest.
+if [ "${1:-}" = "--vm" ]; then
+	apt_install busybox-static kmod
+	if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+		# qemu-system-x86 and qemu-utils come from one source package and break each other across
+		# versions: a machine may carry a newer qemu-utils (from backports) than the suite apt
+		# installs qemu-system-x86 from, and apt would remove it. Take both at one version.
+		qemu_candidate() { apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }'; }
+		ver=$(qemu_candidate)
+		if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
+			apt-get update -qq || true
+			ver=$(qemu_candidate)
+		fi
+		pkgs=(qemu-system-x86)
+		have=$(dpkg-query -W -f='${Status} ${Version}' qemu-utils 2>/dev/null || true)
+		case "$have" in
+		"install ok installed $ver") ;;
+		"install ok installed "*) pkgs+=("qemu-utils=$ver") ;;
+		esac
+		APT_EXTRA=--allow-downgrades apt_install "${pkgs[@]}"
+		command -v qemu-system-x86_64 >/dev/null || { log "qemu-system-x86_64 did not install"; exit 1; }
+	fi
 fi
 log "toolchain ready"
