@@ -351,13 +351,16 @@ impl Tracer {
     pub fn start(tag: &str, args: &[&str]) -> Self {
         let dir = TempDir::new(tag);
         let out = dir.0.join("out.ndjson");
-        let child = Command::new(h2trace_bin())
-            .args(["--format", "ndjson", "--output"])
+        let mut cmd = Command::new(h2trace_bin());
+        cmd.args(["--format", "ndjson", "--output"])
             .arg(&out)
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .args(args);
+        // The kernel matrix (`cargo xtask test`, xtask/src/vm.rs) runs the tests once more with
+        // another state hook than the default.
+        if let Some(probe) = std::env::var_os("H2TRACE_TEST_PROBE") {
+            cmd.arg("--probe").arg(probe);
+        }
+        let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let mut t = Self {
             child,
             out,
