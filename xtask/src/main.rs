@@ -1,5 +1,6 @@
 //! Developer and CI entry points: `cargo xtask setup | build-ebpf | test | run`.
 mod bench;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -23,11 +24,19 @@ enum Cmd {
     /// Build the eBPF object (release, with BTF) that the agent embeds.
     BuildEbpf,
     /// Set up, build the eBPF object, and run the whole test suite. As root this includes
-    /// the kernel integration tests.
+    /// the kernel integration tests, on this machine's kernel and on Debian's 6.1 and 6.12 in
+    /// QEMU (the kernel matrix, where kprobes and fentry attach).
     Test {
         /// Skip the kernel integration tests even when running as root.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kernel")]
         no_kernel: bool,
+        /// Skip the kernel matrix in QEMU (same as `--kernel host`).
+        #[arg(long, conflicts_with = "kernel")]
+        no_vm: bool,
+        /// Kernels to test on, comma-separated; a kernel of the matrix alone runs only the
+        /// kernel tests there. [default: all as root, host otherwise]
+        #[arg(long, value_enum, value_delimiter = ',')]
+        kernel: Vec<vm::KernelArg>,
     },
     /// Connection churn with and without tracers (h2trace, libbpf-tools tcpstates and tcplife,
     /// a bpftrace script): throughput ratios, tracer CPU, peak RSS, losses. As root.
@@ -56,21 +65,29 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Test { no_kernel } => {
+        Cmd::Test {
+            no_kernel,
+            no_vm,
+            kernel,
+        } => {
+            let (host, vms) = vm::plan(&kernel, no_vm || no_kernel);
             setup()?;
             build_ebpf()?;
-            // The kernel tests run the tcp_peer example; build it under its plain name.
-            run(cargo().args(["build", "--package", "h2trace", "--examples"]))?;
-            let mut cmd = cargo();
-            cmd.args(["test", "--workspace"]);
-            // setup installed the end-to-end peers: their absence is a failure, not a skip.
-            if is_root() {
-                cmd.env("H2TRACE_REQUIRE_E2E", "1");
+            if host {
+                // The kernel tests run the tcp_peer example; build it under its plain name.
+                run(cargo().args(["build", "--package", "h2trace", "--examples"]))?;
+                let mut cmd = cargo();
+                cmd.args(["test", "--workspace"]);
+                // setup installed the end-to-end peers: their absence is a failure, not a skip.
+                if is_root() {
+                    cmd.env("H2TRACE_REQUIRE_E2E", "1");
+                }
+                if no_kernel {
+                    cmd.env("H2TRACE_SKIP_KERNEL_TESTS", "1");
+                }
+                run(&mut cmd)?;
             }
-            if no_kernel {
-                cmd.env("H2TRACE_SKIP_KERNEL_TESTS", "1");
-            }
-            run(&mut cmd)
+            vm::matrix(&vms)
         }
         Cmd::Bench {
             seconds,

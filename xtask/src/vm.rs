@@ -1,0 +1,612 @@
+//! The kernel matrix: the kernel integration tests inside Debian's 6.1 and 6.12 kernels under
+//! QEMU, where kprobes and fentry attach (our machines' own kernel has neither).
+//!
+//! Per kernel: the newest Debian package of the series, fetched with `apt-get download` and
+//! unpacked into a cache (never installed), its modules indexed with `depmod -b`; an initramfs
+//! with the host-built test binaries, the host tools they call, the netfilter and veth modules
+//! and `vm/init.sh` as /init; QEMU boots it under a hard timeout, the serial console streamed to
+//! the terminal and to target/vm/KERNEL.log. Only the init's PASS line counts as success.
+//!
+//! The kernel tests are the h2trace integration tests whose source calls `kernel_test(`: new
+//! test files join the matrix by using that guard. Tests that need the end-to-end peers
+//! (Python, nginx) skip themselves in the guest, where those are absent.
+
+mod initramfs;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use initramfs::Archive;
+
+use crate::{cargo, is_root, root, run};
+
+/// `--kernel`: where the kernel tests run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelArg {
+    /// This machine's kernel, with the whole test suite.
+    Host,
+    /// Debian 12's 6.1 in QEMU.
+    #[value(name = "6.1")]
+    V6_1,
+    /// Debian 12's 6.12 in QEMU.
+    #[value(name = "6.12")]
+    V6_12,
+    /// The host and every kernel of the matrix.
+    All,
+}
+
+/// A Debian kernel series: its signed image packages are `PREFIX<number>SUFFIX`.
+pub struct Series {
+    pub name: &'static str,
+    prefix: &'static str,
+    suffix: &'static str,
+}
+
+pub const SERIES: [Series; 2] = [
+    Series {
+        name: "6.1",
+        prefix: "linux-image-6.1.0-",
+        suffix: "-amd64",
+    },
+    Series {
+        name: "6.12",
+        prefix: "linux-image-6.12.",
+        suffix: "+deb12-amd64",
+    },
+];
+
+impl Series {
+    /// The ABI (6.1) or stable patch (6.12) number of a package of this series: newer is bigger.
+    fn number(&self, pkg: &str) -> Option<u32> {
+        pkg.strip_prefix(self.prefix)?
+            .strip_suffix(self.suffix)?
+            .parse()
+            .ok()
+    }
+
+    fn newest<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Option<String> {
+        names
+            .into_iter()
+            .filter_map(|n| Some((self.number(n)?, n)))
+            .max()
+            .map(|(_, n)| n.to_string())
+    }
+}
+
+/// Whether the host suite runs, and which kernels of the matrix. Without `--kernel`: all as
+/// root (the matrix needs root to install QEMU), the host otherwise or with `no_vm`.
+pub fn plan(args: &[KernelArg], no_vm: bool) -> (bool, Vec<&'static Series>) {
+    let default = if is_root() && !no_vm {
+        KernelArg::All
+    } else {
+        KernelArg::Host
+    };
+    let args = if args.is_empty() {
+        &[default][..]
+    } else {
+        args
+    };
+    let has = |k| args.contains(&k) || args.contains(&KernelArg::All);
+    let vms = SERIES
+        .iter()
+        .zip([KernelArg::V6_1, KernelArg::V6_12])
+        .filter(|(_, k)| has(*k))
+        .map(|(s, _)| s)
+        .collect();
+    (has(KernelArg::Host), vms)
+}
+
+/// Modules the init loads before the tests: veth pairs, conntrack (its sysctls exist only once
+/// it is loaded), ctnetlink, nftables with the expressions the middlebox rules use. Whatever
+/// else a test's nft rules need, the kernel loads on demand from the directories below.
+const PRELOAD: &str = "veth nf_conntrack nf_conntrack_netlink nf_tables nft_ct nft_nat nft_masq nft_reject_inet nft_chain_nat";
+const MODULE_DIRS: [&str; 3] = [
+    "kernel/net/netfilter/",
+    "kernel/net/ipv4/netfilter/",
+    "kernel/net/ipv6/netfilter/",
+];
+/// Host tools the tests and the init call, copied with their libraries.
+const HOST_TOOLS: [&str; 7] = [
+    "busybox", "ip", "ss", "nft", "sysctl", "setpriv", "modprobe",
+];
+/// Each kernel test binary runs once per state hook: the default chain, then kprobes.
+const PROBES: &str = "auto kprobe";
+/// Per kernel, boot to power-off. Measured runs take a fraction of it (README, "Testing").
+const TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const PASS: &str = "H2TRACE-VM-RESULT: PASS";
+
+/// Run the kernel tests in each kernel of `series`; all of them, then fail if any failed.
+pub fn matrix(series: &[&Series]) -> Result<()> {
+    if series.is_empty() {
+        return Ok(());
+    }
+    if is_root() {
+        run(Command::new("bash")
+            .arg(root().join("scripts/install-toolchain.sh"))
+            .arg("--vm"))?;
+    }
+    let work = root().join("target/vm");
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let bins = Binaries::build(&work)?;
+    let mut outcomes = Vec::new();
+    for s in series {
+        let outcome = fetch(s).and_then(|k| {
+            let initrd = work.join(format!("{}.cpio", k.release()));
+            initramfs(&k, &bins, &initrd)?;
+            boot(s.name, &k, &initrd, &work.join(format!("{}.log", s.name)))
+        });
+        if let Err(e) = &outcome {
+            eprintln!("xtask: kernel {}: {e:#}", s.name);
+        }
+        outcomes.push((s.name, outcome));
+    }
+    println!("\nxtask: kernel matrix");
+    let mut failed = Vec::new();
+    for (name, outcome) in &outcomes {
+        match outcome {
+            Ok(o) => {
+                println!("  {name:<5} {o}");
+                if !o.passed {
+                    failed.push(*name);
+                }
+            }
+            Err(e) => {
+                println!("  {name:<5} error: {e:#}");
+                failed.push(*name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "kernel tests failed on {} (logs in {})",
+            failed.join(", "),
+            work.display()
+        );
+    }
+    Ok(())
+}
+
+/// An unpacked kernel package in the cache.
+struct Kernel {
+    pkg: String,
+    dir: PathBuf,
+}
+
+impl Kernel {
+    fn release(&self) -> &str {
+        self.pkg.strip_prefix("linux-image-").unwrap_or(&self.pkg)
+    }
+
+    fn vmlinuz(&self) -> PathBuf {
+        self.dir.join(format!("boot/vmlinuz-{}", self.release()))
+    }
+
+    fn modules(&self) -> PathBuf {
+        self.dir.join("lib/modules").join(self.release())
+    }
+}
+
+/// Written last into an unpacked kernel's folder: the unpacking and indexing finished.
+const READY: &str = ".ready";
+
+fn cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        })
+        .join("h2trace/kernels")
+}
+
+/// The newest package of the series that apt knows, from the cache if it is there; an older
+/// cached one if apt cannot deliver (no network, no lists).
+fn fetch(series: &Series) -> Result<Kernel> {
+    let cache = cache();
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let cached_names: Vec<String> = fs::read_dir(&cache)?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join(READY).exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let cached = series
+        .newest(cached_names.iter().map(String::as_str))
+        .map(|pkg| Kernel {
+            dir: cache.join(&pkg),
+            pkg,
+        });
+    let listed = apt_names(series).unwrap_or_else(|e| {
+        eprintln!("xtask: {e:#}");
+        None
+    });
+    let Some(pkg) = listed else {
+        return cached.with_context(|| {
+            format!(
+                "apt knows no {}*{} package and none is cached (apt-get update?)",
+                series.prefix, series.suffix
+            )
+        });
+    };
+    if cached.as_ref().is_some_and(|k| k.pkg == pkg) {
+        return Ok(cached.unwrap());
+    }
+    match download(&cache, &pkg) {
+        Ok(k) => {
+            // One kernel per series is enough: drop the older ones.
+            for old in &cached_names {
+                if series.number(old).is_some() && *old != pkg {
+                    let _ = fs::remove_dir_all(cache.join(old));
+                }
+            }
+            Ok(k)
+        }
+        Err(e) => match cached {
+            Some(k) => {
+                eprintln!("xtask: {e:#}; using the cached {}", k.pkg);
+                Ok(k)
+            }
+            None => Err(e),
+        },
+    }
+}
+
+/// The newest package name of the series in apt's lists.
+fn apt_names(series: &Series) -> Result<Option<String>> {
+    let out = Command::new("apt-cache")
+        .args(["search", "--names-only"])
+        .arg(format!("^{}", series.prefix.replace('.', "\\.")))
+        .output()
+        .context("running apt-cache")?;
+    if !out.status.success() {
+        bail!(
+            "apt-cache search failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(series.newest(text.lines().filter_map(|l| l.split(' ').next())))
+}
+
+fn download(cache: &Path, pkg: &str) -> Result<Kernel> {
+    let k = Kernel {
+        pkg: pkg.to_string(),
+        dir: cache.join(pkg),
+    };
+    let _ = fs::remove_dir_all(&k.dir);
+    fs::create_dir_all(&k.dir)?;
+    println!("xtask: downloading {pkg}");
+    let mut download = Command::new("apt-get");
+    // As root apt would drop to its sandbox user, who may not write here.
+    download
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root", pkg])
+        .current_dir(&k.dir);
+    retry(&mut download)?;
+    let deb = fs::read_dir(&k.dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", k.dir.display()))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&k.dir))?;
+    fs::remove_file(&deb)?;
+    // The package ships its modules without the index its postinst would make; modprobe in the
+    // guest needs it.
+    run(Command::new("/usr/sbin/depmod")
+        .arg("-b")
+        .arg(&k.dir)
+        .arg(k.release()))
+    .context("indexing the modules (depmod is in the kmod package)")?;
+    fs::write(k.dir.join(READY), "")?;
+    Ok(k)
+}
+
+/// apt on these machines can trip over a concurrent apt run: try a few times.
+fn retry(cmd: &mut Command) -> Result<()> {
+    let mut last = None;
+    for attempt in 1..=4 {
+        match run(cmd) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                eprintln!("xtask: {e:#} (try {attempt})");
+                last = Some(e);
+                std::thread::sleep(Duration::from_secs(5 * attempt));
+            }
+        }
+    }
+    Err(last.unwrap())
+}
+
+/// The host-built programs the guest runs, each with a copy stripped of debug info (a fifth of
+/// the size: the initramfs is unpacked by an emulated CPU).
+struct Binaries {
+    h2trace: Program,
+    examples: Vec<Program>,
+    tests: Vec<Program>,
+}
+
+struct Program {
+    path: PathBuf,
+    stripped: PathBuf,
+}
+
+impl Binaries {
+    fn build(work: &Path) -> Result<Self> {
+        let out = cargo()
+            .args([
+                "test",
+                "--package",
+                "h2trace",
+                "--no-run",
+                "--message-format=json-render-diagnostics",
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running cargo test --no-run")?;
+        if !out.status.success() {
+            bail!("building the tests failed");
+        }
+        let strip_dir = work.join("bin");
+        fs::create_dir_all(&strip_dir)?;
+        let mut h2trace = None;
+        let (mut examples, mut tests) = (Vec::new(), Vec::new());
+        for line in out.stdout.split(|&b| b == b'\n') {
+            let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(exe) = msg["executable"].as_str() else {
+                continue;
+            };
+            let target = &msg["target"];
+            let kind = |k: &str| {
+                target["kind"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == k))
+            };
+            let prog = || Program::stripped(Path::new(exe), &strip_dir);
+            if kind("bin") && target["name"] == "h2trace" {
+                h2trace = Some(prog()?);
+            } else if kind("example") {
+                examples.push(prog()?);
+            } else if kind("test") && is_kernel_test(target["src_path"].as_str().unwrap_or(""))? {
+                tests.push(prog()?);
+            }
+        }
+        let h2trace = h2trace.context("cargo built no h2trace binary")?;
+        if tests.is_empty() {
+            bail!("no kernel tests found (integration tests that call kernel_test())");
+        }
+        Ok(Self {
+            h2trace,
+            examples,
+            tests,
+        })
+    }
+}
+
+fn is_kernel_test(src: &str) -> Result<bool> {
+    let text = fs::read_to_string(src).with_context(|| format!("reading {src}"))?;
+    Ok(text.contains("kernel_test("))
+}
+
+impl Program {
+    fn stripped(path: &Path, dir: &Path) -> Result<Self> {
+        let stripped = dir.join(path.file_name().context("a program without a name")?);
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            stripped,
+        })
+    }
+}
+
+/// A host tool by name, from the directories root's PATH has.
+fn host_tool(name: &str) -> Result<PathBuf> {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} is not installed (scripts/install-toolchain.sh --vm)"))
+}
+
+fn initramfs(k: &Kernel, bins: &Binaries, out: &Path) -> Result<()> {
+    let mut a = Archive::new()?;
+    for d in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc"] {
+        a.dir(Path::new(d));
+    }
+    a.symlink(Path::new("/var/run"), Path::new("/run"));
+    for tool in HOST_TOOLS {
+        a.program(&host_tool(tool)?, None)?;
+    }
+    let busybox = fs::canonicalize(host_tool("busybox")?)?;
+    a.symlink(Path::new("/bin/sh"), &busybox);
+    a.symlink(Path::new("/bin/busybox"), &busybox);
+    for p in std::iter::once(&bins.h2trace)
+        .chain(&bins.examples)
+        .chain(&bins.tests)
+    {
+        a.program(&p.path, Some(&p.stripped))?;
+    }
+    modules(&mut a, k)?;
+
+    let mut conf = String::new();
+    let mut var = |name: &str, value: String| -> Result<()> {
+        if value.contains(['\'', '\n']) {
+            bail!("{name} cannot be quoted for the init: {value}");
+        }
+        conf.push_str(&format!("{name}='{value}'\n"));
+        Ok(())
+    };
+    var("H2TRACE", bins.h2trace.path.display().to_string())?;
+    let tests: Vec<String> = bins
+        .tests
+        .iter()
+        .map(|t| t.path.display().to_string())
+        .collect();
+    if tests.iter().any(|t| t.contains(' ')) {
+        bail!("test paths with spaces: {tests:?}");
+    }
+    var("TESTS", tests.join(" "))?;
+    var("PROBES", PROBES.into())?;
+    var("MODULES", PRELOAD.into())?;
+    a.data(Path::new("/etc/h2trace-vm.conf"), conf, 0o644);
+    a.data(Path::new("/init"), include_str!("vm/init.sh"), 0o755);
+    a.write(out)?;
+    let size = fs::metadata(out)?.len();
+    println!(
+        "xtask: {} ({} MiB, {} kernel test binaries)",
+        out.display(),
+        size >> 20,
+        bins.tests.len()
+    );
+    Ok(())
+}
+
+/// The modules under MODULE_DIRS, veth, everything they depend on, and the index files.
+fn modules(a: &mut Archive, k: &Kernel) -> Result<()> {
+    let dir = k.modules();
+    let dep_file = dir.join("modules.dep");
+    let deps =
+        fs::read_to_string(&dep_file).with_context(|| format!("reading {}", dep_file.display()))?;
+    let mut wanted = BTreeSet::new();
+    for line in deps.lines() {
+        let Some((module, needs)) = line.split_once(':') else {
+            continue;
+        };
+        let name = Path::new(module)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        if MODULE_DIRS.iter().any(|d| module.starts_with(d)) || name.starts_with("veth.ko") {
+            wanted.insert(module);
+            wanted.extend(needs.split_whitespace());
+        }
+    }
+    let guest = Path::new("/lib/modules").join(k.release());
+    for m in wanted {
+        a.file(&guest.join(m), &dir.join(m))?;
+    }
+    for e in fs::read_dir(&dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with("modules.") {
+            a.file(&guest.join(e.file_name()), &e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// How one kernel's run went, in wall-clock time on this machine.
+struct Outcome {
+    passed: bool,
+    /// QEMU start to the init's first line.
+    boot: Option<Duration>,
+    /// The init's first line to the result line.
+    tests: Option<Duration>,
+    total: Duration,
+    timed_out: bool,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs =
+            |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+        write!(
+            f,
+            "{}  boot {}  tests {}  total {:.1} s{}",
+            if self.passed { "PASS" } else { "FAIL" },
+            secs(self.boot),
+            secs(self.tests),
+            self.total.as_secs_f64(),
+            if self.timed_out { " (timed out)" } else { "" }
+        )
+    }
+}
+
+/// Boot the kernel with the initramfs, stream the console, and read the verdict from it.
+fn boot(name: &str, k: &Kernel, initrd: &Path, log: &Path) -> Result<Outcome> {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    // No KVM on our machines; where there is, use it.
+    if Path::new("/dev/kvm").exists() {
+        qemu.args(["-accel", "kvm"]);
+    }
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2G"])
+        .args([
+            "-display", "none", "-vga", "none", "-monitor", "none", "-serial", "stdio",
+        ])
+        .args(["-nic", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(k.vmlinuz())
+        .arg("-initrd")
+        .arg(initrd)
+        // panic=-1 reboots on a panic, and -no-reboot turns that into QEMU exiting.
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 loglevel=5 random.trust_cpu=on mitigations=off",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    println!("xtask: booting {} ({})", k.pkg, log.display());
+    let start = Instant::now();
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().unwrap();
+    let mut log_file =
+        fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let (tx, rx) = mpsc::channel();
+    let prefix = format!("[{name}] ");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            println!("{prefix}{line}");
+            let _ = writeln!(log_file, "{line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut outcome = Outcome {
+        passed: false,
+        boot: None,
+        tests: None,
+        total: Duration::ZERO,
+        timed_out: false,
+    };
+    loop {
+        let left = TIMEOUT.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if line.starts_with("H2TRACE-VM: init") && outcome.boot.is_none() {
+                    outcome.boot = Some(start.elapsed());
+                }
+                if line.starts_with("H2TRACE-VM-RESULT:") {
+                    outcome.passed = line == PASS;
+                    outcome.tests = outcome.boot.map(|b| start.elapsed() - b);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                outcome.timed_out = true;
+                outcome.passed = false;
+                eprintln!("xtask: kernel {name}: no power-off within {TIMEOUT:?}, stopping QEMU");
+                let _ = child.kill();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = child.wait()?;
+    let _ = reader.join();
+    outcome.total = start.elapsed();
+    if !outcome.timed_out && !status.success() {
+        eprintln!("xtask: kernel {name}: QEMU exited with {status}");
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,58 @@
+#!/bin/sh
+# /init of the kernel-matrix VM (xtask/src/vm.rs), run by busybox: mount what h2trace and its
+# kernel tests use, load the netfilter modules, check that `h2trace check` sees kprobes and
+# fentry, run the kernel tests once per probe mode, print one result line, power off.
+# /etc/h2trace-vm.conf (written by xtask) sets H2TRACE, TESTS, PROBES and MODULES.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
+. /etc/h2trace-vm.conf
+
+# busybox finds itself through /proc; its applets do not replace the host's tools in the image.
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+echo "H2TRACE-VM: init at $(uptime_s) s, kernel $(uname -r)"
+failed=""
+
+# Netfilter and veth are modules in Debian's kernels. Load the ones every test needs; the rest
+# (nft expressions) the kernel loads on demand through /sbin/modprobe.
+modprobe -a $MODULES || failed="$failed modprobe"
+ip link set lo up
+
+# The probes this matrix exists for must be there: kprobes and fentry on tcp_set_state.
+"$H2TRACE" check >/tmp/check.txt 2>&1
+cat /tmp/check.txt
+for hook in "kprobe tcp_set_state" "fentry tcp_set_state"; do
+	grep -q "^ *ok  *$hook" /tmp/check.txt || failed="$failed check:$hook"
+done
+
+for probe in $PROBES; do
+	for t in $TESTS; do
+		start=$(uptime_s)
+		echo "H2TRACE-VM: running $t with --probe $probe"
+		if [ "$probe" = auto ]; then
+			"$t" --test-threads=1 || failed="$failed $(basename "$t"):$probe"
+		else
+			H2TRACE_TEST_PROBE=$probe "$t" --test-threads=1 || failed="$failed $(basename "$t"):$probe"
+		fi
+		echo "H2TRACE-VM: $(basename "$t") --probe $probe took $start..$(uptime_s) s"
+	done
+done
+
+echo "H2TRACE-VM: tests ended at $(uptime_s) s"
+if [ -z "$failed" ]; then
+	echo "H2TRACE-VM-RESULT: PASS"
+else
+	echo "H2TRACE-VM-RESULT: FAIL ($failed )"
+fi
+sync
+poweroff -f
+echo o >/proc/sysrq-trigger
