@@ -17,12 +17,17 @@ seen live (CLOSE_WAIT, resets, retransmissions on established connections). Per 
 peer it then names the cause when connections are not reused: dial per request, fixed-age \
 rotation (MaxConnectionAge), idle close by the peer, CLOSE_WAIT stuck, handshake-failure loops, \
 black holes and resets after idle, proxy upstream churn, TIME_WAIT pile-ups, RST storms — each \
-finding with its numbers, the connections that show it and the usual remedies.",
+finding with its numbers, the connections that show it and the usual remedies. It also follows \
+the conntrack tables of the host, the traced processes and any router or NAT namespace you name, \
+joins each entry to its sockets through NAT, and proves the middlebox case: an entry that timed \
+out while both sockets were still ESTABLISHED.",
     after_help = "Examples:
   sudo h2trace --pid 1234                 follow one service's connections (text on a terminal)
   sudo h2trace -D 443 --duration 30s -o conns.ndjson
                                           connections to port 443 for 30 s, as NDJSON
   sudo h2trace --events all -4            every TCP state change on the host, IPv4 only
+  sudo h2trace --pid 1234 --conntrack-netns router
+                                          also what the `router` namespace's conntrack thought
   sudo h2trace check                      what this kernel supports, and what is missing
 
 Output: text on a terminal, NDJSON otherwise (one JSON object per line; see docs/ndjson.md).
@@ -106,6 +111,13 @@ pub enum Events {
     All,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConntrackChoice {
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Debug, Args)]
 pub struct TraceArgs {
     /// Only sockets owned by these processes (all their threads), comma-separated.
@@ -165,6 +177,17 @@ pub struct TraceArgs {
     /// Socket lives tracked at once in the kernel (LRU; evictions are counted).
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub max_sockets: u32,
+    /// Follow conntrack tables (ctnetlink): their TCP entries appear in the stream, joined to
+    /// the connections they belong to, and a table that forgets a live connection becomes a
+    /// finding. auto: follow the host's and each --pid's namespace when possible, warn
+    /// otherwise; on: fail if a table cannot be followed. Needs CAP_NET_ADMIN.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub conntrack: ConntrackChoice,
+    /// Also follow the conntrack table of this network namespace: a name from `ip netns`
+    /// (/run/netns/NAME) or a path such as /proc/PID/ns/net (a router, NAT or firewall
+    /// namespace). Repeatable.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub conntrack_netns: Vec<String>,
     #[command(flatten)]
     pub detect: DetectArgs,
 }

@@ -2,7 +2,8 @@
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{DetectArgs, Events, Format, TraceArgs},
+    cli::{ConntrackChoice, DetectArgs, Events, Format, TraceArgs},
+    conntrack::netlink::NetnsSpec,
     detect::DetectConfig,
     filter::Filter,
     probe::ProbeOptions,
@@ -22,6 +23,18 @@ pub enum ConfigError {
     PerfPages(usize),
     #[error("invalid --max-sockets 0: must be at least 1")]
     MaxSockets,
+    #[error("--conntrack-netns {0}: no such network namespace ({1})")]
+    Netns(String, String),
+    #[error("--conntrack-netns given with --conntrack off")]
+    NetnsWithoutConntrack,
+}
+
+/// Which conntrack tables to follow, and whether failing to is an error.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConntrackConfig {
+    pub namespaces: Vec<NetnsSpec>,
+    /// `--conntrack on`, or a namespace named explicitly: not following it is an error.
+    pub required: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +46,7 @@ pub struct Config {
     pub probe: ProbeOptions,
     pub perf_pages: usize,
     pub detect: DetectConfig,
+    pub conntrack: ConntrackConfig,
 }
 
 fn duration(flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
@@ -123,6 +137,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
     }
     let format = default_format(a.format, a.output.is_some());
     let detect = detect_config(&a.detect, DetectConfig::default())?;
+    let conntrack = conntrack_config(a)?;
     Ok(Config {
         filter: Filter {
             pids: (!a.pid.is_empty()).then(|| a.pid.iter().copied().collect()),
@@ -150,6 +165,32 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
         },
         perf_pages: a.perf_pages,
         detect,
+        conntrack,
+    })
+}
+
+fn conntrack_config(a: &TraceArgs) -> Result<ConntrackConfig, ConfigError> {
+    if a.conntrack == ConntrackChoice::Off {
+        if !a.conntrack_netns.is_empty() {
+            return Err(ConfigError::NetnsWithoutConntrack);
+        }
+        return Ok(ConntrackConfig::default());
+    }
+    let mut namespaces = vec![NetnsSpec::Host];
+    namespaces.extend(a.pid.iter().map(|&p| NetnsSpec::Pid(p)));
+    for n in &a.conntrack_netns {
+        let spec = NetnsSpec::Named(n.clone());
+        if let Err(e) = std::fs::metadata(spec.path()) {
+            return Err(ConfigError::Netns(
+                n.clone(),
+                format!("{}: {e}", spec.path().display()),
+            ));
+        }
+        namespaces.push(spec);
+    }
+    Ok(ConntrackConfig {
+        namespaces,
+        required: a.conntrack == ConntrackChoice::On || !a.conntrack_netns.is_empty(),
     })
 }
 

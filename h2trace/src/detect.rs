@@ -13,8 +13,12 @@ use hdrhistogram::Histogram;
 use serde_json::{Map, Value, json};
 
 use crate::{
+    conntrack::{
+        self as ct,
+        join::{CtVerdict, GRACE_NS},
+    },
     correlate::{EndKind, Facts, Protocol, Role, facts},
-    event::{Body, Event, FinFirst, SocketId},
+    event::{Body, Event, FinFirst, Life, SocketId},
 };
 
 /// Thresholds. The defaults are chosen so that a healthy client reusing one connection, and
@@ -81,6 +85,8 @@ pub enum Pattern {
     ProxyUpstreamChurn,
     TimeWaitPileup,
     RstStorm,
+    ConntrackForgot,
+    ConntrackClosedEarly,
 }
 
 impl Pattern {
@@ -96,6 +102,8 @@ impl Pattern {
             Self::ProxyUpstreamChurn => "proxy-upstream-churn",
             Self::TimeWaitPileup => "time-wait-pileup",
             Self::RstStorm => "rst-storm",
+            Self::ConntrackForgot => "conntrack-forgot-connection",
+            Self::ConntrackClosedEarly => "conntrack-closed-early",
         }
     }
 
@@ -136,6 +144,15 @@ impl Pattern {
             Self::TimeWaitPileup => &[
                 "reuse connections instead of closing them after each request",
                 "clients that must churn: net.ipv4.tcp_tw_reuse=1; avoid SO_LINGER 0 as a workaround (it turns closes into resets)",
+            ],
+            Self::ConntrackForgot => &[
+                "send HTTP/2 PINGs / gRPC keepalive (or TCP keepalive) at an interval below the table's established timeout (in the finding's numbers)",
+                "or raise net.netfilter.nf_conntrack_tcp_timeout_established in that namespace (the router, NAT or node)",
+                "or close pooled connections on the client before they sit idle that long",
+            ],
+            Self::ConntrackClosedEarly => &[
+                "find what made the table see the connection end (a forged or stray RST/FIN, an asymmetric route, a conntrack flush)",
+                "packets of the connection will be INVALID once the entry is gone: check INVALID drop rules on that middlebox",
             ],
             Self::RstStorm => &[
                 "find which side resets and why (reset reasons in the connection records)",
@@ -210,6 +227,41 @@ struct Conn {
     retransmits: u32,
     /// The peer's RST came while the connection was still established (not after its FIN).
     reset_in_established: bool,
+    /// A followed conntrack table forgot or closed this connection under it.
+    ct: Option<CtSeen>,
+}
+
+#[derive(Debug, Clone)]
+struct CtSeen {
+    verdict: CtVerdict,
+    netns: u32,
+    timeout_s: Option<u32>,
+    /// What the connection ran into afterwards: "retransmissions", "reset" or "nothing yet".
+    then: &'static str,
+}
+
+impl CtSeen {
+    fn of(l: &Life) -> Option<Self> {
+        let j = l.conntrack.as_deref()?;
+        let verdict = j.verdict?;
+        let at = match verdict {
+            CtVerdict::Forgot { at_ns } | CtVerdict::ClosedEarly { at_ns, .. } => at_ns,
+        };
+        let after = |t: Option<u64>| t.is_some_and(|t| t + GRACE_NS >= at);
+        let then = if l.retransmits > 0 && after(l.last_retransmit_ns) {
+            "retransmissions"
+        } else if l.resets_received > 0 && after(l.first_reset_received_ns) {
+            "reset"
+        } else {
+            "nothing yet"
+        };
+        Some(Self {
+            verdict,
+            netns: j.entry.netns,
+            timeout_s: j.timeout_established_s,
+            then,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -614,6 +666,7 @@ impl Detector {
                     retransmits: l.retransmits,
                     reset_in_established: l.reset_received_state
                         == Some(h2trace_common::tcp_state::ESTABLISHED),
+                    ct: CtSeen::of(l),
                     f,
                 };
                 self.add(key, comm, conn, out);
@@ -1093,6 +1146,62 @@ impl Detector {
                     self.finding(pattern, key, numbers, 0.8, ids(&hit), summary),
                 ));
             }
+        }
+
+        // Conntrack: proof from the middlebox's own table rather than inference from timing.
+        for pattern in [Pattern::ConntrackForgot, Pattern::ConntrackClosedEarly] {
+            let hit: Vec<&Conn> = window
+                .iter()
+                .copied()
+                .filter(|c| {
+                    c.ct.as_ref().is_some_and(|x| {
+                        matches!(
+                            (pattern, x.verdict),
+                            (Pattern::ConntrackForgot, CtVerdict::Forgot { .. })
+                                | (Pattern::ConntrackClosedEarly, CtVerdict::ClosedEarly { .. })
+                        )
+                    })
+                })
+                .collect();
+            let Some(last) = hit.last() else {
+                continue;
+            };
+            let x = last.ct.as_ref().expect("filtered");
+            let mut then: BTreeMap<&str, u64> = BTreeMap::new();
+            for c in &hit {
+                *then.entry(c.ct.as_ref().expect("filtered").then).or_default() += 1;
+            }
+            let idle = last.f.silent_gap_ns.or(last.f.idle_before_close_ns);
+            let timeout = x.timeout_s.map_or("unknown".into(), |t| format!("{t} s"));
+            let (summary, numbers) = match x.verdict {
+                CtVerdict::Forgot { at_ns } => (
+                    format!(
+                        "Conntrack in network namespace {} forgot {} live connection(s) of {who} to {}: the entry timed out in ESTABLISHED{} while the sockets were still ESTABLISHED (nf_conntrack_tcp_timeout_established = {timeout}); afterwards: {}.",
+                        x.netns,
+                        hit.len(),
+                        key.peer,
+                        idle.map_or(String::new(), |i| format!(" after {} idle", ms(i))),
+                        x.then
+                    ),
+                    json!({ "connections": hit.len(), "conntrack_netns": x.netns, "forgotten_at_ns": at_ns,
+                            "idle_gap_ns": idle, "timeout_established_s": x.timeout_s, "afterwards": then }),
+                ),
+                CtVerdict::ClosedEarly { at_ns, state } => (
+                    format!(
+                        "Conntrack in network namespace {} moved {} connection(s) of {who} to {} to {} while the sockets stayed ESTABLISHED; their next packets may be dropped as INVALID.",
+                        x.netns,
+                        hit.len(),
+                        key.peer,
+                        ct::state_name(state)
+                    ),
+                    json!({ "connections": hit.len(), "conntrack_netns": x.netns, "closed_at_ns": at_ns,
+                            "conntrack_state": ct::state_name(state), "afterwards": then }),
+                ),
+            };
+            found.push((
+                pattern,
+                self.finding(pattern, key, numbers, 0.95, ids(&hit), summary),
+            ));
         }
 
         for (p, f) in found {

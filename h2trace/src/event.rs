@@ -147,6 +147,8 @@ pub struct Life {
     pub longest_request_gap: Option<(u64, u64)>,
     /// The first bytes the socket sent (`--peek`; empty when not captured).
     pub first_bytes: Vec<u8>,
+    /// What a followed conntrack table thought of the connection (joined by the pipeline).
+    pub conntrack: Option<Box<crate::conntrack::join::CtJoin>>,
 }
 
 /// Which side sent the first FIN, read off the state sequence.
@@ -334,6 +336,7 @@ fn life(l: &SockLife) -> Life {
         longest_request_gap: (l.longest_request_gap_end_ns != 0)
             .then_some((l.longest_request_gap_ns, l.longest_request_gap_end_ns)),
         first_bytes: l.first_bytes[..(l.first_bytes_len as usize).min(8)].to_vec(),
+        conntrack: None,
     }
 }
 

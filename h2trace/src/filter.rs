@@ -6,7 +6,12 @@
 //! then delivered or dropped with it: the process's sockets are kept whole, others not at all.
 use std::collections::{HashMap, HashSet};
 
-use crate::event::{Body, Event, SocketId};
+use std::net::SocketAddr;
+
+use crate::{
+    conntrack::CtEvent,
+    event::{Body, Event, SocketId},
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -39,11 +44,22 @@ impl Selector {
     }
 
     fn endpoint_match(&self, ev: &Event) -> bool {
+        self.view_match(ev.socket.local, ev.socket.remote)
+    }
+
+    fn view_match(&self, local: SocketAddr, remote: SocketAddr) -> bool {
         let f = &self.filter;
-        let s = &ev.socket;
-        (f.local_ports.is_empty() || f.local_ports.contains(&s.local.port()))
-            && (f.remote_ports.is_empty() || f.remote_ports.contains(&s.remote.port()))
-            && f.ipv6.is_none_or(|v6| v6 == s.is_ipv6())
+        (f.local_ports.is_empty() || f.local_ports.contains(&local.port()))
+            && (f.remote_ports.is_empty() || f.remote_ports.contains(&remote.port()))
+            && f.ipv6.is_none_or(|v6| v6 == local.is_ipv6())
+    }
+
+    /// A conntrack entry passes when one of the sockets it can belong to would (the ports and
+    /// family filters; `--pid` cannot apply to a table entry).
+    pub fn conntrack_match(&self, ct: &CtEvent) -> bool {
+        [ct.orig, ct.reply]
+            .iter()
+            .any(|t| self.view_match(t.src, t.dst))
     }
 
     /// Deliver `ev` (and any events of the same socket that were waiting for it) to `out`,

@@ -2,12 +2,14 @@
 //!
 //! Data flow: `probe` (load and attach the kernel programs) → `source` (ring or perf
 //! buffers, loss counters) → `event` (decode) → `order` (merge by kernel time) → `filter`
-//! (`--pid`, ports, family) → `correlate` (what each connection means) → `detect` (per-peer
+//! (`--pid`, ports, family) → `conntrack` (what middleboxes' tables
+//! thought, joined to the sockets) → `correlate` (what each connection means) → `detect` (per-peer
 //! windows, findings) → `output` (NDJSON or text). `pipeline` is the part live runs and
 //! `replay` share; `run` wires the live run together; `check` reports what the kernel allows.
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod correlate;
 pub mod detect;
 pub mod event;

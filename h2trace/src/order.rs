@@ -9,32 +9,42 @@ use std::{cmp::Reverse, collections::BinaryHeap};
 
 use crate::event::Event;
 
-struct Pending {
-    ts_ns: u64,
-    seq: u64,
-    event: Event,
+/// Anything with a kernel (CLOCK_MONOTONIC) time.
+pub trait Stamped {
+    fn ts_ns(&self) -> u64;
 }
 
-impl PartialEq for Pending {
+impl Stamped for Event {
+    fn ts_ns(&self) -> u64 {
+        self.ts_ns
+    }
+}
+
+struct Pending<T> {
+    ts_ns: u64,
+    seq: u64,
+    event: T,
+}
+
+impl<T> PartialEq for Pending<T> {
     fn eq(&self, other: &Self) -> bool {
         (self.ts_ns, self.seq) == (other.ts_ns, other.seq)
     }
 }
-impl Eq for Pending {}
-impl PartialOrd for Pending {
+impl<T> Eq for Pending<T> {}
+impl<T> PartialOrd for Pending<T> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Pending {
+impl<T> Ord for Pending<T> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.ts_ns, self.seq).cmp(&(other.ts_ns, other.seq))
     }
 }
 
-#[derive(Default)]
-pub struct Reorder {
-    heap: BinaryHeap<Reverse<Pending>>,
+pub struct Reorder<T = Event> {
+    heap: BinaryHeap<Reverse<Pending<T>>>,
     seq: u64,
     /// Highest timestamp released so far; a later record older than this is out of order.
     released_until: u64,
@@ -42,21 +52,33 @@ pub struct Reorder {
     pub late: u64,
 }
 
-impl Reorder {
-    pub fn push(&mut self, event: Event) {
-        if event.ts_ns < self.released_until {
+impl<T> Default for Reorder<T> {
+    fn default() -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            seq: 0,
+            released_until: 0,
+            late: 0,
+        }
+    }
+}
+
+impl<T: Stamped> Reorder<T> {
+    pub fn push(&mut self, event: T) {
+        let ts_ns = event.ts_ns();
+        if ts_ns < self.released_until {
             self.late += 1;
         }
         self.seq += 1;
         self.heap.push(Reverse(Pending {
-            ts_ns: event.ts_ns,
+            ts_ns,
             seq: self.seq,
             event,
         }));
     }
 
     /// Release, oldest first, every record stamped at or before `until`.
-    pub fn release(&mut self, until: u64, out: &mut impl FnMut(Event)) {
+    pub fn release(&mut self, until: u64, out: &mut impl FnMut(T)) {
         while self.heap.peek().is_some_and(|Reverse(p)| p.ts_ns <= until) {
             let Reverse(p) = self.heap.pop().expect("peeked");
             self.released_until = self.released_until.max(p.ts_ns);
@@ -64,7 +86,7 @@ impl Reorder {
         }
     }
 
-    pub fn release_all(&mut self, out: &mut impl FnMut(Event)) {
+    pub fn release_all(&mut self, out: &mut impl FnMut(T)) {
         self.release(u64::MAX, out);
     }
 

@@ -15,6 +15,10 @@ use serde_json::json;
 use sha1::{Digest, Sha1};
 
 use crate::{
+    conntrack::{
+        self as ct, CtEvent, CtKind, CtNamespace, Tuple,
+        join::{CtJoin, CtVerdict},
+    },
     correlate::{self, Facts},
     detect::{DetectConfig, Finding, Peer, PeerSummary},
     event::{Body, Event, Life, Origin, Socket, state_name},
@@ -81,6 +85,12 @@ pub struct Losses {
     pub malformed: u64,
     /// `--pid` events dropped because too many waited for their owner.
     pub filter_overflow: u64,
+    /// ctnetlink reads that failed with ENOBUFS: the kernel dropped conntrack events.
+    #[serde(default)]
+    pub conntrack_overruns: u64,
+    /// ctnetlink messages that did not decode.
+    #[serde(default)]
+    pub conntrack_malformed: u64,
 }
 
 impl Losses {
@@ -92,6 +102,8 @@ impl Losses {
             + self.listeners_untracked
             + self.malformed
             + self.filter_overflow
+            + self.conntrack_overruns
+            + self.conntrack_malformed
     }
 }
 
@@ -117,6 +129,12 @@ pub struct Summary {
     /// Finding records emitted (new and updates).
     #[serde(default)]
     pub findings: u64,
+    /// Conntrack events written.
+    #[serde(default)]
+    pub conntrack_events: u64,
+    /// Conntrack entries forgotten to keep the join table bounded.
+    #[serde(default)]
+    pub conntrack_evicted: u64,
     pub losses: Losses,
 }
 
@@ -139,10 +157,17 @@ pub enum Notice<'a> {
     Tick {
         ktime_ns: u64,
     },
+    /// A conntrack table h2trace follows.
+    ConntrackSource {
+        ktime_ns: u64,
+        ns: &'a CtNamespace,
+    },
 }
 
 pub trait Sink {
     fn event(&mut self, ev: &Event) -> io::Result<()>;
+    /// A conntrack event; `old`: the entry's state before it, as far as h2trace saw.
+    fn conntrack(&mut self, ev: &CtEvent, old: Option<u8>) -> io::Result<()>;
     fn finding(&mut self, f: &Finding) -> io::Result<()>;
     /// The per-peer table at the end of a run.
     fn peers(&mut self, ktime_ns: u64, peers: &[PeerSummary]) -> io::Result<()>;
@@ -318,6 +343,9 @@ struct Connection<'a> {
     /// Hex of the first bytes sent (`--peek`).
     #[serde(skip_serializing_if = "Option::is_none")]
     first_bytes: Option<String>,
+    /// The conntrack entry of the connection (joined again by replay, ignored on input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conntrack: Option<serde_json::Value>,
     /// Derived (recomputed by replay, ignored on input).
     analysis: Analysis,
 }
@@ -393,6 +421,43 @@ fn reason_name(names: &BTreeMap<u32, String>, code: u32) -> &str {
     names.get(&code).map(String::as_str).unwrap_or("UNKNOWN")
 }
 
+fn ct_tuple(t: &Tuple) -> serde_json::Value {
+    json!({ "src_ip": t.src.ip(), "src_port": t.src.port(), "dst_ip": t.dst.ip(), "dst_port": t.dst.port() })
+}
+
+impl CtVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Forgot { .. } => "forgot-live-connection",
+            Self::ClosedEarly { .. } => "closed-while-established",
+        }
+    }
+}
+
+/// `h2trace.connection.conntrack`: the entry and what it did to this connection.
+fn ct_join(j: &CtJoin) -> serde_json::Value {
+    let e = &j.entry;
+    let mut v = json!({
+        "netns": e.netns, "id": e.id, "zone": e.zone, "nat": j.nat,
+        "orig": ct_tuple(&e.orig), "reply": ct_tuple(&e.reply),
+        "states": e.states.iter().map(|&(t, s)| json!({ "state": ct::state_name(s), "ktime_ns": t })).collect::<Vec<_>>(),
+    });
+    if let Some(end) = &e.end {
+        v["end"] = json!({ "ktime_ns": end.ts_ns, "expired": end.expired, "state": end.state.map(ct::state_name) });
+    }
+    if let Some(t) = j.timeout_established_s {
+        v["timeout_established_s"] = json!(t);
+    }
+    if let Some(verdict) = j.verdict {
+        let (at, state) = match verdict {
+            CtVerdict::Forgot { at_ns } => (at_ns, None),
+            CtVerdict::ClosedEarly { at_ns, state } => (at_ns, Some(ct::state_name(state))),
+        };
+        v["verdict"] = json!({ "kind": verdict.as_str(), "ktime_ns": at, "state": state });
+    }
+    v
+}
+
 impl<W: Write> Ndjson<W> {
     fn record<'a>(clock: &Clock, reasons: &'a BTreeMap<u32, String>, ev: &'a Event) -> Record<'a> {
         let s = &ev.socket;
@@ -432,6 +497,7 @@ impl<W: Write> Ndjson<W> {
                     longest_request_gap_end_ns: l.longest_request_gap.map(|g| g.1),
                     first_bytes: (!l.first_bytes.is_empty())
                         .then(|| l.first_bytes.iter().map(|b| format!("{b:02x}")).collect()),
+                    conntrack: l.conntrack.as_deref().map(ct_join),
                     analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
@@ -562,6 +628,35 @@ impl<W: Write> Sink for Ndjson<W> {
         self.out.write_all(b"\n")
     }
 
+    fn conntrack(&mut self, ev: &CtEvent, old: Option<u8>) -> io::Result<()> {
+        let ty = match ev.kind {
+            CtKind::New => "start",
+            CtKind::Update => "change",
+            CtKind::Destroy => "end",
+        };
+        let (src, dst) = (ev.orig.src, ev.orig.dst);
+        let mut c = json!({
+            "source": "ctnetlink", "id": ev.id, "zone": ev.zone, "mark": ev.mark, "status": ev.status,
+            "orig": ct_tuple(&ev.orig), "reply": ct_tuple(&ev.reply), "nat": ev.nat(),
+            "state": { "old": old.map(ct::state_name), "new": ev.state.map(ct::state_name) },
+            "timeout_s": ev.timeout_s,
+        });
+        if ev.kind == CtKind::Destroy {
+            c["expired"] = json!(ev.expired());
+        }
+        let v = json!({
+            "@timestamp": self.clock.rfc3339(ev.ts_ns),
+            "schema": SCHEMA,
+            "event": { "kind": "event", "category": ["network"], "type": [ty], "action": ev.kind.action(), "dataset": "h2trace.conntrack" },
+            "source": { "ip": src.ip(), "port": src.port() },
+            "destination": { "ip": dst.ip(), "port": dst.port() },
+            "network": { "transport": "tcp", "type": if src.is_ipv6() { "ipv6" } else { "ipv4" }, "iana_number": "6",
+                         "community_id": community_id(src, dst) },
+            "h2trace": { "ktime_ns": ev.ts_ns, "netns": ev.netns, "conntrack": c },
+        });
+        self.line(&v)
+    }
+
     fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
         let (ktime, kind, action, body) = match n {
             Notice::Started {
@@ -585,6 +680,12 @@ impl<W: Write> Sink for Ndjson<W> {
                 json!({ "summary": summary }),
             ),
             Notice::Tick { ktime_ns } => (*ktime_ns, "event", "tick", json!({})),
+            Notice::ConntrackSource { ktime_ns, ns } => (
+                *ktime_ns,
+                "event",
+                "conntrack-source",
+                json!({ "netns": ns.netns, "conntrack_source": ns }),
+            ),
         };
         let mut h2 = body;
         h2["ktime_ns"] = json!(ktime);
@@ -741,6 +842,16 @@ impl<W: Write> Sink for Text<W> {
                 if l.retransmits > 0 {
                     d.push_str(&format!(" retrans={}", l.retransmits));
                 }
+                if let Some(j) = &l.conntrack {
+                    let states: Vec<_> = j.entry.states.iter().map(|&(_, s)| ct::state_name(s)).collect();
+                    d.push_str(&format!(" ct[{}]={}", j.entry.netns, states.join(">")));
+                    if let Some(end) = &j.entry.end {
+                        d.push_str(if end.expired { ">expired" } else { ">destroyed" });
+                    }
+                    if let Some(v) = j.verdict {
+                        d.push_str(&format!(" CONNTRACK:{}", v.as_str()));
+                    }
+                }
                 (
                     if matches!(ev.body, Body::Life(_)) {
                         "close"
@@ -777,6 +888,37 @@ impl<W: Write> Sink for Text<W> {
         )
     }
 
+    fn conntrack(&mut self, ev: &CtEvent, old: Option<u8>) -> io::Result<()> {
+        let time = self.clock.rfc3339(ev.ts_ns);
+        let time = time.get(11..23).unwrap_or(&time);
+        let what = match ev.kind {
+            CtKind::New => "ct-new",
+            CtKind::Update => "ct-update",
+            CtKind::Destroy if ev.expired() => "ct-expire",
+            CtKind::Destroy => "ct-destroy",
+        };
+        let mut detail = format!(
+            "netns {} {} -> {}",
+            ev.netns,
+            old.map_or("-", ct::state_name),
+            ev.state.map_or("-", ct::state_name)
+        );
+        if ev.nat() {
+            detail.push_str(&format!(" nat {} -> {}", ev.reply.dst, ev.reply.src));
+        }
+        if let Some(t) = ev.timeout_s {
+            detail.push_str(&format!(" timeout {t}s"));
+        }
+        writeln!(
+            self.out,
+            "{time:<15} {what:<10} {:>7} {:<15} {:<45} {:<45} {detail}",
+            "-",
+            "conntrack",
+            ev.orig.src.to_string(),
+            ev.orig.dst.to_string()
+        )
+    }
+
     fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
         match n {
             Notice::Started { probe, .. } => writeln!(
@@ -791,6 +933,15 @@ impl<W: Write> Sink for Text<W> {
                 serde_json::to_string(losses)?
             ),
             Notice::Tick { .. } => Ok(()),
+            Notice::ConntrackSource { ns, .. } => writeln!(
+                self.out,
+                "h2trace: following conntrack of {} (netns {}) via {}; established timeout {}",
+                ns.name,
+                ns.netns,
+                ns.source,
+                ns.timeout_established_s
+                    .map_or("unknown".into(), |t| format!("{t}s"))
+            ),
             Notice::Summary { summary: s, .. } => {
                 writeln!(
                     self.out,
@@ -965,6 +1116,7 @@ pub(crate) mod tests {
                 active_before_close_ns: None,
                 longest_request_gap: None,
                 first_bytes: Vec::new(),
+                conntrack: None,
             })),
         }
     }

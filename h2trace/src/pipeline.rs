@@ -2,15 +2,32 @@
 use std::io;
 
 use crate::{
+    conntrack::{CtEvent, CtNamespace, join::Joiner},
     detect::{DetectConfig, Detector, Finding},
     event::{Body, Event},
     filter::{Filter, Selector},
     output::{Notice, Sink, Summary},
 };
 
+/// What the live sources produce, merged into one time order.
+pub enum Input {
+    Socket(Event),
+    Conntrack(CtEvent),
+}
+
+impl crate::order::Stamped for Input {
+    fn ts_ns(&self) -> u64 {
+        match self {
+            Self::Socket(e) => e.ts_ns,
+            Self::Conntrack(c) => c.ts_ns,
+        }
+    }
+}
+
 pub struct Pipeline {
     selector: Selector,
     detector: Detector,
+    joiner: Joiner,
     sink: Box<dyn Sink>,
     findings: Vec<Finding>,
     pub summary: Summary,
@@ -23,6 +40,7 @@ impl Pipeline {
         Self {
             selector: Selector::new(filter),
             detector: Detector::new(detect),
+            joiner: Joiner::default(),
             sink,
             findings: Vec::new(),
             summary: Summary::default(),
@@ -38,12 +56,22 @@ impl Pipeline {
         }
     }
 
+    pub fn deliver_input(&mut self, i: Input) {
+        match i {
+            Input::Socket(e) => self.deliver(e),
+            Input::Conntrack(c) => self.deliver_ct(c),
+        }
+    }
+
     /// One event, in kernel-time order.
     pub fn deliver(&mut self, ev: Event) {
         let mut selected = Vec::new();
         self.selector.offer(ev, &mut |e| selected.push(e));
         self.summary.losses.filter_overflow = self.selector.overflowed;
-        for ev in selected {
+        for mut ev in selected {
+            if let Body::Life(l) | Body::Open(l) = &mut ev.body {
+                l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
+            }
             let s = &mut self.summary;
             match &ev.body {
                 Body::Life(_) => s.connections += 1,
@@ -60,6 +88,27 @@ impl Pipeline {
             self.detector.on_event(&ev, &mut self.findings);
             self.drain_findings();
         }
+    }
+
+    /// A conntrack table followed from here on (live: at start; replay: its record).
+    pub fn conntrack_namespace(&mut self, ktime_ns: u64, ns: CtNamespace) {
+        self.write(|sink| sink.notice(&Notice::ConntrackSource { ktime_ns, ns: &ns }));
+        self.joiner.namespace(ns);
+    }
+
+    /// One conntrack event, in time order with the socket events.
+    pub fn deliver_ct(&mut self, ct: CtEvent) {
+        if !self.selector.conntrack_match(&ct) {
+            return;
+        }
+        let old = self.joiner.on_event(&ct);
+        self.summary.conntrack_events += 1;
+        self.summary.conntrack_evicted = self.joiner.evicted;
+        self.write(|sink| sink.conntrack(&ct, old));
+        let mut found = std::mem::take(&mut self.findings);
+        self.detector.advance(ct.ts_ns, &mut found);
+        self.findings = found;
+        self.drain_findings();
     }
 
     fn drain_findings(&mut self) {

@@ -10,6 +10,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
+    conntrack::{CtEvent, CtKind, CtNamespace, Tuple},
     detect::DetectConfig,
     event::{
         Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
@@ -152,6 +153,11 @@ pub fn replay(
                 });
             }
             Record::Tick { ktime_ns } => pipeline.tick_recorded(ktime_ns),
+            Record::Conntrack(ct) => {
+                last_ts = last_ts.max(ct.ts_ns);
+                pipeline.deliver_ct(ct);
+            }
+            Record::ConntrackSource { ktime_ns, ns } => pipeline.conntrack_namespace(ktime_ns, ns),
             Record::Derived => {}
         }
     }
@@ -162,7 +168,7 @@ pub fn replay(
     Ok(stats)
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error("not JSON: {0}")]
     Json(String),
@@ -195,6 +201,11 @@ pub enum Record {
     /// Time passed with no event.
     Tick {
         ktime_ns: u64,
+    },
+    Conntrack(CtEvent),
+    ConntrackSource {
+        ktime_ns: u64,
+        ns: CtNamespace,
     },
     /// Something replay recomputes itself (findings, per-peer summaries): ignored on input.
     Derived,
@@ -313,7 +324,54 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
             None => Vec::new(),
             Some(h) => hex(h).ok_or(ParseError::Field("h2trace.connection.first_bytes"))?,
         },
+        // Joined again by the pipeline from the recorded conntrack events.
+        conntrack: None,
     })
+}
+
+fn ct_tuple(v: &Value, dir: &'static str) -> Result<Tuple, ParseError> {
+    let c = &v["h2trace"]["conntrack"][dir];
+    let addr = |ip: &str, port: &str| -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            c[ip].as_str()?.parse().ok()?,
+            u16::try_from(c[port].as_u64()?).ok()?,
+        ))
+    };
+    let field = ParseError::Field(if dir == "orig" {
+        "h2trace.conntrack.orig"
+    } else {
+        "h2trace.conntrack.reply"
+    });
+    Ok(Tuple {
+        src: addr("src_ip", "src_port").ok_or(field.clone())?,
+        dst: addr("dst_ip", "dst_port").ok_or(field)?,
+    })
+}
+
+fn conntrack(v: &Value, ts_ns: u64, kind: CtKind) -> Result<Record, ParseError> {
+    let c = &v["h2trace"]["conntrack"];
+    let small = |name: &str, field: &'static str| -> Result<u64, ParseError> {
+        c[name].as_u64().ok_or(ParseError::Field(field))
+    };
+    Ok(Record::Conntrack(CtEvent {
+        ts_ns,
+        netns: u64_at(v, &["h2trace", "netns"], "h2trace.netns")? as u32,
+        kind,
+        id: small("id", "h2trace.conntrack.id")? as u32,
+        orig: ct_tuple(v, "orig")?,
+        reply: ct_tuple(v, "reply")?,
+        state: match c["state"]["new"].as_str() {
+            None => None,
+            Some(s) => Some(
+                crate::conntrack::state_from_name(s)
+                    .ok_or(ParseError::Field("h2trace.conntrack.state.new"))?,
+            ),
+        },
+        timeout_s: c["timeout_s"].as_u64().map(|t| t as u32),
+        status: small("status", "h2trace.conntrack.status")? as u32,
+        mark: small("mark", "h2trace.conntrack.mark")? as u32,
+        zone: small("zone", "h2trace.conntrack.zone")? as u16,
+    }))
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
@@ -358,6 +416,14 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
             return Ok(Record::Loss { ktime_ns, losses });
         }
         "tick" => return Ok(Record::Tick { ktime_ns }),
+        "conntrack-source" => {
+            let ns = serde_json::from_value(v["h2trace"]["conntrack_source"].clone())
+                .map_err(|_| ParseError::Field("h2trace.conntrack_source"))?;
+            return Ok(Record::ConntrackSource { ktime_ns, ns });
+        }
+        a if CtKind::from_action(a).is_some() => {
+            return conntrack(&v, ktime_ns, CtKind::from_action(a).expect("matched"));
+        }
         "summary" => {
             let summary = serde_json::from_value(v["h2trace"]["summary"].clone())
                 .map_err(|_| ParseError::Field("h2trace.summary"))?;
@@ -521,6 +587,7 @@ mod tests {
                         longest_request_gap: ls.zip(lr).map(|(a, b)| (a >> 3, b >> 3)),
                         first_bytes: lr
                             .map_or(Vec::new(), |v| v.to_le_bytes()[..(v % 9) as usize].to_vec()),
+                        conntrack: None,
                     }
                 },
             )

@@ -11,11 +11,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Format,
-    config::Config,
+    config::{Config, ConntrackConfig},
+    conntrack::netlink::{CtError, Listener, netns_inode},
     event::decode,
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Text},
-    pipeline::Pipeline,
+    pipeline::{Input, Pipeline},
     probe::{self, Probes},
     source::{CounterValues, Counters, Reader, open_lives},
 };
@@ -47,23 +48,60 @@ fn monotonic() -> u64 {
 
 /// The reader's side: decode and put in kernel-time order, then hand to the pipeline.
 struct Ordered {
-    reorder: Reorder,
+    reorder: Reorder<Input>,
     pipeline: Pipeline,
 }
 
 impl Ordered {
     fn ingest(&mut self, bytes: &[u8]) {
         match decode(bytes) {
-            Ok(ev) => self.reorder.push(ev),
+            Ok(ev) => self.reorder.push(Input::Socket(ev)),
             Err(_) => self.pipeline.summary.losses.malformed += 1,
         }
     }
 
     fn release(&mut self, until: u64) {
         let Self { reorder, pipeline } = self;
-        reorder.release(until, &mut |ev| pipeline.deliver(ev));
+        reorder.release(until, &mut |i| pipeline.deliver_input(i));
         pipeline.summary.out_of_order = reorder.late;
     }
+}
+
+/// One listener per followed namespace (the same namespace named twice is followed once).
+/// A table that cannot be followed is an error when it was asked for, a warning otherwise.
+fn open_conntrack(cfg: &ConntrackConfig) -> Result<Vec<Listener>, RunError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for spec in &cfg.namespaces {
+        let opened = netns_inode(spec).and_then(|ino| {
+            if !seen.insert(ino) {
+                return Ok(None);
+            }
+            Listener::open(spec).map(Some)
+        });
+        match opened {
+            Ok(Some(l)) => out.push(l),
+            Ok(None) => {}
+            Err(e) if cfg.required => return Err(RunError::Conntrack(e)),
+            Err(e) => eprintln!(
+                "h2trace: warning: conntrack not followed: {}",
+                probe::error_chain(&e)
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves when any conntrack listener has events waiting.
+async fn any_readable(ls: &[Listener]) {
+    std::future::poll_fn(|cx| {
+        if ls.iter().any(|l| l.poll_readable(cx).is_ready()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// True when standard output is a pipe or socket whose reader has gone (`| head`): stop at
@@ -87,6 +125,17 @@ fn apply_counters(l: &mut Losses, c: &CounterValues, perf_lost: u64) {
     l.listeners_untracked = c.listener_failed;
 }
 
+fn drain_conntrack(cts: &mut [Listener], stamp: u64, o: &mut Ordered) {
+    for l in cts {
+        l.drain(stamp, &mut |ev| o.reorder.push(Input::Conntrack(ev)));
+    }
+}
+
+fn apply_conntrack(l: &mut Losses, cts: &[Listener]) {
+    l.conntrack_overruns = cts.iter().map(|c| c.overruns).sum();
+    l.conntrack_malformed = cts.iter().map(|c| c.malformed).sum();
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -99,6 +148,8 @@ pub enum RunError {
     Write(#[source] io::Error),
     #[error("installing signal handlers")]
     Signal(#[source] io::Error),
+    #[error("following conntrack (--conntrack off to trace without it)")]
+    Conntrack(#[source] CtError),
 }
 
 pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
@@ -116,6 +167,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     }
     let mut reader = Reader::open(&mut probes.ebpf, probes.transport, cfg.perf_pages)?;
     let counters = Counters::open(&mut probes.ebpf)?;
+    let mut cts = open_conntrack(&cfg.conntrack)?;
 
     let clock = Clock {
         offset_ns: now_ns(ClockId::CLOCK_REALTIME) - now_ns(ClockId::CLOCK_MONOTONIC),
@@ -137,7 +189,14 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         ktime_ns: started,
         probe: &describe,
     });
+    for l in &cts {
+        o.pipeline.conntrack_namespace(started, l.ns.clone());
+    }
     o.pipeline.flush();
+    // ctnetlink events carry no time. One read in loop iteration k arrived after the reads of
+    // iteration k-1 began, so it is stamped with that start: never later than it happened,
+    // at most one iteration (≤ DRAIN_EVERY) earlier.
+    let mut ct_stamp = started;
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
@@ -154,11 +213,14 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
             _ = sigterm.recv() => Some(Outcome::Done),
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => Some(Outcome::Done),
             _ = reader.readable() => None,
+            _ = any_readable(&cts), if !cts.is_empty() => None,
             _ = tick.tick() => None,
         };
         // Everything stamped before `now` is in the buffers once they are drained.
         let now = monotonic();
         perf_lost += reader.drain(&mut |b| o.ingest(b));
+        drain_conntrack(&mut cts, ct_stamp, &mut o);
+        ct_stamp = now;
         o.release(now.saturating_sub(ORDER_SLACK_NS));
         let p = &mut o.pipeline;
         if last_loss_check.elapsed() >= LOSS_EVERY {
@@ -166,6 +228,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
             // Let CLOSE_WAIT sockets become stuck even when nothing else happens.
             p.tick(now.saturating_sub(ORDER_SLACK_NS));
             apply_counters(&mut p.summary.losses, &counters.read(), perf_lost);
+            apply_conntrack(&mut p.summary.losses, &cts);
             if p.summary.losses != reported {
                 reported = p.summary.losses.clone();
                 p.notice(&Notice::Loss {
@@ -186,11 +249,12 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     // Drain what is left, report the lives still open, the findings and per-peer table, then
     // the summary.
     perf_lost += reader.drain(&mut |b| o.ingest(b));
+    drain_conntrack(&mut cts, ct_stamp, &mut o);
     let end = monotonic();
     let open = open_lives(&probes.ebpf);
     for l in &open {
         match crate::event::open_life(l, end) {
-            Ok(ev) => o.reorder.push(ev),
+            Ok(ev) => o.reorder.push(Input::Socket(ev)),
             Err(_) => o.pipeline.summary.losses.malformed += 1,
         }
     }
@@ -198,6 +262,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut p = o.pipeline;
     let c = counters.read();
     apply_counters(&mut p.summary.losses, &c, perf_lost);
+    apply_conntrack(&mut p.summary.losses, &cts);
     if p.summary.losses != reported {
         let losses = p.summary.losses.clone();
         p.notice(&Notice::Loss {
