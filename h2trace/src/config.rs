@@ -32,9 +32,9 @@ pub enum ConfigError {
 /// Which conntrack tables to follow, and whether failing to is an error.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConntrackConfig {
-    pub namespaces: Vec<NetnsSpec>,
-    /// `--conntrack on`, or a namespace named explicitly: not following it is an error.
-    pub required: bool,
+    /// Each namespace, and whether not following it is an error (`--conntrack on`, or named
+    /// with `--conntrack-netns`) or a warning.
+    pub namespaces: Vec<(NetnsSpec, bool)>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,8 +176,9 @@ fn conntrack_config(a: &TraceArgs) -> Result<ConntrackConfig, ConfigError> {
         }
         return Ok(ConntrackConfig::default());
     }
-    let mut namespaces = vec![NetnsSpec::Host];
-    namespaces.extend(a.pid.iter().map(|&p| NetnsSpec::Pid(p)));
+    let on = a.conntrack == ConntrackChoice::On;
+    let mut namespaces = vec![(NetnsSpec::Host, on)];
+    namespaces.extend(a.pid.iter().map(|&p| (NetnsSpec::Pid(p), on)));
     for n in &a.conntrack_netns {
         let spec = NetnsSpec::Named(n.clone());
         if let Err(e) = std::fs::metadata(spec.path()) {
@@ -186,12 +187,9 @@ fn conntrack_config(a: &TraceArgs) -> Result<ConntrackConfig, ConfigError> {
                 format!("{}: {e}", spec.path().display()),
             ));
         }
-        namespaces.push(spec);
+        namespaces.push((spec, true));
     }
-    Ok(ConntrackConfig {
-        namespaces,
-        required: a.conntrack == ConntrackChoice::On || !a.conntrack_netns.is_empty(),
-    })
+    Ok(ConntrackConfig { namespaces })
 }
 
 #[cfg(test)]

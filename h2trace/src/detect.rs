@@ -235,6 +235,8 @@ struct Conn {
 struct CtSeen {
     verdict: CtVerdict,
     netns: u32,
+    /// The namespace as the operator named it, else its inode.
+    table: String,
     timeout_s: Option<u32>,
     /// What the connection ran into afterwards: "retransmissions", "reset" or "nothing yet".
     then: &'static str,
@@ -258,6 +260,10 @@ impl CtSeen {
         Some(Self {
             verdict,
             netns: j.entry.netns,
+            table: j
+                .netns_name
+                .clone()
+                .unwrap_or_else(|| j.entry.netns.to_string()),
             timeout_s: j.timeout_established_s,
             then,
         })
@@ -1169,32 +1175,34 @@ impl Detector {
             let x = last.ct.as_ref().expect("filtered");
             let mut then: BTreeMap<&str, u64> = BTreeMap::new();
             for c in &hit {
-                *then.entry(c.ct.as_ref().expect("filtered").then).or_default() += 1;
+                *then
+                    .entry(c.ct.as_ref().expect("filtered").then)
+                    .or_default() += 1;
             }
             let idle = last.f.silent_gap_ns.or(last.f.idle_before_close_ns);
             let timeout = x.timeout_s.map_or("unknown".into(), |t| format!("{t} s"));
             let (summary, numbers) = match x.verdict {
                 CtVerdict::Forgot { at_ns } => (
                     format!(
-                        "Conntrack in network namespace {} forgot {} live connection(s) of {who} to {}: the entry timed out in ESTABLISHED{} while the sockets were still ESTABLISHED (nf_conntrack_tcp_timeout_established = {timeout}); afterwards: {}.",
-                        x.netns,
+                        "The conntrack table of network namespace {} forgot {} live connection(s) of {who} to {}: the entry timed out in ESTABLISHED{} while the sockets were still ESTABLISHED (nf_conntrack_tcp_timeout_established = {timeout}); afterwards: {}.",
+                        x.table,
                         hit.len(),
                         key.peer,
                         idle.map_or(String::new(), |i| format!(" after {} idle", ms(i))),
                         x.then
                     ),
-                    json!({ "connections": hit.len(), "conntrack_netns": x.netns, "forgotten_at_ns": at_ns,
+                    json!({ "connections": hit.len(), "conntrack_netns": x.netns, "conntrack_table": x.table, "forgotten_at_ns": at_ns,
                             "idle_gap_ns": idle, "timeout_established_s": x.timeout_s, "afterwards": then }),
                 ),
                 CtVerdict::ClosedEarly { at_ns, state } => (
                     format!(
-                        "Conntrack in network namespace {} moved {} connection(s) of {who} to {} to {} while the sockets stayed ESTABLISHED; their next packets may be dropped as INVALID.",
-                        x.netns,
+                        "The conntrack table of network namespace {} moved {} connection(s) of {who} to {} to {} while the sockets stayed ESTABLISHED; their next packets may be dropped as INVALID.",
+                        x.table,
                         hit.len(),
                         key.peer,
                         ct::state_name(state)
                     ),
-                    json!({ "connections": hit.len(), "conntrack_netns": x.netns, "closed_at_ns": at_ns,
+                    json!({ "connections": hit.len(), "conntrack_netns": x.netns, "conntrack_table": x.table, "closed_at_ns": at_ns,
                             "conntrack_state": ct::state_name(state), "afterwards": then }),
                 ),
             };

@@ -448,6 +448,9 @@ fn ct_join(j: &CtJoin) -> serde_json::Value {
     if let Some(t) = j.timeout_established_s {
         v["timeout_established_s"] = json!(t);
     }
+    if let Some(n) = &j.netns_name {
+        v["netns_name"] = json!(n);
+    }
     if let Some(verdict) = j.verdict {
         let (at, state) = match verdict {
             CtVerdict::Forgot { at_ns } => (at_ns, None),
@@ -843,10 +846,19 @@ impl<W: Write> Sink for Text<W> {
                     d.push_str(&format!(" retrans={}", l.retransmits));
                 }
                 if let Some(j) = &l.conntrack {
-                    let states: Vec<_> = j.entry.states.iter().map(|&(_, s)| ct::state_name(s)).collect();
+                    let states: Vec<_> = j
+                        .entry
+                        .states
+                        .iter()
+                        .map(|&(_, s)| ct::state_name(s))
+                        .collect();
                     d.push_str(&format!(" ct[{}]={}", j.entry.netns, states.join(">")));
                     if let Some(end) = &j.entry.end {
-                        d.push_str(if end.expired { ">expired" } else { ">destroyed" });
+                        d.push_str(if end.expired {
+                            ">expired"
+                        } else {
+                            ">destroyed"
+                        });
                     }
                     if let Some(v) = j.verdict {
                         d.push_str(&format!(" CONNTRACK:{}", v.as_str()));

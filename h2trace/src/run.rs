@@ -72,7 +72,7 @@ impl Ordered {
 fn open_conntrack(cfg: &ConntrackConfig) -> Result<Vec<Listener>, RunError> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
-    for spec in &cfg.namespaces {
+    for (spec, required) in &cfg.namespaces {
         let opened = netns_inode(spec).and_then(|ino| {
             if !seen.insert(ino) {
                 return Ok(None);
@@ -82,7 +82,7 @@ fn open_conntrack(cfg: &ConntrackConfig) -> Result<Vec<Listener>, RunError> {
         match opened {
             Ok(Some(l)) => out.push(l),
             Ok(None) => {}
-            Err(e) if cfg.required => return Err(RunError::Conntrack(e)),
+            Err(e) if *required => return Err(RunError::Conntrack(e)),
             Err(e) => eprintln!(
                 "h2trace: warning: conntrack not followed: {}",
                 probe::error_chain(&e)

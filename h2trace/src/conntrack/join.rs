@@ -53,6 +53,8 @@ pub struct Entry {
 pub struct CtJoin {
     pub entry: Entry,
     pub nat: bool,
+    /// How the operator named the table's namespace (`host`, `pid:N`, a name, a path).
+    pub netns_name: Option<String>,
     pub timeout_established_s: Option<u32>,
     pub verdict: Option<CtVerdict>,
 }
@@ -176,14 +178,15 @@ impl Joiner {
                 e.first_ns <= end_ns + GRACE_NS
                     && e.end.as_ref().is_none_or(|x| x.ts_ns + GRACE_NS >= start)
             })
-            .map(|e| CtJoin {
-                verdict: verdict(e, l, start),
-                nat: e.reply != e.orig.reversed(),
-                timeout_established_s: self
-                    .namespaces
-                    .get(&e.netns)
-                    .and_then(|n| n.timeout_established_s),
-                entry: e.clone(),
+            .map(|e| {
+                let ns = self.namespaces.get(&e.netns);
+                CtJoin {
+                    verdict: verdict(e, l, start),
+                    nat: e.reply != e.orig.reversed(),
+                    netns_name: ns.map(|n| n.name.clone()),
+                    timeout_established_s: ns.and_then(|n| n.timeout_established_s),
+                    entry: e.clone(),
+                }
             })
             .max_by_key(|j| (j.verdict.is_some(), j.entry.first_ns))
     }

@@ -48,7 +48,8 @@ pub enum CtError {
 /// Which namespace to follow, as the operator said it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetnsSpec {
-    /// The host's: the namespace of pid 1.
+    /// The host's: the namespace of pid 1, or h2trace's own where pid 1's cannot be opened
+    /// (inside a container without the host's pid namespace).
     Host,
     /// The namespace of a traced process.
     Pid(u32),
@@ -59,7 +60,14 @@ pub enum NetnsSpec {
 impl NetnsSpec {
     pub fn path(&self) -> PathBuf {
         match self {
-            Self::Host => PathBuf::from("/proc/1/ns/net"),
+            Self::Host => {
+                let init = PathBuf::from("/proc/1/ns/net");
+                if std::fs::File::open(&init).is_ok() {
+                    init
+                } else {
+                    PathBuf::from("/proc/self/ns/net")
+                }
+            }
             Self::Pid(p) => PathBuf::from(format!("/proc/{p}/ns/net")),
             Self::Named(n) if n.contains('/') => PathBuf::from(n),
             Self::Named(n) => Path::new("/run/netns").join(n),
@@ -129,11 +137,8 @@ impl Listener {
                 s.add_membership(g)?;
             }
             // As root the buffer may exceed net.core.rmem_max; otherwise take what we get.
-            let _ = nix::sys::socket::setsockopt(
-                &s,
-                nix::sys::socket::sockopt::RcvBufForce,
-                &RCVBUF,
-            );
+            let _ =
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF);
             s.set_non_blocking(true)?;
             Ok((
                 s,
