@@ -18,7 +18,19 @@ pub mod kind {
     pub const RESET_RECEIVED: u16 = 4;
     /// A retransmission on an established socket (`tcp:tcp_retransmit_skb`).
     pub const RETRANSMIT: u16 = 5;
+    /// A conntrack entry's TCP state changed, seen from the kernel side ([`CtRecord`]).
+    pub const CT_STATE: u16 = 6;
 }
+
+/// Which kernel-side conntrack hook produced a [`CtRecord`].
+pub mod ct_hook {
+    pub const FENTRY: u8 = 1;
+    pub const KPROBE: u8 = 2;
+    pub const BTF_TRACEPOINT: u8 = 3;
+}
+
+/// [`CtRecord::old_state`] of an entry seen for the first time.
+pub const CT_STATE_UNKNOWN: u8 = u8::MAX;
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
@@ -77,6 +89,8 @@ pub mod counter {
     pub const TRANSITIONS_TRUNCATED: u32 = 5;
     /// A listener's owner could not be stored.
     pub const LISTENER_TRACK_FAIL: u32 = 6;
+    /// A conntrack entry's last state could not be stored (its next change may repeat).
+    pub const CT_TRACK_FAIL: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -92,6 +106,10 @@ pub mod flags {
     pub const HAVE_SOCK_OFFSETS: u32 = 8;
     /// Capture the first bytes each socket sends (`--peek`).
     pub const PEEK: u32 = 16;
+    /// [`CtOffsets`] hold valid offsets: the conntrack hooks may read `struct nf_conn`.
+    pub const CONNTRACK: u32 = 32;
+    /// Report conntrack entries only of the namespaces in the `CT_NETNS` map.
+    pub const CT_NETNS_FILTER: u32 = 64;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -292,6 +310,63 @@ pub struct SockOffsets {
 }
 const _: () = assert!(core::mem::size_of::<SockOffsets>() == 24);
 
+/// Offsets in `struct sk_buff` and `struct nf_conn` (from BTF) for the conntrack hooks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtOffsets {
+    /// `sk_buff._nfct`: the `nf_conn *` with the conntrack info in its low 3 bits.
+    pub skb_nfct: u16,
+    /// `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple` and `[IP_CT_DIR_REPLY].tuple`.
+    pub tuple_orig: u16,
+    pub tuple_reply: u16,
+    /// Inside `struct nf_conntrack_tuple`.
+    pub src_u3: u16,
+    pub src_port: u16,
+    pub l3num: u16,
+    pub dst_u3: u16,
+    pub dst_port: u16,
+    pub protonum: u16,
+    /// `nf_conn.proto.tcp.state`, `.status`, `.mark` ([`ABSENT`] without
+    /// CONFIG_NF_CONNTRACK_MARK), `.ct_net`, `.zone.id` ([`ABSENT`] without zones).
+    pub tcp_state: u16,
+    pub status: u16,
+    pub mark: u16,
+    pub ct_net: u16,
+    pub zone: u16,
+    pub _pad: [u16; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtOffsets>() == 32);
+
+/// [`kind::CT_STATE`]: a conntrack entry changed TCP state. Addresses in network byte
+/// order (IPv4 in the first four bytes), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtRecord {
+    pub hdr: Header,
+    /// Kernel address of the `struct nf_conn`.
+    pub ct: u64,
+    pub netns: u32,
+    pub family: u16,
+    /// Conntrack TCP states (`enum tcp_conntrack`); old is [`CT_STATE_UNKNOWN`] when first seen.
+    pub old_state: u8,
+    pub new_state: u8,
+    pub orig_src: [u8; 16],
+    pub orig_dst: [u8; 16],
+    pub reply_src: [u8; 16],
+    pub reply_dst: [u8; 16],
+    pub orig_sport: u16,
+    pub orig_dport: u16,
+    pub reply_sport: u16,
+    pub reply_dport: u16,
+    pub status: u32,
+    pub mark: u32,
+    pub zone: u16,
+    /// One of [`ct_hook`].
+    pub hook: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<CtRecord>() == 120);
+
 /// Everything the agent hands the programs at load time (the `CONFIG` global).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -307,8 +382,9 @@ pub struct ProgConfig {
     pub destroy: SkEventLayout,
     pub length: LengthLayout,
     pub sock: SockOffsets,
+    pub ct: CtOffsets,
 }
-const _: () = assert!(core::mem::size_of::<ProgConfig>() == 96);
+const _: () = assert!(core::mem::size_of::<ProgConfig>() == 128);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -13,16 +13,15 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_perf_event_output, bpf_probe_read_kernel,
-        bpf_probe_read_user,
-        bpf_ringbuf_output, bpf_ringbuf_query,
+        bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
     },
-    macros::{fentry, kprobe, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, PerfEventArray, RingBuf},
-    programs::{FEntryContext, ProbeContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerfEventArray, RingBuf},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use h2trace_common::{
-    ABSENT, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, ProgConfig, SockLife, SockMeta,
-    counter, flags, kind, origin, owner_src, tcp_state,
+    ABSENT, CT_STATE_UNKNOWN, CtRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS,
+    ProgConfig, SockLife, SockMeta, counter, ct_hook, flags, kind, origin, owner_src, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -72,6 +71,16 @@ static EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
 /// `sock:sock_send_length` (which fires inside the same syscall) reads its first bytes.
 #[map]
 static PEEK: LruHashMap<u64, UserBuf> = LruHashMap::with_max_entries(16384, 0);
+
+/// Last TCP state reported per conntrack entry, keyed by `struct nf_conn *`: a record is
+/// emitted only when it changes.
+#[map]
+static CT_STATES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Network namespaces (inode) whose conntrack entries are reported, with
+/// `flags::CT_NETNS_FILTER`.
+#[map]
+static CT_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -692,6 +701,109 @@ fn current_state(life: &SockLife) -> u8 {
         0 => life.first_state,
         n => life.trans_state[(n - 1).min(MAX_TRANSITIONS - 1)],
     }
+}
+
+// ---- Conntrack: state changes of TCP entries, from the kernel side ----------------------
+//
+// No tracepoint reports conntrack state. Where kprobes or fentry exist, the hook is
+// `__nf_ct_refresh_acct()` (net/netfilter/nf_conntrack_core.c): the TCP tracker calls it
+// for every packet right after updating `ct->proto.tcp.state` (nf_conntrack_proto_tcp.c).
+// Elsewhere a BTF tracepoint on `net_dev_start_xmit` (include/trace/events/net.h) sees
+// every transmitted packet with its conntrack entry attached (`skb->_nfct`): forwarded
+// packets of a router and locally sent ones have passed conntrack by then.
+
+/// `IPS_TEMPLATE`: a template attached by the CT target, not a tracked connection.
+const IPS_TEMPLATE: u32 = 1 << 11;
+
+#[inline(always)]
+fn ct_tuple(ct: *const u8, tuple: u16, addr: &mut [u8; 16], port: &mut u16, src: bool) {
+    let (a, p) = if src {
+        (config!(ct.src_u3), config!(ct.src_port))
+    } else {
+        (config!(ct.dst_u3), config!(ct.dst_port))
+    };
+    let base = unsafe { ct.add(tuple as usize) };
+    *addr = unsafe { read(base, a) }.unwrap_or([0; 16]);
+    *port = u16::from_be(unsafe { read(base, p) }.unwrap_or(0));
+}
+
+#[inline(always)]
+fn ct_seen<C: EbpfContext>(ctx: &C, ct: *const u8, hook: u8) -> Option<()> {
+    if config!(flags) & flags::CONNTRACK == 0 || ct.is_null() {
+        return None;
+    }
+    let orig = config!(ct.tuple_orig);
+    let proto: u8 = unsafe { read(ct.add(orig as usize), config!(ct.protonum)) }?;
+    if proto != IPPROTO_TCP {
+        return None;
+    }
+    let status: u64 = unsafe { read(ct, config!(ct.status)) }?;
+    if status as u32 & IPS_TEMPLATE != 0 {
+        return None;
+    }
+    let net: u64 = unsafe { read(ct, config!(ct.ct_net)) }?;
+    let netns: u32 = unsafe { read(net as *const u8, config!(sock.net_ns_inum)) }.unwrap_or(0);
+    if config!(flags) & flags::CT_NETNS_FILTER != 0 && unsafe { CT_NETNS.get(&netns) }.is_none() {
+        return None;
+    }
+    let state: u8 = unsafe { read(ct, config!(ct.tcp_state)) }?;
+    let key = ct as u64;
+    let old = unsafe { CT_STATES.get(&key) }
+        .copied()
+        .unwrap_or(CT_STATE_UNKNOWN);
+    if old == state {
+        return None;
+    }
+    if CT_STATES.insert(&key, &state, 0).is_err() {
+        count(counter::CT_TRACK_FAIL);
+    }
+    let reply = config!(ct.tuple_reply);
+    let mut rec = CtRecord {
+        hdr: header(kind::CT_STATE, unsafe { bpf_ktime_get_ns() }),
+        ct: key,
+        netns,
+        family: unsafe { read(ct.add(orig as usize), config!(ct.l3num)) }.unwrap_or(0),
+        old_state: old,
+        new_state: state,
+        status: status as u32,
+        mark: unsafe { read(ct, config!(ct.mark)) }.unwrap_or(0),
+        zone: unsafe { read(ct, config!(ct.zone)) }.unwrap_or(0),
+        hook,
+        ..CtRecord::default()
+    };
+    ct_tuple(ct, orig, &mut rec.orig_src, &mut rec.orig_sport, true);
+    ct_tuple(ct, orig, &mut rec.orig_dst, &mut rec.orig_dport, false);
+    ct_tuple(ct, reply, &mut rec.reply_src, &mut rec.reply_sport, true);
+    ct_tuple(ct, reply, &mut rec.reply_dst, &mut rec.reply_dport, false);
+    emit(ctx, &rec as *const CtRecord);
+    Some(())
+}
+
+#[kprobe]
+pub fn ct_refresh_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(ct) = ctx.arg::<*const u8>(0) {
+        let _ = ct_seen(&ctx, ct, ct_hook::KPROBE);
+    }
+    0
+}
+
+#[fentry(function = "__nf_ct_refresh_acct")]
+pub fn ct_refresh_fentry(ctx: FEntryContext) -> u32 {
+    let ct: *const u8 = ctx.arg(0);
+    let _ = ct_seen(&ctx, ct, ct_hook::FENTRY);
+    0
+}
+
+#[btf_tracepoint(function = "net_dev_start_xmit")]
+pub fn ct_xmit(ctx: BtfTracePointContext) -> u32 {
+    let skb: *const u8 = ctx.arg(0);
+    if config!(flags) & flags::CONNTRACK != 0
+        && let Some(nfct) = unsafe { read::<u64>(skb, config!(ct.skb_nfct)) }
+    {
+        // The low three bits are the packet's `enum ip_conntrack_info`.
+        let _ = ct_seen(&ctx, (nfct & !7) as *const u8, ct_hook::BTF_TRACEPOINT);
+    }
+    0
 }
 
 #[cfg(not(test))]

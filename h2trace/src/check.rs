@@ -78,6 +78,29 @@ pub fn check(opts: &ProbeOptions) -> Report {
             }
         },
     }
+    let _ = writeln!(t, "\nconntrack");
+    let _ = writeln!(
+        t,
+        "  {}",
+        match crate::conntrack::netlink::available() {
+            Ok(()) => "ok  ctnetlink events (NEW, UPDATE, DESTROY) can be followed".to_string(),
+            Err(e) => format!(
+                "NO  ctnetlink events: {e} (needs CAP_NET_ADMIN and nf_conntrack_netlink); --conntrack off"
+            ),
+        }
+    );
+    let _ = writeln!(
+        t,
+        "  {}",
+        match btf::ct_offsets(
+            Path::new(btf::VMLINUX_BTF),
+            Path::new(btf::NF_CONNTRACK_BTF)
+        ) {
+            Ok(_) => "ok  struct nf_conn offsets from BTF (kernel-side state changes, hooks above)"
+                .to_string(),
+            Err(e) => format!("NO  struct nf_conn offsets from BTF: {e}"),
+        }
+    );
     let can_trace = privileged.is_ok() && state_ok && (ring || perf);
     let _ = writeln!(
         t,

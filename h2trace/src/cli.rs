@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::probe::{ProbeChoice, TransportChoice};
+use crate::probe::{ProbeChoice, TransportChoice, conntrack::CtHookChoice};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -188,6 +188,12 @@ pub struct TraceArgs {
     /// namespace). Repeatable.
     #[arg(long, value_name = "NAME|PATH")]
     pub conntrack_netns: Vec<String>,
+    /// How to see conntrack state changes from the kernel side, with exact kernel times
+    /// (auto: fentry, else kprobe on __nf_ct_refresh_acct, else a BTF tracepoint on
+    /// net_dev_start_xmit; netlink: ctnetlink UPDATE events only). Entry creation and expiry
+    /// always come from ctnetlink.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub conntrack_probe: CtHookChoice,
     #[command(flatten)]
     pub detect: DetectArgs,
 }

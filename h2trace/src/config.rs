@@ -162,6 +162,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             ring_bytes,
             max_sockets: a.max_sockets,
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),
+            conntrack: (!conntrack.namespaces.is_empty()).then_some(a.conntrack_probe),
         },
         perf_pages: a.perf_pages,
         detect,

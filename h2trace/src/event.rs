@@ -2,8 +2,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use h2trace_common::{
-    Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife, SockMeta, kind, origin, owner_src,
+    CtRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife, SockMeta, ct_hook, kind,
+    origin, owner_src,
 };
+
+use crate::conntrack::{CtEvent, CtKind, CtSource, Tuple};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -223,6 +226,22 @@ pub enum Body {
     },
 }
 
+/// What the live sources produce, merged into one time order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Socket(Event),
+    Conntrack(CtEvent),
+}
+
+impl crate::order::Stamped for Input {
+    fn ts_ns(&self) -> u64 {
+        match self {
+            Self::Socket(e) => e.ts_ns,
+            Self::Conntrack(c) => c.ts_ns,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     /// Kernel time (CLOCK_MONOTONIC ns).
@@ -251,12 +270,58 @@ fn nonzero(v: u64) -> Option<u64> {
 }
 
 /// Decode one record as the kernel wrote it.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Input, DecodeError> {
     if bytes.len() < size_of::<Header>() {
         return Err(DecodeError::Short(bytes.len()));
     }
     // SAFETY: length checked above; Header is integer-only.
     let hdr: Header = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if hdr.kind == kind::CT_STATE {
+        return conntrack(&read(bytes, hdr.kind)?).map(Input::Conntrack);
+    }
+    decode_socket(hdr, bytes).map(Input::Socket)
+}
+
+/// A kernel-side conntrack state change.
+fn conntrack(r: &CtRecord) -> Result<CtEvent, DecodeError> {
+    let addr = |a: &[u8; 16], port: u16| -> Result<SocketAddr, DecodeError> {
+        Ok(SocketAddr::new(ip(r.family, a)?, port))
+    };
+    Ok(CtEvent {
+        ts_ns: r.hdr.ts_ns,
+        source: match r.hook {
+            ct_hook::FENTRY => CtSource::Fentry,
+            ct_hook::KPROBE => CtSource::Kprobe,
+            _ => CtSource::BtfTracepoint,
+        },
+        netns: r.netns,
+        kind: CtKind::Update,
+        id: 0,
+        orig: Tuple {
+            src: addr(&r.orig_src, r.orig_sport)?,
+            dst: addr(&r.orig_dst, r.orig_dport)?,
+        },
+        reply: Tuple {
+            src: addr(&r.reply_src, r.reply_sport)?,
+            dst: addr(&r.reply_dst, r.reply_dport)?,
+        },
+        state: Some(r.new_state),
+        timeout_s: None,
+        status: r.status,
+        mark: r.mark,
+        zone: r.zone,
+    })
+}
+
+fn ip(family: u16, a: &[u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*a))),
+        f => Err(DecodeError::Family(f)),
+    }
+}
+
+fn decode_socket(hdr: Header, bytes: &[u8]) -> Result<Event, DecodeError> {
     match hdr.kind {
         kind::LIFE => {
             let rec: LifeRecord = read(bytes, hdr.kind)?;
@@ -341,17 +406,7 @@ fn life(l: &SockLife) -> Life {
 }
 
 fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
-    let (local, remote) = match m.family {
-        AF_INET => {
-            let ip = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
-            (ip(&m.saddr), ip(&m.daddr))
-        }
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(m.saddr)),
-            IpAddr::V6(Ipv6Addr::from(m.daddr)),
-        ),
-        f => return Err(DecodeError::Family(f)),
-    };
+    let (local, remote) = (ip(m.family, &m.saddr)?, ip(m.family, &m.daddr)?);
     let source = match m.owner_src {
         owner_src::LISTENER => Some(OwnerSource::Listener),
         owner_src::CLOSE => Some(OwnerSource::Close),
@@ -418,6 +473,49 @@ pub(crate) mod tests {
         m
     }
 
+    fn socket_event(b: &[u8]) -> Event {
+        match decode(b).unwrap() {
+            Input::Socket(e) => e,
+            other => panic!("not a socket event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_a_kernel_conntrack_change() {
+        let mut r = CtRecord {
+            hdr: Header {
+                kind: kind::CT_STATE,
+                _pad: 0,
+                cpu: 0,
+                ts_ns: 77,
+            },
+            netns: 9,
+            family: AF_INET,
+            old_state: h2trace_common::CT_STATE_UNKNOWN,
+            new_state: 3,
+            orig_sport: 40000,
+            orig_dport: 8080,
+            reply_sport: 8080,
+            reply_dport: 1234,
+            hook: ct_hook::BTF_TRACEPOINT,
+            ..CtRecord::default()
+        };
+        r.orig_src[..4].copy_from_slice(&[10, 1, 0, 2]);
+        r.orig_dst[..4].copy_from_slice(&[10, 2, 0, 2]);
+        r.reply_src[..4].copy_from_slice(&[10, 2, 0, 2]);
+        r.reply_dst[..4].copy_from_slice(&[10, 2, 0, 1]);
+        let Input::Conntrack(c) = decode(&bytes_of(&r)).unwrap() else {
+            panic!("not conntrack")
+        };
+        assert_eq!((c.ts_ns, c.netns, c.state), (77, 9, Some(3)));
+        assert_eq!(c.source, CtSource::BtfTracepoint);
+        assert_eq!(c.orig.src, "10.1.0.2:40000".parse().unwrap());
+        assert_eq!(c.reply.dst, "10.2.0.1:1234".parse().unwrap());
+        assert!(c.nat());
+        r.family = 0;
+        assert_eq!(decode(&bytes_of(&r)), Err(DecodeError::Family(0)));
+    }
+
     pub fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: test-only view of an integer-only repr(C) value.
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
@@ -447,7 +545,7 @@ pub(crate) mod tests {
             },
             life,
         };
-        let ev = decode(&bytes_of(&rec)).unwrap();
+        let ev = socket_event(&bytes_of(&rec));
         assert_eq!(ev.ts_ns, 2_000);
         assert_eq!(ev.socket.local, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(ev.socket.remote, "127.0.0.2:8080".parse().unwrap());
@@ -507,7 +605,7 @@ pub(crate) mod tests {
             _pad: 0,
             reason: 12,
         };
-        let ev = decode(&bytes_of(&rec)).unwrap();
+        let ev = socket_event(&bytes_of(&rec));
         assert_eq!(
             ev.body,
             Body::ResetSent {
@@ -557,7 +655,7 @@ pub(crate) mod tests {
         let mut b = bytes_of(&rec);
         b.extend_from_slice(&[0; 4]);
         assert_eq!(
-            decode(&b).unwrap().body,
+            socket_event(&b).body,
             Body::State {
                 old: ESTABLISHED,
                 new: CLOSE_WAIT

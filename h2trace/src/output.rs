@@ -639,7 +639,7 @@ impl<W: Write> Sink for Ndjson<W> {
         };
         let (src, dst) = (ev.orig.src, ev.orig.dst);
         let mut c = json!({
-            "source": "ctnetlink", "id": ev.id, "zone": ev.zone, "mark": ev.mark, "status": ev.status,
+            "source": ev.source.as_str(), "id": ev.id, "zone": ev.zone, "mark": ev.mark, "status": ev.status,
             "orig": ct_tuple(&ev.orig), "reply": ct_tuple(&ev.reply), "nat": ev.nat(),
             "state": { "old": old.map(ct::state_name), "new": ev.state.map(ct::state_name) },
             "timeout_s": ev.timeout_s,
@@ -909,11 +909,16 @@ impl<W: Write> Sink for Text<W> {
             CtKind::Destroy if ev.expired() => "ct-expire",
             CtKind::Destroy => "ct-destroy",
         };
+        let new = match ev.kind {
+            CtKind::Destroy if ev.expired() => "expired",
+            CtKind::Destroy => "destroyed",
+            _ => ev.state.map_or("-", ct::state_name),
+        };
         let mut detail = format!(
-            "netns {} {} -> {}",
+            "netns {} {} -> {new} ({})",
             ev.netns,
             old.map_or("-", ct::state_name),
-            ev.state.map_or("-", ct::state_name)
+            ev.source.as_str()
         );
         if ev.nat() {
             detail.push_str(&format!(" nat {} -> {}", ev.reply.dst, ev.reply.src));

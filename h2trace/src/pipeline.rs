@@ -2,27 +2,12 @@
 use std::io;
 
 use crate::{
-    conntrack::{CtEvent, CtNamespace, join::Joiner},
+    conntrack::{CtEvent, CtNamespace, CtSource, join::Joiner},
     detect::{DetectConfig, Detector, Finding},
-    event::{Body, Event},
+    event::{Body, Event, Input},
     filter::{Filter, Selector},
     output::{Notice, Sink, Summary},
 };
-
-/// What the live sources produce, merged into one time order.
-pub enum Input {
-    Socket(Event),
-    Conntrack(CtEvent),
-}
-
-impl crate::order::Stamped for Input {
-    fn ts_ns(&self) -> u64 {
-        match self {
-            Self::Socket(e) => e.ts_ns,
-            Self::Conntrack(c) => c.ts_ns,
-        }
-    }
-}
 
 pub struct Pipeline {
     selector: Selector,
@@ -102,6 +87,11 @@ impl Pipeline {
             return;
         }
         let old = self.joiner.on_event(&ct);
+        // A kernel-side record says only "the state is now X": when ctnetlink already said so
+        // (the entry's creation), it is not news.
+        if ct.source != CtSource::Netlink && old == ct.state {
+            return;
+        }
         self.summary.conntrack_events += 1;
         self.summary.conntrack_evicted = self.joiner.evicted;
         self.write(|sink| sink.conntrack(&ct, old));

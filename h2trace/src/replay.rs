@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    conntrack::{CtEvent, CtKind, CtNamespace, Tuple},
+    conntrack::{CtEvent, CtKind, CtNamespace, CtSource, Tuple},
     detect::DetectConfig,
     event::{
         Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
@@ -355,6 +355,10 @@ fn conntrack(v: &Value, ts_ns: u64, kind: CtKind) -> Result<Record, ParseError> 
     };
     Ok(Record::Conntrack(CtEvent {
         ts_ns,
+        source: c["source"]
+            .as_str()
+            .and_then(CtSource::from_name)
+            .ok_or(ParseError::Field("h2trace.conntrack.source"))?,
         netns: u64_at(v, &["h2trace", "netns"], "h2trace.netns")? as u32,
         kind,
         id: small("id", "h2trace.conntrack.id")? as u32,

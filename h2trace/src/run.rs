@@ -13,10 +13,10 @@ use crate::{
     cli::Format,
     config::{Config, ConntrackConfig},
     conntrack::netlink::{CtError, Listener, netns_inode},
-    event::decode,
+    event::{Input, decode},
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Text},
-    pipeline::{Input, Pipeline},
+    pipeline::Pipeline,
     probe::{self, Probes},
     source::{CounterValues, Counters, Reader, open_lives},
 };
@@ -55,7 +55,7 @@ struct Ordered {
 impl Ordered {
     fn ingest(&mut self, bytes: &[u8]) {
         match decode(bytes) {
-            Ok(ev) => self.reorder.push(Input::Socket(ev)),
+            Ok(i) => self.reorder.push(i),
             Err(_) => self.pipeline.summary.losses.malformed += 1,
         }
     }
@@ -69,7 +69,10 @@ impl Ordered {
 
 /// One listener per followed namespace (the same namespace named twice is followed once).
 /// A table that cannot be followed is an error when it was asked for, a warning otherwise.
-fn open_conntrack(cfg: &ConntrackConfig) -> Result<Vec<Listener>, RunError> {
+fn open_conntrack(
+    cfg: &ConntrackConfig,
+    kernel_states: Option<&str>,
+) -> Result<Vec<Listener>, RunError> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for (spec, required) in &cfg.namespaces {
@@ -77,7 +80,7 @@ fn open_conntrack(cfg: &ConntrackConfig) -> Result<Vec<Listener>, RunError> {
             if !seen.insert(ino) {
                 return Ok(None);
             }
-            Listener::open(spec).map(Some)
+            Listener::open(spec, kernel_states).map(Some)
         });
         match opened {
             Ok(Some(l)) => out.push(l),
@@ -167,7 +170,17 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     }
     let mut reader = Reader::open(&mut probes.ebpf, probes.transport, cfg.perf_pages)?;
     let counters = Counters::open(&mut probes.ebpf)?;
-    let mut cts = open_conntrack(&cfg.conntrack)?;
+    let mut cts = open_conntrack(&cfg.conntrack, probes.ct_hook.map(|h| h.name()))?;
+    // The kernel-side hook reports the followed namespaces only (the same ones, by inode).
+    if probes.ct_hook.is_some() {
+        let inodes: Vec<u32> = cfg
+            .conntrack
+            .namespaces
+            .iter()
+            .filter_map(|(spec, _)| netns_inode(spec).ok())
+            .collect();
+        probes.follow_ct_netns(&inodes)?;
+    }
 
     let clock = Clock {
         offset_ns: now_ns(ClockId::CLOCK_REALTIME) - now_ns(ClockId::CLOCK_MONOTONIC),

@@ -132,7 +132,14 @@ fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
         &<h2trace::cli::Cli as clap::Parser>::parse_from(["h2trace"]).trace,
     )
     .unwrap();
-    h2trace::probe::verify_kprobe(&cfg.probe).expect("the kprobe program loads");
+    for program in ["tcp_set_state_kprobe", "ct_refresh_kprobe"] {
+        h2trace::probe::verify_kprobe(&cfg.probe, program).unwrap_or_else(|e| {
+            panic!(
+                "{program} does not load: {}",
+                h2trace::probe::error_chain(&e)
+            )
+        });
+    }
     if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         return; // this kernel can attach kprobes: the kernel tests cover that mode
     }

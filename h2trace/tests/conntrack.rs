@@ -123,6 +123,34 @@ fn connection<'a>(run: &'a Run, local_port: u64, remote_port: u64) -> &'a Value 
         .unwrap_or_else(|| panic!("no connection {local_port} -> {remote_port}"))
 }
 
+/// With a kernel-side hook attached (the `started` record names it), state changes carry the
+/// kernel's own time: the router sees the handshake's last ACK right after the client's socket
+/// became ESTABLISHED. Without one, they come from ctnetlink.
+fn state_changes_from_the_kernel_side(run: &Run, established: &Value, client: &Value) {
+    let started = run.recs.iter().find(|r| action(r) == "started").unwrap();
+    let source = established["h2trace"]["conntrack"]["source"]
+        .as_str()
+        .unwrap();
+    let Some(hook) = started["h2trace"]["probe"]["conntrack_hook"].as_str() else {
+        assert_eq!(source, "ctnetlink");
+        return;
+    };
+    assert!(hook.starts_with(source), "hook {hook}, source {source}");
+    let conn = &client["h2trace"]["connection"];
+    let est = conn["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state"] == "ESTABLISHED")
+        .unwrap();
+    let socket_est = conn["start_ns"].as_u64().unwrap() + est["offset_ns"].as_u64().unwrap();
+    let ct_est = established["h2trace"]["ktime_ns"].as_u64().unwrap();
+    assert!(
+        ct_est >= socket_est && ct_est - socket_est < 5_000_000,
+        "client ESTABLISHED at {socket_est}, router at {ct_est}"
+    );
+}
+
 /// Checks shared by both middlebox verdicts; returns the finding.
 fn forgotten<'a>(run: &'a Run, afterwards: &str) -> &'a Value {
     let src = run
@@ -147,11 +175,10 @@ fn forgotten<'a>(run: &'a Run, afterwards: &str) -> &'a Value {
     assert_ne!(c["reply"]["dst_ip"], c["orig"]["src_ip"], "masqueraded");
     let client_port = c["orig"]["src_port"].as_u64().unwrap();
     let nat_port = c["reply"]["dst_port"].as_u64().unwrap();
-    assert!(
-        evs.iter()
-            .any(|r| action(r) == "conntrack-update" && ct_state(r, "new") == "ESTABLISHED"),
-        "no update to ESTABLISHED: {evs:#?}"
-    );
+    let established = evs
+        .iter()
+        .find(|r| action(r) == "conntrack-update" && ct_state(r, "new") == "ESTABLISHED")
+        .unwrap_or_else(|| panic!("no update to ESTABLISHED: {evs:#?}"));
     let destroy = evs
         .iter()
         .find(|r| action(r) == "conntrack-destroy")
@@ -162,6 +189,7 @@ fn forgotten<'a>(run: &'a Run, afterwards: &str) -> &'a Value {
     // Joined to both sockets: the client's (before NAT) and the server's (after NAT).
     let client = connection(run, client_port, 8080);
     let server = connection(run, 8080, nat_port);
+    state_changes_from_the_kernel_side(run, established, client);
     for conn in [client, server] {
         let j = &conn["h2trace"]["connection"]["conntrack"];
         assert_eq!(j["netns"], run.router_netns, "{conn:#}");

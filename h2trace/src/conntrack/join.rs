@@ -238,6 +238,7 @@ mod tests {
     fn ct(kind: CtKind, ts: u64, state: u8, timeout: Option<u32>) -> CtEvent {
         CtEvent {
             ts_ns: ts,
+            source: super::super::CtSource::Netlink,
             netns: 7,
             kind,
             id: 1,

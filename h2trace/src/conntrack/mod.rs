@@ -70,6 +70,39 @@ impl CtKind {
     }
 }
 
+/// Where a conntrack event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtSource {
+    /// ctnetlink (stamped when read: no kernel time).
+    Netlink,
+    /// Kernel-side hooks (exact kernel time); see `probe::conntrack`.
+    Fentry,
+    Kprobe,
+    BtfTracepoint,
+}
+
+impl CtSource {
+    const ALL: [CtSource; 4] = [
+        Self::Netlink,
+        Self::Fentry,
+        Self::Kprobe,
+        Self::BtfTracepoint,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Netlink => "ctnetlink",
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::BtfTracepoint => "tp_btf",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
 /// One direction of a conntrack entry: the packet's source and destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tuple {
@@ -91,6 +124,7 @@ impl Tuple {
 pub struct CtEvent {
     /// CLOCK_MONOTONIC ns when h2trace received it (ctnetlink carries no time).
     pub ts_ns: u64,
+    pub source: CtSource,
     /// Inode of the network namespace whose table holds the entry.
     pub netns: u32,
     pub kind: CtKind,

@@ -23,10 +23,12 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use tokio::io::unix::AsyncFd;
 
-use super::{CtEvent, CtKind, CtNamespace, Tuple};
+use super::{CtEvent, CtKind, CtNamespace, CtSource, Tuple};
 
 /// `NFNLGRP_CONNTRACK_NEW`, `_UPDATE`, `_DESTROY` (include/uapi/linux/netfilter/nfnetlink.h).
-const GROUPS: [u32; 3] = [1, 2, 3];
+const GROUP_NEW: u32 = 1;
+const GROUP_UPDATE: u32 = 2;
+const GROUP_DESTROY: u32 = 3;
 /// `CTA_ID` and `CTA_ZONE`: attributes the crate passes through undecoded.
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
@@ -117,6 +119,13 @@ fn sysctl(name: &str) -> Option<u32> {
         .ok()
 }
 
+/// Whether ctnetlink events can be subscribed to here (for `check`).
+pub fn available() -> std::io::Result<()> {
+    let mut s = Socket::new(NETLINK_NETFILTER)?;
+    s.bind(&NlAddr::new(0, 0))?;
+    s.add_membership(GROUP_DESTROY)
+}
+
 pub struct Listener {
     fd: AsyncFd<Socket>,
     pub ns: CtNamespace,
@@ -128,13 +137,18 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn open(spec: &NetnsSpec) -> Result<Self, CtError> {
+    /// `kernel_states`: the kernel-side hook that reports state changes, if one is attached;
+    /// then UPDATE events are not subscribed (one source per fact).
+    pub fn open(spec: &NetnsSpec, kernel_states: Option<&str>) -> Result<Self, CtError> {
         let netns = netns_inode(spec)?;
-        let (socket, timeout, loose) = in_netns(spec, || {
+        let updates = kernel_states.is_none();
+        let (socket, timeout, loose) = in_netns(spec, move || {
             let mut s = Socket::new(NETLINK_NETFILTER)?;
             s.bind(&NlAddr::new(0, 0))?;
-            for g in GROUPS {
-                s.add_membership(g)?;
+            s.add_membership(GROUP_NEW)?;
+            s.add_membership(GROUP_DESTROY)?;
+            if updates {
+                s.add_membership(GROUP_UPDATE)?;
             }
             // As root the buffer may exceed net.core.rmem_max; otherwise take what we get.
             let _ =
@@ -154,7 +168,10 @@ impl Listener {
             ns: CtNamespace {
                 netns,
                 name: spec.name(),
-                source: "ctnetlink".into(),
+                source: match kernel_states {
+                    None => "ctnetlink".into(),
+                    Some(h) => format!("ctnetlink + {h}"),
+                },
                 timeout_established_s: timeout,
                 tcp_loose: loose,
             },
@@ -231,6 +248,7 @@ fn event(m: NetlinkMessage<NetfilterMessage>, ts_ns: u64, netns: u32) -> Option<
     };
     let mut ev = CtEvent {
         ts_ns,
+        source: CtSource::Netlink,
         netns,
         kind,
         id: 0,

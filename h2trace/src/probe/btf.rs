@@ -5,9 +5,11 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use h2trace_common::SockOffsets;
+use h2trace_common::{ABSENT, CtOffsets, SockOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The module's own (split) BTF, when conntrack is a module rather than built in.
+pub const NF_CONNTRACK_BTF: &str = "/sys/kernel/btf/nf_conntrack";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -76,12 +78,57 @@ fn strip(btf: &Btf, mut ty: Type) -> Type {
     }
 }
 
-/// The `struct sock_common` and `struct net` offsets the programs need.
-pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
-    let btf = Btf::from_file(path).map_err(|e| BtfError::Read {
+fn read_btf(path: &Path, base: Option<&Btf>) -> Result<Btf, BtfError> {
+    match base {
+        None => Btf::from_file(path),
+        Some(b) => Btf::from_split_file(path, b),
+    }
+    .map_err(|e| BtfError::Read {
         path: path.display().to_string(),
         msg: e.to_string(),
-    })?;
+    })
+}
+
+/// The `struct sk_buff` and `struct nf_conn` offsets the conntrack hooks need. `module`:
+/// the nf_conntrack module's split BTF when it exists (else nf_conn is in vmlinux).
+pub fn ct_offsets(vmlinux: &Path, module: &Path) -> Result<CtOffsets, BtfError> {
+    let base = read_btf(vmlinux, None)?;
+    let split = module
+        .exists()
+        .then(|| read_btf(module, Some(&base)))
+        .transpose()?;
+    let btf = split.as_ref().unwrap_or(&base);
+    let tuple_hash = match find_struct(btf, "nf_conntrack_tuple_hash")? {
+        Type::Struct(s) => s.size() as u16,
+        _ => unreachable!("find_struct returns structs"),
+    };
+    let first = offset_of(btf, "nf_conn", "tuplehash")?
+        + offset_of(btf, "nf_conntrack_tuple_hash", "tuple")?;
+    let t = |m: &str| offset_of(btf, "nf_conntrack_tuple", m);
+    let ct = |m: &str| offset_of(btf, "nf_conn", m);
+    Ok(CtOffsets {
+        skb_nfct: offset_of(&base, "sk_buff", "_nfct")?,
+        tuple_orig: first,
+        tuple_reply: first + tuple_hash,
+        src_u3: t("src.u3")?,
+        src_port: t("src.u.all")?,
+        l3num: t("src.l3num")?,
+        dst_u3: t("dst.u3")?,
+        dst_port: t("dst.u.all")?,
+        protonum: t("dst.protonum")?,
+        tcp_state: ct("proto.tcp.state")?,
+        status: ct("status")?,
+        // Optional in the kernel's configuration: absent is not an error.
+        mark: ct("mark").unwrap_or(ABSENT),
+        ct_net: ct("ct_net")?,
+        zone: ct("zone.id").unwrap_or(ABSENT),
+        _pad: [0; 2],
+    })
+}
+
+/// The `struct sock_common` and `struct net` offsets the programs need.
+pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
+    let btf = read_btf(path, None)?;
     let sc = |m: &str| offset_of(&btf, "sock_common", m);
     Ok(SockOffsets {
         skc_daddr: sc("skc_daddr")?,
@@ -122,5 +169,32 @@ mod tests {
         assert_eq!(o.skc_state, 18);
         assert!(o.skc_v6_daddr > o.skc_net && o.skc_v6_rcv_saddr == o.skc_v6_daddr + 16);
         assert!(o.net_ns_inum > 0);
+    }
+
+    #[test]
+    fn resolves_nf_conn_members() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: no {VMLINUX_BTF}");
+            return;
+        }
+        let o = match ct_offsets(path, Path::new(NF_CONNTRACK_BTF)) {
+            Ok(o) => o,
+            Err(BtfError::NoStruct(s)) => {
+                eprintln!("skipped: this kernel has no conntrack ({s})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // A tuple: src (address, then port union, then family) and dst (address, port,
+        // protocol); the reply tuple follows the original one.
+        assert_eq!(o.src_u3, 0);
+        assert_eq!(o.src_port, 16);
+        assert_eq!(o.l3num, 18);
+        assert_eq!(o.dst_u3, 20);
+        assert_eq!(o.dst_port, 36);
+        assert_eq!(o.protonum, 38);
+        assert!(o.tuple_reply > o.tuple_orig);
+        assert!(o.tcp_state > o.tuple_reply && o.skb_nfct > 0);
     }
 }

@@ -23,7 +23,7 @@ pub const USED: [(Capability, &str); 5] = [
     ),
     (
         Capability::CAP_NET_ADMIN,
-        "read conntrack over netlink (later features)",
+        "subscribe to conntrack events (ctnetlink) in the followed namespaces",
     ),
 ];
 

@@ -6,6 +6,7 @@
 //! optional hook degrades a fact (bytes, resets, ...) and is reported, never silently.
 pub mod btf;
 pub mod caps;
+pub mod conntrack;
 pub mod tracefs;
 
 use std::{
@@ -20,7 +21,10 @@ use aya::{
 };
 use h2trace_common::{ProgConfig, SockOffsets, flags};
 
-use self::tracefs::{FormatError, Tracefs};
+use self::{
+    conntrack::{CtHook, CtHookChoice},
+    tracefs::{FormatError, Tracefs},
+};
 
 /// The kernel programs, built by `cargo xtask build-ebpf`. Empty when the agent was built
 /// without them (unit tests do not need them).
@@ -127,6 +131,8 @@ pub enum ProbeError {
     NoStateHook(Vec<String>),
     #[error("{0} is missing from the eBPF object (was it built from another version?)")]
     NoProgram(String),
+    #[error("updating map {0}")]
+    Map(&'static str, #[source] aya::maps::MapError),
     #[error("{hook}: {source}")]
     Program {
         hook: String,
@@ -136,7 +142,7 @@ pub enum ProbeError {
 }
 
 /// Present when the kernel can attach kprobes through perf_event_open.
-const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
+pub(crate) const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
 /// What the agent asks of the probes.
 #[derive(Debug, Clone)]
@@ -152,6 +158,8 @@ pub struct ProbeOptions {
     pub max_sockets: u32,
     /// Wake the agent once this many bytes wait in the ring buffer.
     pub wake_bytes: u32,
+    /// Kernel-side conntrack hooks to try; `None` when conntrack is not followed.
+    pub conntrack: Option<CtHookChoice>,
 }
 
 /// One hook and how it fared, for `check` and the `started` record.
@@ -170,6 +178,8 @@ pub struct Probes {
     /// `enum sk_rst_reason` names from this kernel's `tcp:tcp_send_reset` format.
     pub reset_reasons: BTreeMap<u32, String>,
     pub hooks: Vec<HookStatus>,
+    /// The kernel-side conntrack hook in use, if any.
+    pub ct_hook: Option<CtHook>,
 }
 
 impl Probes {
@@ -177,8 +187,24 @@ impl Probes {
         serde_json::json!({
             "state_hook": self.state_hook.name(),
             "transport": self.transport.name(),
+            "conntrack_hook": self.ct_hook.map(CtHook::name),
             "hooks": self.hooks,
         })
+    }
+
+    /// Report kernel-side conntrack changes of these namespaces (inodes) only.
+    pub fn follow_ct_netns(&mut self, inodes: &[u32]) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("CT_NETNS")
+            .ok_or_else(|| ProbeError::NoProgram("map CT_NETNS".into()))?;
+        let mut m = aya::maps::HashMap::<_, u32, u8>::try_from(map)
+            .map_err(|e| ProbeError::Map("CT_NETNS", e))?;
+        for &ino in inodes {
+            m.insert(ino, 1, 0)
+                .map_err(|e| ProbeError::Map("CT_NETNS", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +261,7 @@ struct KernelFacts {
     config: ProgConfig,
     set_state_error: Option<String>,
     sock_offsets_error: Option<String>,
+    ct_offsets_error: Option<String>,
     missing_tracepoints: HashMap<&'static str, String>,
     reset_reasons: BTreeMap<u32, String>,
 }
@@ -285,10 +312,22 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
             Some(e.to_string())
         }
     };
+    let ct_offsets_error = match btf::ct_offsets(
+        Path::new(btf::VMLINUX_BTF),
+        Path::new(btf::NF_CONNTRACK_BTF),
+    ) {
+        Ok(o) => {
+            config.ct = o;
+            config.flags |= flags::CONNTRACK;
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
     KernelFacts {
         config,
         set_state_error,
         sock_offsets_error,
+        ct_offsets_error,
         missing_tracepoints: missing,
         reset_reasons,
     }
@@ -320,6 +359,11 @@ fn loader_for(
     if opts.peek {
         config.flags |= flags::PEEK;
     }
+    // Kernel-side conntrack reports only the namespaces the agent follows (`CT_NETNS`).
+    match opts.conntrack {
+        None => config.flags &= !flags::CONNTRACK,
+        Some(_) => config.flags |= flags::CT_NETNS_FILTER,
+    }
     let ring = match transport {
         Transport::Perf => {
             config.flags |= flags::USE_PERF;
@@ -335,7 +379,7 @@ fn loader_for(
         .load(EBPF_OBJ)?)
 }
 
-fn program_error(hook: &str, source: ProgramError) -> ProbeError {
+pub(crate) fn program_error(hook: &str, source: ProgramError) -> ProbeError {
     ProbeError::Program {
         hook: hook.to_string(),
         source,
@@ -351,6 +395,55 @@ fn precondition(facts: &KernelFacts, hook: StateHook) -> Option<String> {
             .as_ref()
             .map(|e| format!("needs struct sock_common offsets from BTF: {e}")),
     }
+}
+
+fn ct_precondition(facts: &KernelFacts) -> Option<String> {
+    facts
+        .ct_offsets_error
+        .as_ref()
+        .map(|e| format!("needs struct nf_conn offsets from BTF: {e}"))
+}
+
+/// The first kernel-side conntrack hook of the chain that attaches. Mechanisms passed over
+/// are recorded (not warned about) when a later one works; with none, one warning says that
+/// state changes come from ctnetlink alone.
+fn attach_ct_hook(
+    ebpf: &mut Ebpf,
+    facts: &KernelFacts,
+    choice: CtHookChoice,
+    hooks: &mut Vec<HookStatus>,
+) -> Option<CtHook> {
+    let mut failed = Vec::new();
+    for hook in CtHook::chain(choice) {
+        let result = match ct_precondition(facts) {
+            Some(why) => Err(why),
+            None => hook.attach(ebpf).map_err(|e| why_not(&e)),
+        };
+        match result {
+            Ok(()) => {
+                hooks.push(HookStatus {
+                    hook: hook.name().into(),
+                    ok: true,
+                    detail: "attached (conntrack state changes)".into(),
+                });
+                hooks.extend(failed.into_iter().map(|(h, why)| HookStatus {
+                    hook: h,
+                    ok: true,
+                    detail: format!("not used ({why})"),
+                }));
+                return Some(hook);
+            }
+            Err(why) => failed.push((hook.name().to_string(), why)),
+        }
+    }
+    hooks.extend(failed.into_iter().map(|(h, why)| HookStatus {
+        detail: format!(
+            "{h}: {why}; conntrack state changes come from ctnetlink events (no kernel time)"
+        ),
+        hook: h,
+        ok: false,
+    }));
+    None
 }
 
 fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError> {
@@ -385,7 +478,10 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
     Ok(())
 }
 
-fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, ProbeError> {
+pub(crate) fn prog<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program, ProbeError> {
     ebpf.program_mut(name)
         .ok_or_else(|| ProbeError::NoProgram(name.to_string()))
 }
@@ -448,6 +544,9 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         detail: f,
     }));
     hooks.extend(attach_optional(&mut ebpf, &facts, "attached"));
+    let ct_hook = opts
+        .conntrack
+        .and_then(|choice| attach_ct_hook(&mut ebpf, &facts, choice, &mut hooks));
     if opts.peek {
         for name in PEEK_SYSCALLS {
             let result =
@@ -468,6 +567,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         transport,
         reset_reasons: facts.reset_reasons,
         hooks,
+        ct_hook,
     })
 }
 
@@ -561,34 +661,46 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     } else {
         Transport::Perf
     };
+    // A fresh object per hook: a program can be loaded only once.
+    let one = |name: &str,
+               program: &str,
+               precondition: Option<String>,
+               attach: &dyn Fn(&mut Ebpf) -> Result<(), ProbeError>|
+     -> Result<HookStatus, ProbeError> {
+        let mut ebpf = loader_for(&facts, opts, transport)?;
+        let status = match precondition {
+            Some(why) => Err(why),
+            None => attach(&mut ebpf).map_err(|e| why_not(&e)),
+        };
+        let (ok, detail) = match status {
+            Ok(()) => (true, "loads and attaches".to_string()),
+            Err(why) if ebpf.program(program).is_some_and(|p| p.fd().is_ok()) => {
+                (false, format!("passes the verifier, cannot attach: {why}"))
+            }
+            Err(why) => (false, why),
+        };
+        Ok(HookStatus {
+            hook: name.into(),
+            ok,
+            detail,
+        })
+    };
     let mut out = Vec::new();
     for hook in StateHook::ALL {
-        // A fresh object per hook: a program can be loaded only once.
-        let mut ebpf = loader_for(&facts, opts, transport)?;
-        let status = match precondition(&facts, hook) {
-            Some(why) => Err(why),
-            None => attach_state_hook(&mut ebpf, hook).map_err(|e| why_not(&e)),
-        };
-        out.push(match status {
-            Ok(()) => HookStatus {
-                hook: hook.name().into(),
-                ok: true,
-                detail: "loads and attaches".into(),
-            },
-            Err(why) => {
-                let loaded = ebpf.program(hook.program()).is_some_and(|p| p.fd().is_ok());
-                let detail = if loaded {
-                    format!("passes the verifier, cannot attach: {why}")
-                } else {
-                    why
-                };
-                HookStatus {
-                    hook: hook.name().into(),
-                    ok: false,
-                    detail,
-                }
-            }
-        });
+        out.push(one(
+            hook.name(),
+            hook.program(),
+            precondition(&facts, hook),
+            &|e| attach_state_hook(e, hook),
+        )?);
+    }
+    for hook in CtHook::ALL {
+        out.push(one(
+            hook.name(),
+            hook.program(),
+            ct_precondition(&facts),
+            &|e| hook.attach(e),
+        )?);
     }
     let mut ebpf = loader_for(&facts, opts, transport)?;
     out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
@@ -602,16 +714,15 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     Ok(out)
 }
 
-/// Load the kprobe program only (no attach): proves it passes this kernel's verifier.
-pub fn verify_kprobe(opts: &ProbeOptions) -> Result<(), ProbeError> {
+/// Load one kprobe program (no attach): proves it passes this kernel's verifier.
+pub fn verify_kprobe(opts: &ProbeOptions, program: &str) -> Result<(), ProbeError> {
     let tracefs = Tracefs::find_or_mount().map_err(ProbeError::Tracefs)?;
     let facts = kernel_facts(&tracefs);
     let mut ebpf = loader_for(&facts, opts, Transport::Ringbuf)?;
-    let hook = StateHook::Kprobe.name();
-    let p: &mut KProbe = prog(&mut ebpf, StateHook::Kprobe.program())?
+    let p: &mut KProbe = prog(&mut ebpf, program)?
         .try_into()
-        .map_err(|e| program_error(hook, e))?;
-    p.load().map_err(|e| program_error(hook, e))
+        .map_err(|e| program_error(program, e))?;
+    p.load().map_err(|e| program_error(program, e))
 }
 
 #[cfg(test)]

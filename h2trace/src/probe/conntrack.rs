@@ -1,0 +1,96 @@
+//! The kernel-side conntrack hooks: which exists on this kernel, chosen at run time.
+//!
+//! There is no conntrack tracepoint. On kernels with kprobes or fentry the programs hook
+//! `__nf_ct_refresh_acct()`, which the TCP tracker calls for each packet after updating the
+//! entry's state; elsewhere a BTF tracepoint on `net_dev_start_xmit` reads the entry attached
+//! to each transmitted packet. ctnetlink (userspace) adds creation and expiry either way.
+use std::path::Path;
+
+use aya::{
+    Btf, Ebpf,
+    programs::{BtfTracePoint, FEntry, KProbe, ProgramError},
+};
+
+use super::{KPROBE_PMU, ProbeError, prog, program_error};
+
+/// The function the TCP conntrack tracker calls for every packet, state already updated.
+const REFRESH_FN: &str = "__nf_ct_refresh_acct";
+const XMIT_TP: &str = "net_dev_start_xmit";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CtHookChoice {
+    /// The first that works: fentry, then kprobe, then the BTF tracepoint.
+    Auto,
+    Fentry,
+    Kprobe,
+    TpBtf,
+    /// No kernel-side hook: state changes come from ctnetlink UPDATE events.
+    Netlink,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtHook {
+    Fentry,
+    Kprobe,
+    BtfTracepoint,
+}
+
+impl CtHook {
+    pub const ALL: [CtHook; 3] = [Self::Fentry, Self::Kprobe, Self::BtfTracepoint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fentry => "fentry __nf_ct_refresh_acct",
+            Self::Kprobe => "kprobe __nf_ct_refresh_acct",
+            Self::BtfTracepoint => "tp_btf net_dev_start_xmit",
+        }
+    }
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::Fentry => "ct_refresh_fentry",
+            Self::Kprobe => "ct_refresh_kprobe",
+            Self::BtfTracepoint => "ct_xmit",
+        }
+    }
+
+    pub fn chain(choice: CtHookChoice) -> Vec<CtHook> {
+        match choice {
+            CtHookChoice::Auto => Self::ALL.to_vec(),
+            CtHookChoice::Fentry => vec![Self::Fentry],
+            CtHookChoice::Kprobe => vec![Self::Kprobe],
+            CtHookChoice::TpBtf => vec![Self::BtfTracepoint],
+            CtHookChoice::Netlink => Vec::new(),
+        }
+    }
+
+    /// Load (the verifier runs) and attach.
+    pub fn attach(self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        let err = |e| program_error(self.name(), e);
+        let p = prog(ebpf, self.program())?;
+        match self {
+            Self::Fentry => {
+                let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+                let p: &mut FEntry = p.try_into().map_err(err)?;
+                p.load(REFRESH_FN, &btf).map_err(err)?;
+                p.attach().map_err(err)?;
+            }
+            Self::Kprobe => {
+                let p: &mut KProbe = p.try_into().map_err(err)?;
+                p.load().map_err(err)?;
+                if !Path::new(KPROBE_PMU).exists() {
+                    return Err(ProbeError::NoKprobes);
+                }
+                p.attach(REFRESH_FN, 0).map_err(err)?;
+            }
+            Self::BtfTracepoint => {
+                let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+                let p: &mut BtfTracePoint = p.try_into().map_err(err)?;
+                p.load(XMIT_TP, &btf).map_err(err)?;
+                p.attach().map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
