@@ -6,13 +6,13 @@
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
 . /etc/h2trace-vm.conf
 
-# busybox finds itself through /proc; its applets do not replace the host's tools in the image.
+# The root is already a writable tmpfs: nothing is mounted over /tmp or /run, which may hold the
+# programs (the repository's path on the host). busybox finds itself through /proc; its applets
+# do not replace the host's tools in the image.
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t bpf bpf /sys/fs/bpf
