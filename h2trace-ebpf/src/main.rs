@@ -711,9 +711,11 @@ fn current_state(life: &SockLife) -> u8 {
 // No tracepoint reports conntrack state. Where kprobes or fentry exist, the hook is
 // `__nf_ct_refresh_acct()` (net/netfilter/nf_conntrack_core.c): the TCP tracker calls it
 // for every packet right after updating `ct->proto.tcp.state` (nf_conntrack_proto_tcp.c).
-// Elsewhere a BTF tracepoint on `net_dev_start_xmit` (include/trace/events/net.h) sees
-// every transmitted packet with its conntrack entry attached (`skb->_nfct`): forwarded
-// packets of a router and locally sent ones have passed conntrack by then.
+// Elsewhere BTF tracepoints read the entry attached to a packet (`skb->_nfct`):
+// `net_dev_start_xmit` (include/trace/events/net.h) for every transmitted packet (forwarded
+// and locally sent ones have passed conntrack by then), and `kfree_skb`
+// (include/trace/events/skb.h) for packets dropped after conntrack saw them, such as a RST
+// a firewall filters: its state change would otherwise show only at the next packet.
 
 /// `IPS_TEMPLATE`: a template attached by the CT target, not a tracked connection.
 const IPS_TEMPLATE: u32 = 1 << 11;
@@ -800,15 +802,26 @@ pub fn ct_refresh_fentry(ctx: FEntryContext) -> u32 {
     0
 }
 
-#[btf_tracepoint(function = "net_dev_start_xmit")]
-pub fn ct_xmit(ctx: BtfTracePointContext) -> u32 {
+#[inline(always)]
+fn ct_of_packet(ctx: &BtfTracePointContext) {
     let skb: *const u8 = ctx.arg(0);
     if config!(flags) & flags::CONNTRACK != 0
         && let Some(nfct) = unsafe { read::<u64>(skb, config!(ct.skb_nfct)) }
     {
         // The low three bits are the packet's `enum ip_conntrack_info`.
-        let _ = ct_seen(&ctx, (nfct & !7) as *const u8, ct_hook::BTF_TRACEPOINT);
+        let _ = ct_seen(ctx, (nfct & !7) as *const u8, ct_hook::BTF_TRACEPOINT);
     }
+}
+
+#[btf_tracepoint(function = "net_dev_start_xmit")]
+pub fn ct_xmit(ctx: BtfTracePointContext) -> u32 {
+    ct_of_packet(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn ct_drop(ctx: BtfTracePointContext) -> u32 {
+    ct_of_packet(&ctx);
     0
 }
 

@@ -14,8 +14,9 @@ use serde_json::Value;
 
 const TIMEOUT_S: u64 = 3;
 
-/// The router masquerades towards the server and treats INVALID packets with `invalid`.
-fn router(tag: &str, subnet: u8, invalid: &str) -> NetPair {
+/// The router masquerades towards the server and treats INVALID packets with `invalid`;
+/// `extra` adds forward-chain rules.
+fn router(tag: &str, subnet: u8, invalid: &str, extra: &str) -> NetPair {
     let net = NetPair::with_router(tag, subnet);
     let r = net.router.clone().unwrap();
     for (k, v) in [
@@ -32,7 +33,7 @@ fn router(tag: &str, subnet: u8, invalid: &str) -> NetPair {
         assert!(st.success(), "sysctl {k}");
     }
     net.router_nft(&format!(
-        "table ip h2tct {{\n chain postrouting_nat {{\n  type nat hook postrouting priority 100;\n  oifname \"h2rs{subnet}\" masquerade\n }}\n chain forward_filter {{\n  type filter hook forward priority 0;\n  ct state invalid {invalid}\n }}\n}}\n"
+        "table ip h2tct {{\n chain postrouting_nat {{\n  type nat hook postrouting priority 100;\n  oifname \"h2rs{subnet}\" masquerade\n }}\n chain forward_filter {{\n  type filter hook forward priority 0;\n  ct state invalid {invalid}\n  {extra}\n }}\n}}\n"
     ));
     net
 }
@@ -46,21 +47,30 @@ struct Run {
 
 /// One connection through the router: a request, `pause_ms` of silence, a second request.
 fn run(tag: &str, subnet: u8, invalid: &str, pause_ms: u64, requests: &str) -> Run {
-    let net = router(tag, subnet, invalid);
+    let server = [
+        "--requests",
+        "100",
+        "--idle-timeout",
+        "30000",
+        "--then",
+        "close",
+    ];
+    run_with(tag, subnet, (invalid, ""), &server, pause_ms, requests)
+}
+
+fn run_with(
+    tag: &str,
+    subnet: u8,
+    (invalid, extra): (&str, &str),
+    server_args: &[&str],
+    pause_ms: u64,
+    requests: &str,
+) -> Run {
+    let net = router(tag, subnet, invalid, extra);
     let r = net.router.clone().unwrap();
     let addr = format!("{}:8080", net.server_v4);
     let tracer = Tracer::start(tag, &["--conntrack-netns", &r]);
-    let server = net.server(
-        &addr,
-        &[
-            "--requests",
-            "100",
-            "--idle-timeout",
-            "30000",
-            "--then",
-            "close",
-        ],
-    );
+    let server = net.server(&addr, server_args);
     let pause = pause_ms.to_string();
     let mut client = net.spawn_client(
         &addr,
@@ -258,4 +268,40 @@ fn traffic_more_frequent_than_the_timeout_has_no_verdict() {
     ] {
         assert!(findings(&run.recs, p).is_empty(), "unexpected {p}");
     }
+}
+
+#[test]
+fn entry_closed_under_an_established_socket() {
+    let Some(_lock) = kernel_test() else { return };
+    // The server aborts after its first answer; the router's table sees the RST (CLOSE), its
+    // filter drops it, so the client never learns and stays ESTABLISHED.
+    let run = run_with(
+        "ctclosed",
+        74,
+        ("drop", "tcp flags & rst == rst drop"),
+        &["--requests", "1", "--then", "rst"],
+        2500,
+        "2",
+    );
+    let evs = ct_events(&run);
+    let close = evs
+        .iter()
+        .find(|r| ct_state(r, "new") == "CLOSE")
+        .unwrap_or_else(|| panic!("the table never went to CLOSE: {evs:#?}"));
+    let port = close["h2trace"]["conntrack"]["orig"]["src_port"]
+        .as_u64()
+        .unwrap();
+    let client = connection(&run, port, 8080);
+    let j = &client["h2trace"]["connection"]["conntrack"];
+    assert_eq!(j["verdict"]["kind"], "closed-while-established", "{j:#}");
+    assert_eq!(j["verdict"]["state"], "CLOSE");
+    let f = findings(&run.recs, "conntrack-closed-early")
+        .into_iter()
+        .find(|f| owner_pid(f) == Some(u64::from(run.client_pid)))
+        .unwrap_or_else(|| panic!("no conntrack-closed-early finding: {:#?}", run.recs));
+    assert_eq!(
+        f["h2trace"]["finding"]["numbers"]["conntrack_state"],
+        "CLOSE"
+    );
+    assert!(findings(&run.recs, "conntrack-forgot-connection").is_empty());
 }

@@ -15,7 +15,8 @@ use super::{KPROBE_PMU, ProbeError, prog, program_error};
 
 /// The function the TCP conntrack tracker calls for every packet, state already updated.
 const REFRESH_FN: &str = "__nf_ct_refresh_acct";
-const XMIT_TP: &str = "net_dev_start_xmit";
+/// BTF tracepoints that carry a packet with its conntrack entry, and their programs.
+const PACKET_TPS: [(&str, &str); 2] = [("net_dev_start_xmit", "ct_xmit"), ("kfree_skb", "ct_drop")];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -43,7 +44,7 @@ impl CtHook {
         match self {
             Self::Fentry => "fentry __nf_ct_refresh_acct",
             Self::Kprobe => "kprobe __nf_ct_refresh_acct",
-            Self::BtfTracepoint => "tp_btf net_dev_start_xmit",
+            Self::BtfTracepoint => "tp_btf net_dev_start_xmit+kfree_skb",
         }
     }
 
@@ -68,16 +69,16 @@ impl CtHook {
     /// Load (the verifier runs) and attach.
     pub fn attach(self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         let err = |e| program_error(self.name(), e);
-        let p = prog(ebpf, self.program())?;
         match self {
             Self::Fentry => {
+                let p = prog(ebpf, self.program())?;
                 let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
                 let p: &mut FEntry = p.try_into().map_err(err)?;
                 p.load(REFRESH_FN, &btf).map_err(err)?;
                 p.attach().map_err(err)?;
             }
             Self::Kprobe => {
-                let p: &mut KProbe = p.try_into().map_err(err)?;
+                let p: &mut KProbe = prog(ebpf, self.program())?.try_into().map_err(err)?;
                 p.load().map_err(err)?;
                 if !Path::new(KPROBE_PMU).exists() {
                     return Err(ProbeError::NoKprobes);
@@ -86,9 +87,11 @@ impl CtHook {
             }
             Self::BtfTracepoint => {
                 let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-                let p: &mut BtfTracePoint = p.try_into().map_err(err)?;
-                p.load(XMIT_TP, &btf).map_err(err)?;
-                p.attach().map_err(err)?;
+                for (tp, program) in PACKET_TPS {
+                    let p: &mut BtfTracePoint = prog(ebpf, program)?.try_into().map_err(err)?;
+                    p.load(tp, &btf).map_err(err)?;
+                    p.attach().map_err(err)?;
+                }
             }
         }
         Ok(())
