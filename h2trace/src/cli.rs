@@ -194,6 +194,10 @@ pub struct TraceArgs {
     /// always come from ctnetlink.
     #[arg(long, value_enum, default_value = "auto")]
     pub conntrack_probe: CtHookChoice,
+    /// Receive buffer of each ctnetlink socket. Events that do not fit while h2trace is busy
+    /// are dropped by the kernel and counted (conntrack_overruns); raise it on busy NATs.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB")]
+    pub conntrack_buffer: String,
     #[command(flatten)]
     pub detect: DetectArgs,
 }

@@ -27,6 +27,8 @@ pub enum ConfigError {
     Netns(String, String),
     #[error("--conntrack-netns given with --conntrack off")]
     NetnsWithoutConntrack,
+    #[error("invalid --conntrack-buffer {0:?}: {1}")]
+    CtBuffer(String, String),
 }
 
 /// Which conntrack tables to follow, and whether failing to is an error.
@@ -35,6 +37,8 @@ pub struct ConntrackConfig {
     /// Each namespace, and whether not following it is an error (`--conntrack on`, or named
     /// with `--conntrack-netns`) or a warning.
     pub namespaces: Vec<(NetnsSpec, bool)>,
+    /// Receive buffer of each ctnetlink socket, in bytes.
+    pub buffer: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +181,16 @@ fn conntrack_config(a: &TraceArgs) -> Result<ConntrackConfig, ConfigError> {
         }
         return Ok(ConntrackConfig::default());
     }
+    let buffer: bytesize::ByteSize = a
+        .conntrack_buffer
+        .parse()
+        .map_err(|e: String| ConfigError::CtBuffer(a.conntrack_buffer.clone(), e))?;
+    let buffer = usize::try_from(buffer.as_u64())
+        .ok()
+        .filter(|b| (4096..=1 << 30).contains(b))
+        .ok_or_else(|| {
+            ConfigError::CtBuffer(a.conntrack_buffer.clone(), "must be 4KiB to 1GiB".into())
+        })?;
     let on = a.conntrack == ConntrackChoice::On;
     let mut namespaces = vec![(NetnsSpec::Host, on)];
     namespaces.extend(a.pid.iter().map(|&p| (NetnsSpec::Pid(p), on)));
@@ -190,7 +204,7 @@ fn conntrack_config(a: &TraceArgs) -> Result<ConntrackConfig, ConfigError> {
         }
         namespaces.push((spec, true));
     }
-    Ok(ConntrackConfig { namespaces })
+    Ok(ConntrackConfig { namespaces, buffer })
 }
 
 #[cfg(test)]
@@ -227,6 +241,10 @@ mod tests {
         assert_eq!(c.duration, Some(Duration::from_secs(90)));
         assert_eq!(c.probe.ring_bytes, 8 << 20);
         assert!(!c.probe.emit_all_transitions);
+        // Conntrack: the host's table and the traced process's, ctnetlink buffer 8 MiB.
+        assert_eq!(c.conntrack.namespaces.len(), 2);
+        assert_eq!(c.conntrack.buffer, 8 << 20);
+        assert!(c.probe.conntrack.is_some());
     }
 
     #[test]
@@ -243,5 +261,12 @@ mod tests {
         assert!(resolve(&args(&["--perf-pages", "3"])).is_err());
         assert!(Cli::try_parse_from(["h2trace", "-4", "-6"]).is_err());
         assert!(Cli::try_parse_from(["h2trace", "--probe", "uprobe"]).is_err());
+        assert!(resolve(&args(&["--conntrack-buffer", "12"])).is_err());
+        assert!(matches!(
+            resolve(&args(&["--conntrack", "off", "--conntrack-netns", "x"])),
+            Err(ConfigError::NetnsWithoutConntrack)
+        ));
+        let e = resolve(&args(&["--conntrack-netns", "no-such-ns-h2t"])).unwrap_err();
+        assert!(e.to_string().contains("/run/netns/no-such-ns-h2t"), "{e}");
     }
 }

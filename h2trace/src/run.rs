@@ -80,7 +80,7 @@ fn open_conntrack(
             if !seen.insert(ino) {
                 return Ok(None);
             }
-            Listener::open(spec, kernel_states).map(Some)
+            Listener::open(spec, kernel_states, cfg.buffer).map(Some)
         });
         match opened {
             Ok(Some(l)) => out.push(l),

@@ -305,3 +305,47 @@ fn entry_closed_under_an_established_socket() {
     );
     assert!(findings(&run.recs, "conntrack-forgot-connection").is_empty());
 }
+
+#[test]
+fn conntrack_overruns_are_counted() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = router("ctoverrun", 75, "drop", "");
+    let r = net.router.clone().unwrap();
+    let addr = format!("{}:8080", net.server_v4);
+    let tracer = Tracer::start(
+        "ctoverrun",
+        &[
+            "--conntrack-netns",
+            &r,
+            "--conntrack-buffer",
+            "4KiB",
+            "--conntrack-probe",
+            "netlink",
+        ],
+    );
+    let signal = |s| {
+        let pid = nix::unistd::Pid::from_raw(tracer.pid() as i32);
+        nix::sys::signal::kill(pid, s).unwrap();
+    };
+    let _server = net.server(&addr, &["--conns", "300", "--then", "close"]);
+    // A stopped agent reads nothing: the kernel drops the conntrack events that do not fit
+    // its small buffer and says so (ENOBUFS) at the next read.
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    net.client(&addr, &["--conns", "300", "--then", "close"]);
+    signal(nix::sys::signal::Signal::SIGCONT);
+    let recs = tracer.stop();
+    validate_all(&recs);
+    let overruns = |r: &Value, path: &str| r["h2trace"][path]["conntrack_overruns"].as_u64();
+    let summary = recs.iter().find(|r| action(r) == "summary").unwrap();
+    let total = summary["h2trace"]["summary"]["losses"]["conntrack_overruns"]
+        .as_u64()
+        .unwrap();
+    assert!(total >= 1, "no overrun counted: {summary:#}");
+    assert!(
+        recs.iter()
+            .any(|r| action(r) == "loss" && overruns(r, "loss") == Some(total)),
+        "no loss record with the overruns"
+    );
+    // What fitted still arrived.
+    assert!(recs.iter().any(|r| action(r) == "conntrack-new"));
+}

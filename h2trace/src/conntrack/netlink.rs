@@ -32,8 +32,6 @@ const GROUP_DESTROY: u32 = 3;
 /// `CTA_ID` and `CTA_ZONE`: attributes the crate passes through undecoded.
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
-/// Socket receive buffer: a burst of churn must not overrun it between two reads.
-const RCVBUF: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtError {
@@ -139,7 +137,12 @@ pub struct Listener {
 impl Listener {
     /// `kernel_states`: the kernel-side hook that reports state changes, if one is attached;
     /// then UPDATE events are not subscribed (one source per fact).
-    pub fn open(spec: &NetnsSpec, kernel_states: Option<&str>) -> Result<Self, CtError> {
+    /// `rcvbuf`: the socket's receive buffer (a burst must fit between two reads).
+    pub fn open(
+        spec: &NetnsSpec,
+        kernel_states: Option<&str>,
+        rcvbuf: usize,
+    ) -> Result<Self, CtError> {
         let netns = netns_inode(spec)?;
         let updates = kernel_states.is_none();
         let (socket, timeout, loose) = in_netns(spec, move || {
@@ -152,7 +155,7 @@ impl Listener {
             }
             // As root the buffer may exceed net.core.rmem_max; otherwise take what we get.
             let _ =
-                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF);
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &rcvbuf);
             s.set_non_blocking(true)?;
             Ok((
                 s,
