@@ -86,10 +86,10 @@ pub struct Losses {
     /// `--pid` events dropped because too many waited for their owner.
     pub filter_overflow: u64,
     /// ctnetlink reads that failed with ENOBUFS: the kernel dropped conntrack events.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_overruns: u64,
     /// ctnetlink messages that did not decode.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_malformed: u64,
 }
 
@@ -130,10 +130,10 @@ pub struct Summary {
     #[serde(default)]
     pub findings: u64,
     /// Conntrack events written.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_events: u64,
     /// Conntrack entries forgotten to keep the join table bounded.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_evicted: u64,
     pub losses: Losses,
 }
@@ -386,6 +386,12 @@ impl From<&Facts> for Analysis {
 struct StateAt {
     state: &'static str,
     offset_ns: u64,
+}
+
+/// Counters added after `h2trace/1` first shipped are written only when non-zero, so older
+/// recordings replay to themselves byte for byte.
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &u32) -> bool {

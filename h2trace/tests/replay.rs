@@ -114,6 +114,27 @@ const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
     ("forgedrst", Some("reset-after-idle"), &["black-hole"]),
     ("proxy-upstream-churn", Some("proxy-upstream-churn"), &[]),
     ("rst-storm", Some("rst-storm"), &[]),
+    // Recorded by tests/conntrack.rs: a NAT router whose table forgets or closes connections.
+    (
+        "ctdrop",
+        Some("conntrack-forgot-connection"),
+        &["conntrack-closed-early"],
+    ),
+    (
+        "ctreject",
+        Some("conntrack-forgot-connection"),
+        &["conntrack-closed-early"],
+    ),
+    (
+        "ctclosed",
+        Some("conntrack-closed-early"),
+        &["conntrack-forgot-connection"],
+    ),
+    (
+        "cthealthy",
+        None,
+        &["conntrack-forgot-connection", "conntrack-closed-early", "black-hole"],
+    ),
     // Recorded with real peers (tests/e2e.rs): grpcio and nginx.
     (
         "e2e-grpc-channel-per-call",
