@@ -3,9 +3,9 @@ use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use crate::{
     cli::{ConntrackChoice, DetectArgs, Events, Format, TraceArgs},
-    conntrack::netlink::NetnsSpec,
     detect::DetectConfig,
     filter::Filter,
+    netns::NetnsSpec,
     probe::ProbeOptions,
 };
 

@@ -14,6 +14,7 @@ pub mod correlate;
 pub mod detect;
 pub mod event;
 pub mod filter;
+pub mod netns;
 pub mod order;
 pub mod output;
 pub mod pipeline;

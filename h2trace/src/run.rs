@@ -12,8 +12,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::Format,
     config::{Config, ConntrackConfig},
-    conntrack::netlink::{CtError, Listener, netns_inode},
+    conntrack::netlink::{CtError, Listener},
     event::{Input, decode},
+    netns::netns_inode,
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Text},
     pipeline::Pipeline,
@@ -76,7 +77,7 @@ fn open_conntrack(
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for (spec, required) in &cfg.namespaces {
-        let opened = netns_inode(spec).and_then(|ino| {
+        let opened = netns_inode(spec).map_err(CtError::from).and_then(|ino| {
             if !seen.insert(ino) {
                 return Ok(None);
             }

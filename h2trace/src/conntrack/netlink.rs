@@ -4,11 +4,7 @@
 //! Messages are decoded by `netlink-packet-netfilter`; this file only picks the fields
 //! h2trace reports. A full socket buffer makes the kernel drop events and report ENOBUFS on
 //! the next read: counted as a loss, never hidden.
-use std::{
-    net::{IpAddr, SocketAddr},
-    os::fd::AsFd as _,
-    path::{Path, PathBuf},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{
     NLM_F_CREATE, NLM_F_EXCL, NetlinkBuffer, NetlinkMessage, NetlinkPayload, Nla as _,
@@ -24,6 +20,7 @@ use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use tokio::io::unix::AsyncFd;
 
 use super::{CtEvent, CtKind, CtNamespace, CtSource, Tuple};
+use crate::netns::{NetnsError, NetnsSpec, in_netns, netns_inode};
 
 /// `NFNLGRP_CONNTRACK_NEW`, `_UPDATE`, `_DESTROY` (include/uapi/linux/netfilter/nfnetlink.h).
 const GROUP_NEW: u32 = 1;
@@ -35,78 +32,12 @@ const CTA_ZONE: u16 = 18;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtError {
-    #[error("opening network namespace {0}")]
-    Netns(String, #[source] std::io::Error),
-    #[error("entering network namespace {0}")]
-    Setns(String, #[source] nix::Error),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     #[error("opening a ctnetlink socket in {0} (needs CAP_NET_ADMIN and nf_conntrack_netlink)")]
     Socket(String, #[source] std::io::Error),
     #[error("registering the ctnetlink socket of {0} with the event loop")]
     Register(String, #[source] std::io::Error),
-}
-
-/// Which namespace to follow, as the operator said it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetnsSpec {
-    /// The host's: the namespace of pid 1, or h2trace's own where pid 1's cannot be opened
-    /// (inside a container without the host's pid namespace).
-    Host,
-    /// The namespace of a traced process.
-    Pid(u32),
-    /// A name under /run/netns (as `ip netns` makes them) or a path to a namespace file.
-    Named(String),
-}
-
-impl NetnsSpec {
-    pub fn path(&self) -> PathBuf {
-        match self {
-            Self::Host => {
-                let init = PathBuf::from("/proc/1/ns/net");
-                if std::fs::File::open(&init).is_ok() {
-                    init
-                } else {
-                    PathBuf::from("/proc/self/ns/net")
-                }
-            }
-            Self::Pid(p) => PathBuf::from(format!("/proc/{p}/ns/net")),
-            Self::Named(n) if n.contains('/') => PathBuf::from(n),
-            Self::Named(n) => Path::new("/run/netns").join(n),
-        }
-    }
-
-    pub fn name(&self) -> String {
-        match self {
-            Self::Host => "host".into(),
-            Self::Pid(p) => format!("pid:{p}"),
-            Self::Named(n) => n.clone(),
-        }
-    }
-}
-
-/// The inode that identifies the namespace (what the kernel programs report as `netns`).
-pub fn netns_inode(spec: &NetnsSpec) -> Result<u32, CtError> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(spec.path())
-        .map(|m| m.ino() as u32)
-        .map_err(|e| CtError::Netns(spec.name(), e))
-}
-
-/// Run `f` on a thread that has entered the namespace; the thread ends with `f`, so nothing
-/// else of the agent changes namespace. Sockets opened there stay bound to it.
-fn in_netns<T: Send + 'static>(
-    spec: &NetnsSpec,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, CtError> {
-    let name = spec.name();
-    let ns = std::fs::File::open(spec.path()).map_err(|e| CtError::Netns(name.clone(), e))?;
-    let n = name.clone();
-    std::thread::spawn(move || {
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| CtError::Setns(n.clone(), e))?;
-        f().map_err(|e| CtError::Socket(n, e))
-    })
-    .join()
-    .expect("the namespace thread does not panic")
 }
 
 fn sysctl(name: &str) -> Option<u32> {
@@ -145,7 +76,7 @@ impl Listener {
     ) -> Result<Self, CtError> {
         let netns = netns_inode(spec)?;
         let updates = kernel_states.is_none();
-        let (socket, timeout, loose) = in_netns(spec, move || {
+        let (socket, timeout, loose) = in_netns(spec, move || -> std::io::Result<_> {
             let mut s = Socket::new(NETLINK_NETFILTER)?;
             s.bind(&NlAddr::new(0, 0))?;
             s.add_membership(GROUP_NEW)?;
@@ -162,7 +93,8 @@ impl Listener {
                 sysctl("nf_conntrack_tcp_timeout_established"),
                 sysctl("nf_conntrack_tcp_loose").map(|v| v != 0),
             ))
-        })?;
+        })?
+        .map_err(|e| CtError::Socket(spec.name(), e))?;
         // SAFETY: the socket owns its fd and lives inside the AsyncFd until both are dropped.
         let fd = unsafe { AsyncFd::register(socket) }
             .map_err(|e| CtError::Register(spec.name(), e.into()))?;
