@@ -447,6 +447,14 @@ pub fn tcp_set_state_fentry(ctx: FEntryContext) -> u32 {
 }
 
 fn set_state_from_sock<C: EbpfContext>(ctx: &C, sk: *const u8, new: i32) -> Option<()> {
+    let (old, t) = sock_tuple(sk)?;
+    on_state(ctx, sk as u64, old, new as u8, &t);
+    Some(())
+}
+
+/// The state and endpoints of a socket, read from `struct sock_common` (BTF offsets).
+#[inline(always)]
+fn sock_tuple(sk: *const u8) -> Option<(u8, Tuple)> {
     if config!(flags) & flags::HAVE_SOCK_OFFSETS == 0 {
         return None;
     }
@@ -472,8 +480,17 @@ fn set_state_from_sock<C: EbpfContext>(ctx: &C, sk: *const u8, new: i32) -> Opti
     } else {
         return None;
     }
-    on_state(ctx, sk as u64, old, new as u8, &t);
-    Some(())
+    Some((old, t))
+}
+
+/// A socket seen for the first time by its I/O: it predates the tracer (or its entry was
+/// evicted). Track it from now on, so its bytes and activity are counted like any other's.
+#[inline(always)]
+fn adopt(sk: u64, now: u64) -> Option<*mut SockLife> {
+    let (state, t) = sock_tuple(sk as *const u8)?;
+    let life = start_life(sk, state, state, &t, netns_of(sk as *const u8), now)?;
+    fill_tuple(unsafe { &mut (*life).meta }, &t);
+    Some(life)
 }
 
 /// The tracked life of the socket a `tcp:*` trace record names, with the record's base.
@@ -603,9 +620,13 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
         return None;
     }
     let sk: u64 = unsafe { read(base, l.sk)? };
-    let life = unsafe { &mut *SOCKS.get_ptr_mut(&sk)? };
-    let ret: i32 = unsafe { read(base, l.ret)? };
     let now = unsafe { bpf_ktime_get_ns() };
+    let life = match SOCKS.get_ptr_mut(&sk) {
+        Some(p) => p,
+        None => adopt(sk, now)?,
+    };
+    let life = unsafe { &mut *life };
+    let ret: i32 = unsafe { read(base, l.ret)? };
     if ret > 0 {
         if send {
             if life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0 {

@@ -15,7 +15,7 @@ impl Role {
         match s.origin {
             Origin::Active => Self::Client,
             Origin::Passive => Self::Server,
-            Origin::MidLife => Self::Unknown,
+            Origin::MidLife | Origin::Snapshot => Self::Unknown,
         }
     }
 }

@@ -66,20 +66,36 @@ impl std::fmt::Display for SocketId {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnerSource {
+    /// Inherited from the listening process at accept time.
     Listener,
     Close,
     Io,
     Connect,
+    /// From /proc at start: the socket predates h2trace.
+    Snapshot,
 }
 
 impl OwnerSource {
+    pub(crate) const ALL: [Self; 5] = [
+        Self::Listener,
+        Self::Close,
+        Self::Io,
+        Self::Connect,
+        Self::Snapshot,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Listener => "listener",
             Self::Close => "close",
             Self::Io => "io",
             Self::Connect => "connect",
+            Self::Snapshot => "snapshot",
         }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
     }
 }
 
@@ -101,6 +117,26 @@ pub enum Origin {
     Passive,
     /// First seen mid-life (the socket predates the tracer, or its entry was evicted).
     MidLife,
+    /// Found by the start-up snapshot: it predates the tracer.
+    Snapshot,
+}
+
+impl Origin {
+    pub(crate) const ALL: [Self; 4] = [Self::Active, Self::Passive, Self::MidLife, Self::Snapshot];
+
+    /// `h2trace.socket.seen_from`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "connect",
+            Self::Passive => "accept",
+            Self::MidLife => "mid-life",
+            Self::Snapshot => "snapshot",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use crate::{
     conntrack::CtEvent,
     event::{Body, Event, SocketId},
+    owner::snapshot::SnapSocket,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +53,15 @@ impl Selector {
         (f.local_ports.is_empty() || f.local_ports.contains(&local.port()))
             && (f.remote_ports.is_empty() || f.remote_ports.contains(&remote.port()))
             && f.ipv6.is_none_or(|v6| v6 == local.is_ipv6())
+    }
+
+    /// A socket of the start-up snapshot passes when its owner (from /proc) and endpoints do.
+    pub fn snapshot_match(&self, s: &SnapSocket) -> bool {
+        let owner_ok = match &self.filter.pids {
+            None => true,
+            Some(pids) => s.owner.as_ref().is_some_and(|o| pids.contains(&o.0)),
+        };
+        owner_ok && self.view_match(s.local, s.remote)
     }
 
     /// A conntrack entry passes when one of the sockets it can belong to would (the ports and

@@ -17,6 +17,7 @@ pub mod filter;
 pub mod netns;
 pub mod order;
 pub mod output;
+pub mod owner;
 pub mod pipeline;
 pub mod probe;
 pub mod replay;

@@ -22,6 +22,7 @@ use crate::{
     correlate::{self, Facts},
     detect::{DetectConfig, Finding, Peer, PeerSummary},
     event::{Body, Event, Life, Origin, Socket, state_name},
+    owner::snapshot::SnapSocket,
 };
 
 pub const SCHEMA: &str = "h2trace/1";
@@ -166,6 +167,8 @@ pub enum Notice<'a> {
 
 pub trait Sink {
     fn event(&mut self, ev: &Event) -> io::Result<()>;
+    /// A socket that existed when tracing started.
+    fn snapshot(&mut self, ktime_ns: u64, s: &SnapSocket) -> io::Result<()>;
     /// A conntrack event; `old`: the entry's state before it, as far as h2trace saw.
     fn conntrack(&mut self, ev: &CtEvent, old: Option<u8>) -> io::Result<()>;
     fn finding(&mut self, f: &Finding) -> io::Result<()>;
@@ -398,19 +401,11 @@ fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
-fn seen_from(s: &Socket) -> &'static str {
-    match s.origin {
-        Origin::Active => "connect",
-        Origin::Passive => "accept",
-        Origin::MidLife => "mid-life",
-    }
-}
-
 fn role(s: &Socket) -> &'static str {
     match s.origin {
         Origin::Active => "client",
         Origin::Passive => "server",
-        Origin::MidLife => "unknown",
+        Origin::MidLife | Origin::Snapshot => "unknown",
     }
 }
 
@@ -610,7 +605,7 @@ impl<W: Write> Ndjson<W> {
                 cpu: ev.cpu,
                 socket: SocketInfo {
                     id: s.id.to_string(),
-                    seen_from: seen_from(s),
+                    seen_from: s.origin.as_str(),
                     role: role(s),
                 },
                 netns: s.netns,
@@ -635,6 +630,26 @@ impl<W: Write> Sink for Ndjson<W> {
         let rec = Self::record(&self.clock, &self.reset_reasons, ev);
         serde_json::to_writer(&mut self.out, &rec)?;
         self.out.write_all(b"\n")
+    }
+
+    fn snapshot(&mut self, ktime_ns: u64, s: &SnapSocket) -> io::Result<()> {
+        let mut v = json!({
+            "@timestamp": self.clock.rfc3339(ktime_ns),
+            "schema": SCHEMA,
+            "event": { "kind": "state", "category": ["network"], "type": ["info"], "action": "socket-snapshot", "dataset": "h2trace.snapshot" },
+            "source": { "ip": s.local.ip(), "port": s.local.port(), "bytes": s.bytes_sent },
+            "destination": { "ip": s.remote.ip(), "port": s.remote.port(), "bytes": s.bytes_received },
+            "network": { "transport": "tcp", "type": if s.local.is_ipv6() { "ipv6" } else { "ipv4" }, "iana_number": "6",
+                         "community_id": community_id(s.local, s.remote) },
+            "h2trace": { "ktime_ns": ktime_ns, "netns": s.netns, "snapshot": {
+                "state": state_name(s.state), "inode": s.inode, "uid": s.uid,
+                "last_send_ns": s.last_send_ns, "last_recv_ns": s.last_recv_ns } },
+        });
+        if let Some((pid, comm, cgroup)) = &s.owner {
+            v["process"] = json!({ "pid": pid, "name": comm });
+            v["h2trace"]["cgroup_id"] = json!(cgroup);
+        }
+        self.line(&v)
     }
 
     fn conntrack(&mut self, ev: &CtEvent, old: Option<u8>) -> io::Result<()> {
@@ -903,6 +918,25 @@ impl<W: Write> Sink for Text<W> {
             "{time:<15} {what:<10} {pid:>7} {comm:<15} {:<45} {:<45} {detail}",
             s.local.to_string(),
             s.remote.to_string()
+        )
+    }
+
+    fn snapshot(&mut self, ktime_ns: u64, s: &SnapSocket) -> io::Result<()> {
+        let time = self.clock.rfc3339(ktime_ns);
+        let time = time.get(11..23).unwrap_or(&time);
+        let (pid, comm) = match &s.owner {
+            Some((pid, comm, _)) => (pid.to_string(), comm.as_str()),
+            None => ("-".into(), "-"),
+        };
+        writeln!(
+            self.out,
+            "{time:<15} {:<10} {pid:>7} {comm:<15} {:<45} {:<45} {} tx={} rx={}",
+            "existing",
+            s.local.to_string(),
+            s.remote.to_string(),
+            state_name(s.state),
+            s.bytes_sent,
+            s.bytes_received
         )
     }
 

@@ -1,18 +1,22 @@
 //! What live runs and replays share: filter → detect → sink, in event order.
-use std::io;
+use std::{collections::BTreeMap, io, net::SocketAddr};
 
 use crate::{
     conntrack::{CtEvent, CtNamespace, CtSource, join::Joiner},
     detect::{DetectConfig, Detector, Finding},
-    event::{Body, Event, Input},
+    event::{Body, Event, Input, Life, Origin, Owner, OwnerSource, Socket, SocketId},
     filter::{Filter, Selector},
     output::{Notice, Sink, Summary},
+    owner::snapshot::SnapSocket,
 };
 
 pub struct Pipeline {
     selector: Selector,
     detector: Detector,
     joiner: Joiner,
+    /// Sockets found at start, by (netns, local, remote), with the snapshot's time; `true`
+    /// once a record matched one.
+    snapshot: BTreeMap<(u32, SocketAddr, SocketAddr), (SnapSocket, u64, bool)>,
     sink: Box<dyn Sink>,
     findings: Vec<Finding>,
     pub summary: Summary,
@@ -26,6 +30,7 @@ impl Pipeline {
             selector: Selector::new(filter),
             detector: Detector::new(detect),
             joiner: Joiner::default(),
+            snapshot: BTreeMap::new(),
             sink,
             findings: Vec::new(),
             summary: Summary::default(),
@@ -48,8 +53,46 @@ impl Pipeline {
         }
     }
 
+    /// A socket that existed at start (live: the snapshot; replay: its record).
+    pub fn snapshot(&mut self, ktime_ns: u64, s: SnapSocket) {
+        if !self.selector.snapshot_match(&s) {
+            return;
+        }
+        self.write(|sink| sink.snapshot(ktime_ns, &s));
+        self.snapshot
+            .insert((s.netns, s.local, s.remote), (s, ktime_ns, false));
+    }
+
+    /// A socket first seen mid-life that the snapshot found predates h2trace: say so, and
+    /// give it the owner /proc named if the kernel has not learned one.
+    fn enrich(&mut self, ev: &mut Event) {
+        let s = &mut ev.socket;
+        let Some((snap, _, matched)) = self.snapshot.get_mut(&(s.netns, s.local, s.remote)) else {
+            return;
+        };
+        *matched = true;
+        if !matches!(s.origin, Origin::MidLife | Origin::Snapshot) {
+            return; // opened after the tracer started, in the moment before the snapshot
+        }
+        s.origin = Origin::Snapshot;
+        if s.owner.is_none()
+            && let Some((tgid, comm, cgroup_id)) = &snap.owner
+        {
+            s.owner = Some(Owner {
+                tgid: *tgid,
+                pid: *tgid,
+                comm: comm.clone(),
+                cgroup_id: *cgroup_id,
+                source: OwnerSource::Snapshot,
+            });
+        }
+    }
+
     /// One event, in kernel-time order.
-    pub fn deliver(&mut self, ev: Event) {
+    pub fn deliver(&mut self, mut ev: Event) {
+        if !self.snapshot.is_empty() {
+            self.enrich(&mut ev);
+        }
         let mut selected = Vec::new();
         self.selector.offer(ev, &mut |e| selected.push(e));
         self.summary.losses.filter_overflow = self.selector.overflowed;
@@ -132,8 +175,45 @@ impl Pipeline {
         self.write(|sink| sink.notice(n));
     }
 
-    /// The stream ended at kernel time `end_ns`: last findings and the per-peer table.
+    /// The stream ended at kernel time `end_ns`: sockets of the snapshot that did nothing
+    /// while traced (still open, as found), last findings and the per-peer table.
     pub fn finish(&mut self, end_ns: u64) {
+        let idle: Vec<(SnapSocket, u64)> = std::mem::take(&mut self.snapshot)
+            .into_values()
+            .filter(|(_, _, matched)| !matched)
+            .map(|(s, t, _)| (s, t))
+            .collect();
+        for (s, taken_ns) in idle {
+            let life = Life {
+                first_state: s.state,
+                bytes_sent: s.bytes_sent,
+                bytes_received: s.bytes_received,
+                last_send_ns: s.last_send_ns,
+                last_recv_ns: s.last_recv_ns,
+                ..Life::default()
+            };
+            let socket = Socket {
+                // Never seen by the kernel programs, so no kernel address: the socket inode
+                // stands in, and the life starts when the snapshot found it.
+                id: SocketId {
+                    skaddr: u64::from(s.inode),
+                    start_ns: taken_ns,
+                },
+                netns: s.netns,
+                local: s.local,
+                remote: s.remote,
+                owner: None,
+                origin: Origin::Snapshot,
+            };
+            self.snapshot
+                .insert((s.netns, s.local, s.remote), (s, taken_ns, false));
+            self.deliver(Event {
+                ts_ns: end_ns,
+                cpu: 0,
+                socket,
+                body: Body::Open(Box::new(life)),
+            });
+        }
         let peers = self.detector.finish(end_ns, &mut self.findings);
         self.drain_findings();
         self.write(|sink| sink.peers(end_ns, &peers));

@@ -17,6 +17,7 @@ use crate::{
         state_from_name,
     },
     output::{Clock, Losses, Notice, Summary},
+    owner::snapshot::SnapSocket,
     pipeline::Pipeline,
 };
 
@@ -158,6 +159,7 @@ pub fn replay(
                 pipeline.deliver_ct(ct);
             }
             Record::ConntrackSource { ktime_ns, ns } => pipeline.conntrack_namespace(ktime_ns, ns),
+            Record::Snapshot { ktime_ns, socket } => pipeline.snapshot(ktime_ns, socket),
             Record::Derived => {}
         }
     }
@@ -203,6 +205,10 @@ pub enum Record {
         ktime_ns: u64,
     },
     Conntrack(CtEvent),
+    Snapshot {
+        ktime_ns: u64,
+        socket: SnapSocket,
+    },
     ConntrackSource {
         ktime_ns: u64,
         ns: CtNamespace,
@@ -253,13 +259,7 @@ fn socket(v: &Value) -> Result<Socket, ParseError> {
             pid: u64_at(v, &["process", "thread", "id"], "process.thread.id")? as u32,
             comm: str_at(v, &["process", "name"], "process.name")?.to_string(),
             cgroup_id: u64_at(v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
-            source: match src {
-                "listener" => OwnerSource::Listener,
-                "close" => OwnerSource::Close,
-                "io" => OwnerSource::Io,
-                "connect" => OwnerSource::Connect,
-                _ => return Err(ParseError::Field("h2trace.owner_source")),
-            },
+            source: OwnerSource::from_name(src).ok_or(ParseError::Field("h2trace.owner_source"))?,
         }),
     };
     Ok(Socket {
@@ -271,16 +271,12 @@ fn socket(v: &Value) -> Result<Socket, ParseError> {
         local: endpoint(v, "source", "source")?,
         remote: endpoint(v, "destination", "destination")?,
         owner,
-        origin: match str_at(
+        origin: Origin::from_name(str_at(
             v,
             &["h2trace", "socket", "seen_from"],
             "h2trace.socket.seen_from",
-        )? {
-            "connect" => Origin::Active,
-            "accept" => Origin::Passive,
-            "mid-life" => Origin::MidLife,
-            _ => return Err(ParseError::Field("h2trace.socket.seen_from")),
-        },
+        )?)
+        .ok_or(ParseError::Field("h2trace.socket.seen_from"))?,
     })
 }
 
@@ -420,6 +416,42 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
             return Ok(Record::Loss { ktime_ns, losses });
         }
         "tick" => return Ok(Record::Tick { ktime_ns }),
+        "socket-snapshot" => {
+            let s = &v["h2trace"]["snapshot"];
+            let owner = match v["process"]["pid"].as_u64() {
+                None => None,
+                Some(pid) => Some((
+                    pid as u32,
+                    str_at(&v, &["process", "name"], "process.name")?.to_string(),
+                    u64_at(&v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
+                )),
+            };
+            let bytes = |side: &str| at(&v, &[side, "bytes"]).as_u64().unwrap_or(0);
+            return Ok(Record::Snapshot {
+                ktime_ns,
+                socket: SnapSocket {
+                    netns: u64_at(&v, &["h2trace", "netns"], "h2trace.netns")? as u32,
+                    local: endpoint(&v, "source", "source")?,
+                    remote: endpoint(&v, "destination", "destination")?,
+                    state: state_at(
+                        &v,
+                        &["h2trace", "snapshot", "state"],
+                        "h2trace.snapshot.state",
+                    )?,
+                    inode: u64_at(
+                        &v,
+                        &["h2trace", "snapshot", "inode"],
+                        "h2trace.snapshot.inode",
+                    )? as u32,
+                    uid: s["uid"].as_u64().unwrap_or(0) as u32,
+                    owner,
+                    bytes_sent: bytes("source"),
+                    bytes_received: bytes("destination"),
+                    last_send_ns: s["last_send_ns"].as_u64(),
+                    last_recv_ns: s["last_recv_ns"].as_u64(),
+                },
+            });
+        }
         "conntrack-source" => {
             let ns = serde_json::from_value(v["h2trace"]["conntrack_source"].clone())
                 .map_err(|_| ParseError::Field("h2trace.conntrack_source"))?;
@@ -503,19 +535,14 @@ mod tests {
                 any::<u32>(),
                 "[a-z0-9_-]{0,15}",
                 any::<u64>(),
-                0..4u8,
+                0..5u8,
             )
                 .prop_map(|(tgid, pid, comm, cgroup_id, s)| Owner {
                     tgid,
                     pid,
                     comm,
                     cgroup_id,
-                    source: [
-                        OwnerSource::Listener,
-                        OwnerSource::Close,
-                        OwnerSource::Io,
-                        OwnerSource::Connect,
-                    ][s as usize],
+                    source: OwnerSource::ALL[s as usize],
                 }),
         )
     }
@@ -606,7 +633,7 @@ mod tests {
             arb_addr(),
             any::<u16>(),
             arb_owner(),
-            0..3u8,
+            0..4u8,
         )
             .prop_flat_map(|(skaddr, start, cpu, netns, local, rport, owner, origin)| {
                 // Both ends of a socket have the same family.
@@ -620,7 +647,7 @@ mod tests {
                     local,
                     remote,
                     owner,
-                    origin: [Origin::Active, Origin::Passive, Origin::MidLife][origin as usize],
+                    origin: Origin::ALL[origin as usize],
                 };
                 let body = prop_oneof![
                     arb_life(start).prop_map(|l| Body::Life(Box::new(l))),

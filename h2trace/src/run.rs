@@ -14,9 +14,10 @@ use crate::{
     config::{Config, ConntrackConfig},
     conntrack::netlink::{CtError, Listener},
     event::{Input, decode},
-    netns::netns_inode,
+    netns::{NetnsSpec, netns_inode},
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Text},
+    owner::snapshot,
     pipeline::Pipeline,
     probe::{self, Probes},
     source::{CounterValues, Counters, Reader, open_lives},
@@ -205,6 +206,28 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     });
     for l in &cts {
         o.pipeline.conntrack_namespace(started, l.ns.clone());
+    }
+    // Sockets that predate us, taken once the programs are attached: anything opened since is
+    // seen by the kernel as well, and matched, not duplicated.
+    let specs: Vec<NetnsSpec> = match &cfg.filter.pids {
+        Some(pids) => {
+            let mut p: Vec<u32> = pids.iter().copied().collect();
+            p.sort_unstable();
+            p.into_iter().map(NetnsSpec::Pid).collect()
+        }
+        None => snapshot::all_namespaces(),
+    };
+    match snapshot::take(&specs, monotonic()) {
+        Ok(list) => {
+            let now = monotonic();
+            for s in list {
+                o.pipeline.snapshot(now, s);
+            }
+        }
+        Err(e) => eprintln!(
+            "h2trace: warning: sockets opened before the start are not attributed: {}",
+            probe::error_chain(&e)
+        ),
     }
     o.pipeline.flush();
     // ctnetlink events carry no time. One read in loop iteration k arrived after the reads of

@@ -1,0 +1,96 @@
+//! Who owns a connection, in the kernel: connections opened before h2trace started are found
+//! by the start-up snapshot with their processes, whether they stay busy or idle while traced,
+//! and `--pid` keeps exactly its own. Root only; serial.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn pid_of(r: &Value) -> Option<u64> {
+    r["process"]["pid"].as_u64()
+}
+
+/// The record of `action` for the socket whose local or remote port is `port`, on `side`.
+fn find<'a>(recs: &'a [Value], act: &str, side: &str, port: u16) -> &'a Value {
+    recs.iter()
+        .find(|r| action(r) == act && r[side]["port"] == port)
+        .unwrap_or_else(|| panic!("no {act} with {side} port {port}"))
+}
+
+/// The connection record (still open at exit, or closed meanwhile) of that socket.
+fn connection<'a>(recs: &'a [Value], side: &str, port: u16) -> &'a Value {
+    recs.iter()
+        .find(|r| {
+            matches!(action(r), "connection-open" | "connection-closed") && r[side]["port"] == port
+        })
+        .unwrap_or_else(|| panic!("no connection with {side} port {port}"))
+}
+
+#[test]
+fn connections_opened_before_the_start_have_their_owners() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("snapshot", 81);
+    let busy = format!("{}:8080", net.server_v4);
+    let idle = format!("{}:8081", net.server_v4);
+    let busy_server = net.server(&busy, &["--requests", "1000"]);
+    let idle_server = net.server(&idle, &["--idle-timeout", "20000"]);
+    // One connection keeps exchanging while traced, the other sits idle throughout.
+    let busy_client = net.spawn_client(&busy, &["--requests", "80", "--interval", "150"]);
+    let idle_client = net.spawn_client(&idle, &["--requests", "2", "--pause-after-first", "8000"]);
+    let id = |k: &KillOnDrop| u64::from(k.0.id());
+    let expected = [
+        (8080, id(&busy_client), id(&busy_server)),
+        (8081, id(&idle_client), id(&idle_server)),
+    ];
+    std::thread::sleep(Duration::from_millis(700));
+    let all = Tracer::start("snapshot-all", &[]);
+    let only = Tracer::start("snapshot-pid", &["--pid", &busy_server.0.id().to_string()]);
+    std::thread::sleep(Duration::from_millis(2000));
+    let (recs, _d1, p1) = all.stop_keep();
+    let (mine, _d2, p2) = only.stop_keep();
+    drop((busy_client, idle_client, busy_server, idle_server));
+    validate_all(&recs);
+    validate_all(&mine);
+    assert_replay_identical(&p1);
+    assert_replay_identical(&p2);
+    let ns_c = NetPair::inode(&net.client);
+    for (port, client_pid, server_pid) in expected {
+        // The snapshot saw both ends with their processes.
+        let client_snap = find(&recs, "socket-snapshot", "destination", port);
+        assert_eq!(client_snap["h2trace"]["netns"], ns_c);
+        assert_eq!(client_snap["h2trace"]["snapshot"]["state"], "ESTABLISHED");
+        assert_eq!(pid_of(client_snap), Some(client_pid));
+        let server_snap = find(&recs, "socket-snapshot", "source", port);
+        assert_eq!(pid_of(server_snap), Some(server_pid));
+        // Still open at exit, said to predate the trace, owned by the same processes.
+        let client_open = connection(&recs, "destination", port);
+        assert_eq!(client_open["h2trace"]["socket"]["seen_from"], "snapshot");
+        assert_eq!(pid_of(client_open), Some(client_pid), "{client_open:#}");
+        let server_open = connection(&recs, "source", port);
+        assert_eq!(server_open["h2trace"]["socket"]["seen_from"], "snapshot");
+        assert_eq!(pid_of(server_open), Some(server_pid));
+    }
+    // The idle one never reached the kernel programs: its record and owner come from the
+    // snapshot, with the bytes the kernel had counted before the start.
+    let idle_open = find(&recs, "connection-open", "destination", 8081);
+    assert_eq!(idle_open["h2trace"]["owner_source"], "snapshot");
+    assert!(idle_open["source"]["bytes"].as_u64().unwrap() > 0);
+    // The busy one: the kernel learned the owner from its I/O.
+    let busy_open = connection(&recs, "destination", 8080);
+    assert_eq!(busy_open["h2trace"]["owner_source"], "io");
+
+    // --pid: that process's sockets only, the ones it had before the start included.
+    let server_pid = expected[0].2;
+    let owned: Vec<&Value> = mine.iter().filter(|r| pid_of(r).is_some()).collect();
+    assert!(!owned.is_empty());
+    assert!(
+        owned
+            .iter()
+            .all(|r| pid_of(r) == Some(server_pid) || action(r) == "finding"),
+        "records of other processes with --pid"
+    );
+    let open = connection(&mine, "source", 8080);
+    assert_eq!(open["h2trace"]["socket"]["seen_from"], "snapshot");
+}
