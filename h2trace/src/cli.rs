@@ -148,6 +148,15 @@ pub struct TraceArgs {
         value_name = "PORT"
     )]
     pub remote_port: Vec<u16>,
+    /// Only sockets of processes in this cgroup (v2) or below it: a path under the cgroup
+    /// mount or relative to it, e.g. /system.slice/nginx.service or a pod's cgroup.
+    /// Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Vec<String>,
+    /// Only sockets of this network namespace: a name from `ip netns`, or a path such as
+    /// /proc/PID/ns/net. Repeatable.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub netns: Vec<String>,
     /// IPv4 only.
     #[arg(short = '4', long, conflicts_with = "ipv6")]
     pub ipv4: bool,

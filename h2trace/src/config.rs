@@ -4,8 +4,10 @@ use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 use crate::{
     cli::{ConntrackChoice, DetectArgs, Events, Format, TraceArgs},
     detect::DetectConfig,
-    filter::Filter,
+    filter::{CgroupSel, Filter},
     netns::NetnsSpec,
+    netns::netns_inode,
+    owner::cgroup,
     probe::ProbeOptions,
 };
 
@@ -29,6 +31,10 @@ pub enum ConfigError {
     NetnsWithoutConntrack,
     #[error("invalid --conntrack-buffer {0:?}: {1}")]
     CtBuffer(String, String),
+    #[error("--cgroup {0}: no such cgroup ({1})")]
+    Cgroup(String, String),
+    #[error("--netns {0}: no such network namespace ({1})")]
+    NetnsFilter(String, String),
 }
 
 /// Which conntrack tables to follow, and whether failing to is an error.
@@ -154,6 +160,19 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             } else {
                 None
             },
+            cgroups: a
+                .cgroup
+                .iter()
+                .map(|c| cgroup_sel(c))
+                .collect::<Result<_, _>>()?,
+            netns: a
+                .netns
+                .iter()
+                .map(|n| {
+                    netns_inode(&NetnsSpec::Named(n.clone()))
+                        .map_err(|e| ConfigError::NetnsFilter(n.clone(), e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
         },
         duration,
         format,
@@ -172,6 +191,19 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
         detect,
         conntrack,
     })
+}
+
+fn cgroup_sel(c: &str) -> Result<CgroupSel, ConfigError> {
+    let id = cgroup::id_of(c).map_err(|e| ConfigError::Cgroup(c.to_string(), e.to_string()))?;
+    // Descendants are matched by path, relative to the v2 root like the records' paths.
+    let rel = match cgroup::v2_root() {
+        Some(root) => std::path::Path::new(c)
+            .strip_prefix(&root)
+            .map(|r| format!("/{}", r.display()))
+            .unwrap_or_else(|_| format!("/{}", c.trim_start_matches('/'))),
+        None => c.to_string(),
+    };
+    Ok(CgroupSel { id, path: rel })
 }
 
 fn conntrack_config(a: &TraceArgs) -> Result<ConntrackConfig, ConfigError> {

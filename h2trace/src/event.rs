@@ -105,6 +105,8 @@ pub struct Owner {
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    /// The cgroup's path (relative to the v2 root), when the agent could resolve the id.
+    pub cgroup_path: Option<String>,
     pub source: OwnerSource,
 }
 
@@ -455,6 +457,7 @@ fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
         pid: m.pid,
         comm: comm(&m.comm),
         cgroup_id: m.cgroup_id,
+        cgroup_path: None,
         source,
     });
     Ok(Socket {

@@ -1,16 +1,18 @@
-//! Which events the operator asked for (`--pid`, `-L`, `-D`, `-4`/`-6`). Pure.
+//! Which events the operator asked for (`--pid`, `--cgroup`, `--netns`, `-L`, `-D`, `-4`/`-6`).
+//! Pure.
 //!
 //! A server-side socket changes state in softirq context before its owner touches it, so its
 //! first events carry no owner. With `--pid`, such events wait here until a later event of
 //! the same socket life names the owner (first read, close, or the life record), and are
 //! then delivered or dropped with it: the process's sockets are kept whole, others not at all.
-use std::collections::{HashMap, HashSet};
-
-use std::net::SocketAddr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use crate::{
     conntrack::CtEvent,
-    event::{Body, Event, SocketId},
+    event::{Body, Event, Owner, SocketId},
     owner::snapshot::SnapSocket,
 };
 
@@ -22,6 +24,27 @@ pub struct Filter {
     pub remote_ports: Vec<u16>,
     /// `Some(false)`: IPv4 only; `Some(true)`: IPv6 only.
     pub ipv6: Option<bool>,
+    /// Keep only sockets owned by processes in these cgroups or below them.
+    pub cgroups: Vec<CgroupSel>,
+    /// Keep only sockets of these network namespaces (inodes).
+    pub netns: Vec<u32>,
+}
+
+/// A cgroup to keep: its id, and its path (relative to the v2 root) for its descendants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupSel {
+    pub id: u64,
+    pub path: String,
+}
+
+impl CgroupSel {
+    fn contains(&self, o: &Owner) -> bool {
+        o.cgroup_id == self.id
+            || o.cgroup_path.as_deref().is_some_and(|p| {
+                p.strip_prefix(self.path.trim_end_matches('/'))
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+    }
 }
 
 /// Events waiting for their socket's owner are capped; past that they are dropped and counted.
@@ -55,13 +78,25 @@ impl Selector {
             && f.ipv6.is_none_or(|v6| v6 == local.is_ipv6())
     }
 
+    /// Filters that need the owner: `--pid`, `--cgroup`.
+    fn by_owner(&self) -> bool {
+        self.filter.pids.is_some() || !self.filter.cgroups.is_empty()
+    }
+
+    fn owner_match(&self, o: &Owner) -> bool {
+        let f = &self.filter;
+        f.pids.as_ref().is_none_or(|p| p.contains(&o.tgid))
+            && (f.cgroups.is_empty() || f.cgroups.iter().any(|c| c.contains(o)))
+    }
+
+    fn netns_match(&self, netns: u32) -> bool {
+        self.filter.netns.is_empty() || self.filter.netns.contains(&netns)
+    }
+
     /// A socket of the start-up snapshot passes when its owner (from /proc) and endpoints do.
     pub fn snapshot_match(&self, s: &SnapSocket) -> bool {
-        let owner_ok = match &self.filter.pids {
-            None => true,
-            Some(pids) => s.owner.as_ref().is_some_and(|o| pids.contains(&o.0)),
-        };
-        owner_ok && self.view_match(s.local, s.remote)
+        let owner_ok = !self.by_owner() || s.owner.as_ref().is_some_and(|o| self.owner_match(o));
+        owner_ok && self.netns_match(s.netns) && self.view_match(s.local, s.remote)
     }
 
     /// A conntrack entry passes when one of the sockets it can belong to would (the ports and
@@ -79,7 +114,10 @@ impl Selector {
         // port filters are decided like owners: wait for a later event of the same life.
         let ports_known = ev.socket.local.port() != 0;
         let is_life = matches!(ev.body, Body::Life(_) | Body::Open(_));
-        let Some(pids) = &self.filter.pids else {
+        if !self.netns_match(ev.socket.netns) {
+            return;
+        }
+        if !self.by_owner() {
             if !ports_known && !is_life && self.has_port_filter() {
                 self.park(ev);
             } else if self.endpoint_match(&ev) {
@@ -91,7 +129,7 @@ impl Selector {
         };
         match &ev.socket.owner {
             Some(o) if ports_known || is_life => {
-                if pids.contains(&o.tgid) && self.endpoint_match(&ev) {
+                if self.owner_match(o) && self.endpoint_match(&ev) {
                     self.flush(ev, out);
                 } else {
                     self.discard(&ev.socket.id);
@@ -163,6 +201,7 @@ mod tests {
                     pid: tgid,
                     comm: "srv".into(),
                     cgroup_id: 0,
+                    cgroup_path: None,
                     source: OwnerSource::Io,
                 }),
                 origin: Origin::Passive,

@@ -21,7 +21,7 @@ use crate::{
     },
     correlate::{self, Facts},
     detect::{DetectConfig, Finding, Peer, PeerSummary},
-    event::{Body, Event, Life, Origin, Socket, state_name},
+    event::{Body, Event, Life, Origin, Owner, Socket, state_name},
     owner::snapshot::SnapSocket,
 };
 
@@ -213,7 +213,24 @@ struct Record<'a> {
     source: Endpoint,
     destination: Endpoint,
     network: Network,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerInfo>,
     h2trace: H2<'a>,
+}
+
+/// ECS `container.*`, from the owner's cgroup path.
+#[derive(Serialize)]
+struct ContainerInfo {
+    id: String,
+    runtime: &'static str,
+}
+
+fn container(o: &Owner) -> Option<ContainerInfo> {
+    let c = crate::owner::cgroup::container_of(o.cgroup_path.as_deref()?)?;
+    Some(ContainerInfo {
+        id: c.id,
+        runtime: c.runtime,
+    })
 }
 
 #[derive(Serialize)]
@@ -265,6 +282,8 @@ struct H2<'a> {
     netns: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_path: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     owner_source: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -600,6 +619,7 @@ impl<W: Write> Ndjson<W> {
                 iana_number: "6",
                 community_id: community_id(s.local, s.remote),
             },
+            container: s.owner.as_ref().and_then(container),
             h2trace: H2 {
                 ktime_ns: ev.ts_ns,
                 cpu: ev.cpu,
@@ -610,6 +630,7 @@ impl<W: Write> Ndjson<W> {
                 },
                 netns: s.netns,
                 cgroup_id: s.owner.as_ref().map(|o| o.cgroup_id),
+                cgroup_path: s.owner.as_ref().and_then(|o| o.cgroup_path.as_deref()),
                 owner_source: s.owner.as_ref().map(|o| o.source.as_str()),
                 state,
                 reset,
@@ -645,9 +666,16 @@ impl<W: Write> Sink for Ndjson<W> {
                 "state": state_name(s.state), "inode": s.inode, "uid": s.uid,
                 "last_send_ns": s.last_send_ns, "last_recv_ns": s.last_recv_ns } },
         });
-        if let Some((pid, comm, cgroup)) = &s.owner {
-            v["process"] = json!({ "pid": pid, "name": comm });
-            v["h2trace"]["cgroup_id"] = json!(cgroup);
+        if let Some(o) = &s.owner {
+            v["process"] = json!({ "pid": o.tgid, "name": o.comm, "thread": { "id": o.pid } });
+            v["h2trace"]["owner_source"] = json!(o.source.as_str());
+            v["h2trace"]["cgroup_id"] = json!(o.cgroup_id);
+            if let Some(p) = &o.cgroup_path {
+                v["h2trace"]["cgroup_path"] = json!(p);
+            }
+            if let Some(c) = container(o) {
+                v["container"] = json!(c);
+            }
         }
         self.line(&v)
     }
@@ -925,7 +953,7 @@ impl<W: Write> Sink for Text<W> {
         let time = self.clock.rfc3339(ktime_ns);
         let time = time.get(11..23).unwrap_or(&time);
         let (pid, comm) = match &s.owner {
-            Some((pid, comm, _)) => (pid.to_string(), comm.as_str()),
+            Some(o) => (o.tgid.to_string(), o.comm.as_str()),
             None => ("-".into(), "-"),
         };
         writeln!(
@@ -1143,6 +1171,7 @@ pub(crate) mod tests {
                     pid: 8,
                     comm: "client".into(),
                     cgroup_id: 9,
+                    cgroup_path: None,
                     source: OwnerSource::Connect,
                 }),
                 origin: Origin::Active,

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, io, net::SocketAddr};
 use crate::{
     conntrack::{CtEvent, CtNamespace, CtSource, join::Joiner},
     detect::{DetectConfig, Detector, Finding},
-    event::{Body, Event, Input, Life, Origin, Owner, OwnerSource, Socket, SocketId},
+    event::{Body, Event, Input, Life, Origin, Socket, SocketId},
     filter::{Filter, Selector},
     output::{Notice, Sink, Summary},
     owner::snapshot::SnapSocket,
@@ -75,16 +75,8 @@ impl Pipeline {
             return; // opened after the tracer started, in the moment before the snapshot
         }
         s.origin = Origin::Snapshot;
-        if s.owner.is_none()
-            && let Some((tgid, comm, cgroup_id)) = &snap.owner
-        {
-            s.owner = Some(Owner {
-                tgid: *tgid,
-                pid: *tgid,
-                comm: comm.clone(),
-                cgroup_id: *cgroup_id,
-                source: OwnerSource::Snapshot,
-            });
+        if s.owner.is_none() {
+            s.owner = snap.owner.clone();
         }
     }
 

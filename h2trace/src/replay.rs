@@ -246,22 +246,29 @@ fn endpoint(v: &Value, side: &str, name: &'static str) -> Result<SocketAddr, Par
     Ok(SocketAddr::new(ip, port))
 }
 
+fn owner(v: &Value) -> Result<Option<Owner>, ParseError> {
+    let Some(src) = at(v, &["h2trace", "owner_source"]).as_str() else {
+        return Ok(None);
+    };
+    Ok(Some(Owner {
+        tgid: u64_at(v, &["process", "pid"], "process.pid")? as u32,
+        pid: u64_at(v, &["process", "thread", "id"], "process.thread.id")? as u32,
+        comm: str_at(v, &["process", "name"], "process.name")?.to_string(),
+        cgroup_id: u64_at(v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
+        cgroup_path: at(v, &["h2trace", "cgroup_path"])
+            .as_str()
+            .map(str::to_string),
+        source: OwnerSource::from_name(src).ok_or(ParseError::Field("h2trace.owner_source"))?,
+    }))
+}
+
 fn socket(v: &Value) -> Result<Socket, ParseError> {
     let id = str_at(v, &["h2trace", "socket", "id"], "h2trace.socket.id")?;
     let (a, b) = id
         .split_once('-')
         .ok_or(ParseError::Field("h2trace.socket.id"))?;
     let hex = |s| u64::from_str_radix(s, 16).map_err(|_| ParseError::Field("h2trace.socket.id"));
-    let owner = match at(v, &["h2trace", "owner_source"]).as_str() {
-        None => None,
-        Some(src) => Some(Owner {
-            tgid: u64_at(v, &["process", "pid"], "process.pid")? as u32,
-            pid: u64_at(v, &["process", "thread", "id"], "process.thread.id")? as u32,
-            comm: str_at(v, &["process", "name"], "process.name")?.to_string(),
-            cgroup_id: u64_at(v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
-            source: OwnerSource::from_name(src).ok_or(ParseError::Field("h2trace.owner_source"))?,
-        }),
-    };
+    let owner = owner(v)?;
     Ok(Socket {
         id: SocketId {
             skaddr: hex(a)?,
@@ -418,14 +425,7 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
         "tick" => return Ok(Record::Tick { ktime_ns }),
         "socket-snapshot" => {
             let s = &v["h2trace"]["snapshot"];
-            let owner = match v["process"]["pid"].as_u64() {
-                None => None,
-                Some(pid) => Some((
-                    pid as u32,
-                    str_at(&v, &["process", "name"], "process.name")?.to_string(),
-                    u64_at(&v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
-                )),
-            };
+            let owner = owner(&v)?;
             let bytes = |side: &str| at(&v, &[side, "bytes"]).as_u64().unwrap_or(0);
             return Ok(Record::Snapshot {
                 ktime_ns,
@@ -542,6 +542,8 @@ mod tests {
                     pid,
                     comm,
                     cgroup_id,
+                    cgroup_path: (cgroup_id % 3 == 0)
+                        .then(|| format!("/system.slice/x{tgid}.service")),
                     source: OwnerSource::ALL[s as usize],
                 }),
         )

@@ -13,11 +13,11 @@ use crate::{
     cli::Format,
     config::{Config, ConntrackConfig},
     conntrack::netlink::{CtError, Listener},
-    event::{Input, decode},
+    event::{Event, Input, Socket, decode},
     netns::{NetnsSpec, netns_inode},
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Text},
-    owner::snapshot,
+    owner::{cgroup::Cgroups, snapshot},
     pipeline::Pipeline,
     probe::{self, Probes},
     source::{CounterValues, Counters, Reader, open_lives},
@@ -52,18 +52,32 @@ fn monotonic() -> u64 {
 struct Ordered {
     reorder: Reorder<Input>,
     pipeline: Pipeline,
+    /// Enrichment that needs the host: cgroup id → path (written into the records, so
+    /// `replay` needs no host).
+    cgroups: Cgroups,
 }
 
 impl Ordered {
     fn ingest(&mut self, bytes: &[u8]) {
         match decode(bytes) {
-            Ok(i) => self.reorder.push(i),
+            Ok(mut i) => {
+                if let Input::Socket(Event {
+                    socket: Socket { owner: Some(o), .. },
+                    ..
+                }) = &mut i
+                {
+                    o.cgroup_path = self.cgroups.path(o.cgroup_id);
+                }
+                self.reorder.push(i)
+            }
             Err(_) => self.pipeline.summary.losses.malformed += 1,
         }
     }
 
     fn release(&mut self, until: u64) {
-        let Self { reorder, pipeline } = self;
+        let Self {
+            reorder, pipeline, ..
+        } = self;
         reorder.release(until, &mut |i| pipeline.deliver_input(i));
         pipeline.summary.out_of_order = reorder.late;
     }
@@ -196,6 +210,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut o = Ordered {
         reorder: Reorder::default(),
         pipeline: Pipeline::new(cfg.filter.clone(), cfg.detect.clone(), sink),
+        cgroups: Cgroups::new(),
     };
     let started = monotonic();
     let describe = probes.describe();
@@ -217,7 +232,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         }
         None => snapshot::all_namespaces(),
     };
-    match snapshot::take(&specs, monotonic()) {
+    match snapshot::take(&specs, monotonic(), &mut o.cgroups) {
         Ok(list) => {
             let now = monotonic();
             for s in list {

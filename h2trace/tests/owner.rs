@@ -94,3 +94,81 @@ fn connections_opened_before_the_start_have_their_owners() {
     let open = connection(&mine, "source", 8080);
     assert_eq!(open["h2trace"]["socket"]["seen_from"], "snapshot");
 }
+
+/// A cgroup made for a test (under the v2 hierarchy), removed when dropped.
+struct TestCgroup(std::path::PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Innermost first; each is empty once the test's processes are gone.
+        for dir in [self.0.clone(), self.0.parent().unwrap().to_path_buf()] {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn v2_root() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].into())
+        })
+        .expect("a cgroup v2 hierarchy")
+}
+
+#[test]
+fn cgroup_container_and_netns_filters_are_exact() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("cgroup", 82);
+    // A cgroup named the way Docker's systemd driver names a container's scope.
+    let container_id = "c0ffee".repeat(10) + "abcd";
+    let parent = format!("h2t-{}", std::process::id());
+    let rel = format!("/{parent}/docker-{container_id}.scope");
+    let dir = v2_root().join(rel.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cgroup = TestCgroup(dir.clone());
+    let addr = format!("{}:8080", net.server_v4);
+    let server = net.server(&addr, &["--conns", "3", "--requests", "2"]);
+    let server_pid = u64::from(server.0.id());
+    std::fs::write(dir.join("cgroup.procs"), server_pid.to_string()).unwrap();
+
+    let by_cgroup = Tracer::start("cgroup-filter", &["--cgroup", &format!("/{parent}")]);
+    let by_netns = Tracer::start("netns-filter", &["--netns", &net.client]);
+    let client_pid = net.client(&addr, &["--conns", "3", "--requests", "2"]);
+    let (a, _d1, p1) = by_cgroup.stop_keep();
+    let (b, _d2, p2) = by_netns.stop_keep();
+    drop(server);
+    drop(cgroup);
+    for (recs, path) in [(&a, &p1), (&b, &p2)] {
+        validate_all(recs);
+        assert_replay_identical(path);
+    }
+    let conns = |recs: &[Value]| -> Vec<Value> {
+        recs.iter()
+            .filter(|r| action(r).starts_with("connection-"))
+            .cloned()
+            .collect()
+    };
+
+    // --cgroup: the server's three connections, nothing of the client's; each names the
+    // cgroup and the container its path encodes.
+    let server_conns = conns(&a);
+    assert_eq!(server_conns.len(), 3, "{server_conns:#?}");
+    for c in &server_conns {
+        assert_eq!(owner_pid(c), Some(server_pid));
+        assert_eq!(c["h2trace"]["cgroup_path"], rel.as_str());
+        assert_eq!(c["container"]["id"], container_id.as_str());
+        assert_eq!(c["container"]["runtime"], "docker");
+    }
+    // --netns: the client's three, all in its namespace.
+    let client_conns = conns(&b);
+    assert_eq!(client_conns.len(), 3, "{client_conns:#?}");
+    let ns = NetPair::inode(&net.client);
+    for c in &client_conns {
+        assert_eq!(c["h2trace"]["netns"], ns);
+        assert_eq!(owner_pid(c), Some(u64::from(client_pid)));
+        assert!(c.get("container").is_none());
+    }
+}

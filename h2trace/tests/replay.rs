@@ -133,7 +133,11 @@ const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
     (
         "cthealthy",
         None,
-        &["conntrack-forgot-connection", "conntrack-closed-early", "black-hole"],
+        &[
+            "conntrack-forgot-connection",
+            "conntrack-closed-early",
+            "black-hole",
+        ],
     ),
     // Recorded with real peers (tests/e2e.rs): grpcio and nginx.
     (

@@ -17,7 +17,11 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::netns::{NetnsError, NetnsSpec, in_netns, netns_inode};
+use super::cgroup::{self, Cgroups};
+use crate::{
+    event::{Owner, OwnerSource},
+    netns::{NetnsError, NetnsSpec, in_netns, netns_inode},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -37,8 +41,8 @@ pub struct SnapSocket {
     pub state: u8,
     pub inode: u32,
     pub uid: u32,
-    /// The process holding it (thread group id, name, cgroup id), when one does.
-    pub owner: Option<(u32, String, u64)>,
+    /// The process holding it, when one does (`source` is `Snapshot`).
+    pub owner: Option<Owner>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Kernel times of the last data sent / received, from the kernel's "ms ago".
@@ -62,8 +66,8 @@ pub fn all_namespaces() -> Vec<NetnsSpec> {
     by_inode.into_values().collect()
 }
 
-/// Socket inode → (tgid, process name, cgroup id) for every process h2trace may read.
-fn socket_owners() -> HashMap<u64, (u32, String, u64)> {
+/// Socket inode → the process holding it, for every process h2trace may read.
+fn socket_owners(cgroups: &mut Cgroups) -> HashMap<u64, Owner> {
     let mut owners = HashMap::new();
     for p in procfs::process::all_processes()
         .into_iter()
@@ -71,34 +75,34 @@ fn socket_owners() -> HashMap<u64, (u32, String, u64)> {
         .flatten()
     {
         let Ok(fds) = p.fd() else { continue };
-        let comm = p.stat().map(|s| s.comm).unwrap_or_default();
-        let cgroup = cgroup_id(p.pid);
+        // By id, not by the path /proc shows: that path is relative to h2trace's own cgroup
+        // namespace (inside a pod it starts with `/..`).
+        let cgroup_id = cgroup::id_of_pid(p.pid).unwrap_or(0);
+        let owner = Owner {
+            tgid: p.pid as u32,
+            pid: p.pid as u32,
+            comm: p.stat().map(|s| s.comm).unwrap_or_default(),
+            cgroup_id,
+            cgroup_path: cgroups.path(cgroup_id),
+            source: OwnerSource::Snapshot,
+        };
         for fd in fds.flatten() {
             if let procfs::process::FDTarget::Socket(inode) = fd.target {
-                owners
-                    .entry(inode)
-                    .or_insert_with(|| (p.pid as u32, comm.clone(), cgroup));
+                owners.entry(inode).or_insert_with(|| owner.clone());
             }
         }
     }
     owners
 }
 
-/// The cgroup v2 id of a process: the inode of its cgroup directory.
-pub fn cgroup_id(pid: i32) -> u64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .and_then(|path| std::fs::metadata(format!("/sys/fs/cgroup{path}")).ok())
-        .map_or(0, |m| m.ino())
-}
-
 /// The TCP sockets of `specs` (listeners and TIME_WAIT excepted: they have no connection or
 /// no owner), stamped against kernel time `now_ns`.
-pub fn take(specs: &[NetnsSpec], now_ns: u64) -> Result<Vec<SnapSocket>, SnapshotError> {
-    let owners = socket_owners();
+pub fn take(
+    specs: &[NetnsSpec],
+    now_ns: u64,
+    cgroups: &mut Cgroups,
+) -> Result<Vec<SnapSocket>, SnapshotError> {
+    let owners = socket_owners(cgroups);
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for spec in specs {
