@@ -20,6 +20,8 @@ pub mod kind {
     pub const RETRANSMIT: u16 = 5;
     /// A conntrack entry's TCP state changed, seen from the kernel side ([`CtRecord`]).
     pub const CT_STATE: u16 = 6;
+    /// A followed process forked (`--follow-forks`, [`ForkRecord`]).
+    pub const FORK: u16 = 7;
 }
 
 /// Which kernel-side conntrack hook produced a [`CtRecord`].
@@ -367,6 +369,18 @@ pub struct CtRecord {
 }
 const _: () = assert!(core::mem::size_of::<CtRecord>() == 120);
 
+/// [`kind::FORK`]: a followed process (or one of its threads) created a task.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkRecord {
+    pub hdr: Header,
+    /// Thread group id of the forking process.
+    pub parent: u32,
+    /// The new task's id (a process id, or a thread id when a thread was created).
+    pub child: u32,
+}
+const _: () = assert!(core::mem::size_of::<ForkRecord>() == 24);
+
 /// Everything the agent hands the programs at load time (the `CONFIG` global).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -383,8 +397,11 @@ pub struct ProgConfig {
     pub length: LengthLayout,
     pub sock: SockOffsets,
     pub ct: CtOffsets,
+    /// Offset of `child_pid` in `sched:sched_process_fork`.
+    pub fork_child_pid: u16,
+    pub _pad: [u16; 3],
 }
-const _: () = assert!(core::mem::size_of::<ProgConfig>() == 128);
+const _: () = assert!(core::mem::size_of::<ProgConfig>() == 136);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -20,8 +20,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use h2trace_common::{
-    ABSENT, CT_STATE_UNKNOWN, CtRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS,
-    ProgConfig, SockLife, SockMeta, counter, ct_hook, flags, kind, origin, owner_src, tcp_state,
+    ABSENT, CT_STATE_UNKNOWN, CtRecord, ForkRecord, Header, LifeRecord, LiveRecord,
+    MAX_TRANSITIONS, ProgConfig, SockLife, SockMeta, counter, ct_hook, flags, kind, origin,
+    owner_src, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -76,6 +77,11 @@ static PEEK: LruHashMap<u64, UserBuf> = LruHashMap::with_max_entries(16384, 0);
 /// emitted only when it changes.
 #[map]
 static CT_STATES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// `--follow-forks`: processes whose children join the traced set (seeded with `--pid`, grown
+/// here at each fork, so grandchildren follow too).
+#[map]
+static FOLLOW: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Network namespaces (inode) whose conntrack entries are reported, with
 /// `flags::CT_NETNS_FILTER`.
@@ -725,6 +731,28 @@ fn current_state(life: &SockLife) -> u8 {
         0 => life.first_state,
         n => life.trans_state[(n - 1).min(MAX_TRANSITIONS - 1)],
     }
+}
+
+/// `sched:sched_process_fork` (only with `--follow-forks`): runs in the forking task.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { FOLLOW.get(&parent) }.is_none() {
+        return 0;
+    }
+    let Some(child) = (unsafe { read::<i32>(ctx.as_ptr() as *const u8, config!(fork_child_pid)) })
+    else {
+        return 0;
+    };
+    let child = child as u32;
+    let _ = FOLLOW.insert(&child, &1, 0);
+    let rec = ForkRecord {
+        hdr: header(kind::FORK, unsafe { bpf_ktime_get_ns() }),
+        parent,
+        child,
+    };
+    emit(&ctx, &rec as *const ForkRecord);
+    0
 }
 
 // ---- Conntrack: state changes of TCP entries, from the kernel side ----------------------

@@ -2,7 +2,7 @@
 //! Requests are length-prefixed (4 bytes, big endian); each is answered with `--reply` bytes.
 //!
 //!   tcp_peer server ADDR [--conns N] [--reply B] [--requests K] [--max-age MS]
-//!                        [--idle-timeout MS] [--then HOW]
+//!                        [--idle-timeout MS] [--then HOW] [--fork]
 //!   tcp_peer client ADDR [--conns N] [--send B] [--reply B] [--requests K] [--interval MS]
 //!                        [--then HOW] [--gap MS] [--gap-growth F] [--until-eof]
 //!                        [--user-timeout MS] [--pause-after-first MS]
@@ -13,7 +13,8 @@
 //!   wait-peer   read until the peer closes, then close()
 //!   hold:MS     wait MS milliseconds (a FIN from the peer leaves us in CLOSE_WAIT), then close()
 //!   reject      (server) close at once without reading or answering
-//! The server prints `ready` on stdout once it listens. Everything is bounded: counts, timeouts.
+//! The server prints `ready` on stdout once it listens; with `--fork` a child process serves
+//! each connection and prints `served PID PEER-PORT` when done. Everything is bounded: counts, timeouts.
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -35,6 +36,7 @@ struct Opts {
     until_eof: bool,
     user_timeout_ms: Option<u32>,
     pause_after_first_ms: u64,
+    fork: bool,
 }
 
 fn usage(msg: &str) -> ! {
@@ -57,9 +59,14 @@ fn parse(args: &[String]) -> Opts {
         until_eof: false,
         user_timeout_ms: None,
         pause_after_first_ms: 0,
+        fork: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--fork" {
+            o.fork = true;
+            continue;
+        }
         if flag == "--until-eof" {
             o.until_eof = true;
             continue;
@@ -157,42 +164,64 @@ fn exchange(s: &mut TcpStream, send: usize, reply: usize) -> std::io::Result<()>
 
 fn server(addr: SocketAddr, o: &Opts) {
     let l = TcpListener::bind(addr).unwrap_or_else(|e| usage(&format!("bind {addr}: {e}")));
+    if o.fork {
+        // Children are reaped by the kernel.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    }
     println!("ready");
     std::io::stdout().flush().unwrap();
     for _ in 0..o.conns {
-        let (mut s, _) = l.accept().expect("accept");
-        if o.then == "reject" {
-            s.write_all(b"\x15\x03\x03\x00\x02\x02\x28").ok(); // a TLS handshake_failure alert
-            drop(s);
+        let (s, peer) = l.accept().expect("accept");
+        if !o.fork {
+            serve(s, o);
             continue;
         }
-        let born = Instant::now();
-        let mut served = 0;
-        loop {
-            // Close at a fixed age, or after an idle period, whichever the options ask for.
-            let mut limit = o.idle_timeout_ms.map(Duration::from_millis);
-            if let Some(age) = o.max_age_ms {
-                let left = Duration::from_millis(age).saturating_sub(born.elapsed());
-                limit = Some(limit.map_or(left, |l| l.min(left)));
+        // A pre-forking server's worker: the child serves the connection and says which.
+        match unsafe { libc::fork() } {
+            0 => {
+                drop(l);
+                serve(s, o);
+                println!("served {} {}", std::process::id(), peer.port());
+                std::io::stdout().flush().unwrap();
+                std::process::exit(0);
             }
-            if limit == Some(Duration::ZERO) {
-                break;
-            }
-            s.set_read_timeout(limit.or(Some(Duration::from_secs(30))))
-                .unwrap();
-            if read_request(&mut s).is_none() {
-                break;
-            }
-            if s.write_all(&vec![b'r'; o.reply]).is_err() {
-                break;
-            }
-            served += 1;
-            if served >= o.requests && o.max_age_ms.is_none() && o.idle_timeout_ms.is_none() {
-                break;
-            }
+            -1 => usage("fork failed"),
+            _ => drop(s),
         }
-        finish(s, &o.then);
     }
+}
+
+fn serve(mut s: TcpStream, o: &Opts) {
+    if o.then == "reject" {
+        s.write_all(b"\x15\x03\x03\x00\x02\x02\x28").ok(); // a TLS handshake_failure alert
+        return;
+    }
+    let born = Instant::now();
+    let mut served = 0;
+    loop {
+        // Close at a fixed age, or after an idle period, whichever the options ask for.
+        let mut limit = o.idle_timeout_ms.map(Duration::from_millis);
+        if let Some(age) = o.max_age_ms {
+            let left = Duration::from_millis(age).saturating_sub(born.elapsed());
+            limit = Some(limit.map_or(left, |l| l.min(left)));
+        }
+        if limit == Some(Duration::ZERO) {
+            break;
+        }
+        s.set_read_timeout(limit.or(Some(Duration::from_secs(30))))
+            .unwrap();
+        if read_request(&mut s).is_none() {
+            break;
+        }
+        if s.write_all(&vec![b'r'; o.reply]).is_err() {
+            break;
+        }
+        served += 1;
+        if served >= o.requests && o.max_age_ms.is_none() && o.idle_timeout_ms.is_none() {
+            break;
+        }
+    }
+    finish(s, &o.then);
 }
 
 fn client(addr: SocketAddr, o: &Opts) {

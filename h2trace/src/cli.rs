@@ -148,6 +148,10 @@ pub struct TraceArgs {
         value_name = "PORT"
     )]
     pub remote_port: Vec<u16>,
+    /// With --pid: also follow the processes these fork from now on (and theirs), such as a
+    /// pre-forking server's workers.
+    #[arg(long, requires = "pid")]
+    pub follow_forks: bool,
     /// Only sockets of processes in this cgroup (v2) or below it: a path under the cgroup
     /// mount or relative to it, e.g. /system.slice/nginx.service or a pod's cgroup.
     /// Repeatable.

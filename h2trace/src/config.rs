@@ -186,6 +186,11 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             max_sockets: a.max_sockets,
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),
             conntrack: (!conntrack.namespaces.is_empty()).then_some(a.conntrack_probe),
+            follow_forks: if a.follow_forks {
+                a.pid.clone()
+            } else {
+                Vec::new()
+            },
         },
         perf_pages: a.perf_pages,
         detect,

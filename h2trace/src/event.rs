@@ -2,8 +2,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use h2trace_common::{
-    CtRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife, SockMeta, ct_hook, kind,
-    origin, owner_src,
+    CtRecord, ForkRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife, SockMeta,
+    ct_hook, kind, origin, owner_src,
 };
 
 use crate::conntrack::{CtEvent, CtKind, CtSource, Tuple};
@@ -269,6 +269,12 @@ pub enum Body {
 pub enum Input {
     Socket(Event),
     Conntrack(CtEvent),
+    /// A followed process created a task (`--follow-forks`).
+    Fork {
+        ts_ns: u64,
+        parent: u32,
+        child: u32,
+    },
 }
 
 impl crate::order::Stamped for Input {
@@ -276,6 +282,7 @@ impl crate::order::Stamped for Input {
         match self {
             Self::Socket(e) => e.ts_ns,
             Self::Conntrack(c) => c.ts_ns,
+            Self::Fork { ts_ns, .. } => *ts_ns,
         }
     }
 }
@@ -316,6 +323,14 @@ pub fn decode(bytes: &[u8]) -> Result<Input, DecodeError> {
     let hdr: Header = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     if hdr.kind == kind::CT_STATE {
         return conntrack(&read(bytes, hdr.kind)?).map(Input::Conntrack);
+    }
+    if hdr.kind == kind::FORK {
+        let f: ForkRecord = read(bytes, hdr.kind)?;
+        return Ok(Input::Fork {
+            ts_ns: f.hdr.ts_ns,
+            parent: f.parent,
+            child: f.child,
+        });
     }
     decode_socket(hdr, bytes).map(Input::Socket)
 }

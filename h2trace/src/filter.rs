@@ -78,6 +78,15 @@ impl Selector {
             && f.ipv6.is_none_or(|v6| v6 == local.is_ipv6())
     }
 
+    /// `--follow-forks`: a followed process forked `child`; it is followed from now on.
+    pub fn follow(&mut self, parent: u32, child: u32) {
+        if let Some(pids) = &mut self.filter.pids
+            && pids.contains(&parent)
+        {
+            pids.insert(child);
+        }
+    }
+
     /// Filters that need the owner: `--pid`, `--cgroup`.
     fn by_owner(&self) -> bool {
         self.filter.pids.is_some() || !self.filter.cgroups.is_empty()

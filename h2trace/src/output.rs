@@ -158,6 +158,12 @@ pub enum Notice<'a> {
     Tick {
         ktime_ns: u64,
     },
+    /// `--follow-forks`: a followed process created `child`, followed from now on.
+    Fork {
+        ktime_ns: u64,
+        parent: u32,
+        child: u32,
+    },
     /// A conntrack table h2trace follows.
     ConntrackSource {
         ktime_ns: u64,
@@ -738,6 +744,16 @@ impl<W: Write> Sink for Ndjson<W> {
                 "conntrack-source",
                 json!({ "netns": ns.netns, "conntrack_source": ns }),
             ),
+            Notice::Fork {
+                ktime_ns,
+                parent,
+                child,
+            } => (
+                *ktime_ns,
+                "event",
+                "process-fork",
+                json!({ "fork": { "parent": parent, "child": child } }),
+            ),
         };
         let mut h2 = body;
         h2["ktime_ns"] = json!(ktime);
@@ -1018,6 +1034,10 @@ impl<W: Write> Sink for Text<W> {
                 serde_json::to_string(losses)?
             ),
             Notice::Tick { .. } => Ok(()),
+            Notice::Fork { parent, child, .. } => writeln!(
+                self.out,
+                "h2trace: following {child}, forked by {parent} (--follow-forks)"
+            ),
             Notice::ConntrackSource { ns, .. } => writeln!(
                 self.out,
                 "h2trace: following conntrack of {} (netns {}) via {}; established timeout {}",

@@ -50,7 +50,25 @@ impl Pipeline {
         match i {
             Input::Socket(e) => self.deliver(e),
             Input::Conntrack(c) => self.deliver_ct(c),
+            Input::Fork {
+                ts_ns,
+                parent,
+                child,
+            } => self.fork(ts_ns, parent, child),
         }
+    }
+
+    /// `--follow-forks`: `child` of a followed `parent` is followed from now on (replay: the
+    /// recorded fork).
+    pub fn fork(&mut self, ktime_ns: u64, parent: u32, child: u32) {
+        self.selector.follow(parent, child);
+        self.write(|sink| {
+            sink.notice(&Notice::Fork {
+                ktime_ns,
+                parent,
+                child,
+            })
+        });
     }
 
     /// A socket that existed at start (live: the snapshot; replay: its record).

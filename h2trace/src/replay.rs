@@ -160,6 +160,11 @@ pub fn replay(
             }
             Record::ConntrackSource { ktime_ns, ns } => pipeline.conntrack_namespace(ktime_ns, ns),
             Record::Snapshot { ktime_ns, socket } => pipeline.snapshot(ktime_ns, socket),
+            Record::Fork {
+                ktime_ns,
+                parent,
+                child,
+            } => pipeline.fork(ktime_ns, parent, child),
             Record::Derived => {}
         }
     }
@@ -205,6 +210,11 @@ pub enum Record {
         ktime_ns: u64,
     },
     Conntrack(CtEvent),
+    Fork {
+        ktime_ns: u64,
+        parent: u32,
+        child: u32,
+    },
     Snapshot {
         ktime_ns: u64,
         socket: SnapSocket,
@@ -423,6 +433,15 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
             return Ok(Record::Loss { ktime_ns, losses });
         }
         "tick" => return Ok(Record::Tick { ktime_ns }),
+        "process-fork" => {
+            let pid =
+                |k: &'static str, name| u64_at(&v, &["h2trace", "fork", k], name).map(|p| p as u32);
+            return Ok(Record::Fork {
+                ktime_ns,
+                parent: pid("parent", "h2trace.fork.parent")?,
+                child: pid("child", "h2trace.fork.child")?,
+            });
+        }
         "socket-snapshot" => {
             let s = &v["h2trace"]["snapshot"];
             let owner = owner(&v)?;

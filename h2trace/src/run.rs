@@ -61,12 +61,15 @@ impl Ordered {
     fn ingest(&mut self, bytes: &[u8]) {
         match decode(bytes) {
             Ok(mut i) => {
-                if let Input::Socket(Event {
-                    socket: Socket { owner: Some(o), .. },
-                    ..
-                }) = &mut i
-                {
-                    o.cgroup_path = self.cgroups.path(o.cgroup_id);
+                match &mut i {
+                    Input::Socket(Event {
+                        socket: Socket { owner: Some(o), .. },
+                        ..
+                    }) => o.cgroup_path = self.cgroups.path(o.cgroup_id),
+                    // The kernel reports threads too; a thread shares its process's tgid,
+                    // which is followed already.
+                    Input::Fork { child, .. } if is_thread(*child) => return,
+                    _ => {}
                 }
                 self.reorder.push(i)
             }
@@ -81,6 +84,13 @@ impl Ordered {
         reorder.release(until, &mut |i| pipeline.deliver_input(i));
         pipeline.summary.out_of_order = reorder.late;
     }
+}
+
+/// Whether task `tid` is a thread of another process (false once it is gone).
+fn is_thread(tid: u32) -> bool {
+    procfs::process::Process::new(tid as i32)
+        .and_then(|p| p.status())
+        .is_ok_and(|s| s.tgid != tid as i32)
 }
 
 /// One listener per followed namespace (the same namespace named twice is followed once).

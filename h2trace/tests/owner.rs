@@ -172,3 +172,110 @@ fn cgroup_container_and_netns_filters_are_exact() {
         assert!(c.get("container").is_none());
     }
 }
+
+#[test]
+fn forked_workers_own_their_connections() {
+    let Some(_lock) = kernel_test() else { return };
+    const CLIENTS: usize = 6;
+    const CONNS: usize = 25;
+    let net = NetPair::new("forks", 83);
+    let addr = format!("{}:8080", net.server_v4);
+    let total = (CLIENTS * CONNS).to_string();
+    let mut server = net.server(&addr, &["--fork", "--conns", &total, "--requests", "1"]);
+    let server_pid = server.0.id();
+    let all = Tracer::start("forks-all", &[]);
+    let followed = Tracer::start(
+        "forks-pid",
+        &["--pid", &server_pid.to_string(), "--follow-forks"],
+    );
+    // Several client processes at once, each telling its connections apart by request size.
+    let mut clients: Vec<(u64, KillOnDrop)> = (0..CLIENTS)
+        .map(|k| {
+            let send = (100 + k).to_string();
+            let c = net.spawn_client(
+                &addr,
+                &[
+                    "--conns",
+                    &CONNS.to_string(),
+                    "--requests",
+                    "1",
+                    "--send",
+                    &send,
+                ],
+            );
+            (u64::from(c.0.id()), c)
+        })
+        .collect();
+    for (_, c) in &mut clients {
+        let st = wait_timeout(&mut c.0, Duration::from_secs(60)).expect("client timed out");
+        assert!(st.success());
+    }
+    wait_timeout(&mut server.0, Duration::from_secs(30)).expect("server did not finish");
+    let mut served = String::new();
+    use std::io::Read;
+    server
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut served)
+        .unwrap();
+    // Peer port → the worker that served it.
+    let workers: std::collections::HashMap<u64, u64> = served
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("served ")?.split(' ');
+            let pid = f.next()?.parse().ok()?;
+            Some((f.next()?.parse().ok()?, pid))
+        })
+        .collect();
+    assert_eq!(workers.len(), CLIENTS * CONNS, "{served}");
+    let (recs, _d1, p1) = all.stop_keep();
+    let (mine, _d2, p2) = followed.stop_keep();
+    for (r, p) in [(&recs, &p1), (&mine, &p2)] {
+        validate_all(r);
+        assert_replay_identical(p);
+    }
+
+    // Every connection record of the test, each side, against the truth.
+    let (ns_c, ns_s) = (NetPair::inode(&net.client), NetPair::inode(&net.server));
+    let (mut right, mut checked) = (0, 0);
+    for r in recs.iter().filter(|r| action(r) == "connection-closed") {
+        let expected = if r["h2trace"]["netns"] == ns_c && r["destination"]["port"] == 8080 {
+            let k = r["source"]["bytes"].as_u64().unwrap() - 104;
+            clients.get(k as usize).map(|c| c.0)
+        } else if r["h2trace"]["netns"] == ns_s && r["source"]["port"] == 8080 {
+            workers
+                .get(&r["destination"]["port"].as_u64().unwrap())
+                .copied()
+        } else {
+            continue;
+        };
+        checked += 1;
+        right += usize::from(expected.is_some() && owner_pid(r) == expected);
+    }
+    let share = right as f64 / checked as f64;
+    eprintln!(
+        "owner accuracy (forking server, {CLIENTS} client processes): {right}/{checked} connection records = {:.2} %",
+        share * 100.0
+    );
+    assert_eq!(
+        checked,
+        2 * CLIENTS * CONNS,
+        "both sides of every connection"
+    );
+    assert!(share >= 0.99, "owner accuracy {share}");
+
+    // --pid SERVER --follow-forks: the workers' connections, each owned by its worker.
+    let forks = mine.iter().filter(|r| action(r) == "process-fork").count();
+    assert!(forks >= CLIENTS * CONNS, "{forks} forks followed");
+    let theirs: Vec<&Value> = mine
+        .iter()
+        .filter(|r| action(r) == "connection-closed")
+        .collect();
+    assert_eq!(theirs.len(), CLIENTS * CONNS);
+    for r in theirs {
+        let port = r["destination"]["port"].as_u64().unwrap();
+        assert_eq!(owner_pid(r), workers.get(&port).copied(), "{r:#}");
+    }
+}

@@ -133,6 +133,8 @@ pub enum ProbeError {
     NoProgram(String),
     #[error("updating map {0}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    #[error("{0} is not available: {1}")]
+    Unavailable(&'static str, String),
     #[error("{hook}: {source}")]
     Program {
         hook: String,
@@ -160,6 +162,8 @@ pub struct ProbeOptions {
     pub wake_bytes: u32,
     /// Kernel-side conntrack hooks to try; `None` when conntrack is not followed.
     pub conntrack: Option<CtHookChoice>,
+    /// `--follow-forks`: the processes whose new children join the trace (empty: off).
+    pub follow_forks: Vec<u32>,
 }
 
 /// One hook and how it fared, for `check` and the `started` record.
@@ -262,6 +266,7 @@ struct KernelFacts {
     set_state_error: Option<String>,
     sock_offsets_error: Option<String>,
     ct_offsets_error: Option<String>,
+    fork_error: Option<String>,
     missing_tracepoints: HashMap<&'static str, String>,
     reset_reasons: BTreeMap<u32, String>,
 }
@@ -323,11 +328,22 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
         }
         Err(e) => Some(e.to_string()),
     };
+    let fork_error = match tracefs
+        .format("sched", "sched_process_fork")
+        .and_then(|f| f.offset("child_pid"))
+    {
+        Ok(o) => {
+            config.fork_child_pid = o;
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
     KernelFacts {
         config,
         set_state_error,
         sock_offsets_error,
         ct_offsets_error,
+        fork_error,
         missing_tracepoints: missing,
         reset_reasons,
     }
@@ -547,6 +563,14 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
     let ct_hook = opts
         .conntrack
         .and_then(|choice| attach_ct_hook(&mut ebpf, &facts, choice, &mut hooks));
+    if !opts.follow_forks.is_empty() {
+        follow_forks(&mut ebpf, &facts, &opts.follow_forks)?;
+        hooks.push(HookStatus {
+            hook: "tracepoint sched:sched_process_fork".into(),
+            ok: true,
+            detail: "attached (--follow-forks)".into(),
+        });
+    }
     if opts.peek {
         for name in PEEK_SYSCALLS {
             let result =
@@ -569,6 +593,26 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         hooks,
         ct_hook,
     })
+}
+
+/// `--follow-forks`: seed the followed processes and attach the fork tracepoint. Asked for
+/// explicitly, so failing is an error, not a degraded run.
+fn follow_forks(ebpf: &mut Ebpf, facts: &KernelFacts, pids: &[u32]) -> Result<(), ProbeError> {
+    const HOOK: &str = "tracepoint sched:sched_process_fork";
+    if let Some(why) = &facts.fork_error {
+        return Err(ProbeError::Unavailable(HOOK, why.clone()));
+    }
+    let map = ebpf
+        .map_mut("FOLLOW")
+        .ok_or_else(|| ProbeError::NoProgram("map FOLLOW".into()))?;
+    let mut follow = aya::maps::HashMap::<_, u32, u8>::try_from(map)
+        .map_err(|e| ProbeError::Map("FOLLOW", e))?;
+    for &pid in pids {
+        follow
+            .insert(pid, 1, 0)
+            .map_err(|e| ProbeError::Map("FOLLOW", e))?;
+    }
+    attach_tracepoint(ebpf, "sched_process_fork", "sched", "sched_process_fork")
 }
 
 /// Attach every optional tracepoint the kernel has; one status each, saying what is lost

@@ -84,7 +84,7 @@ pub fn parse_format(event: &str, text: &str) -> Format {
 }
 
 impl Format {
-    fn offset(&self, field: &str) -> Result<u16, FormatError> {
+    pub fn offset(&self, field: &str) -> Result<u16, FormatError> {
         let f = self
             .fields
             .get(field)
