@@ -222,16 +222,6 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         pipeline: Pipeline::new(cfg.filter.clone(), cfg.detect.clone(), sink),
         cgroups: Cgroups::new(),
     };
-    let started = monotonic();
-    let describe = probes.describe();
-    o.pipeline.notice(&Notice::Started {
-        detect: &cfg.detect,
-        ktime_ns: started,
-        probe: &describe,
-    });
-    for l in &cts {
-        o.pipeline.conntrack_namespace(started, l.ns.clone());
-    }
     // Sockets that predate us, taken once the programs are attached: anything opened since is
     // seen by the kernel as well, and matched, not duplicated.
     let specs: Vec<NetnsSpec> = match &cfg.filter.pids {
@@ -242,17 +232,30 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         }
         None => snapshot::all_namespaces(),
     };
-    match snapshot::take(&specs, monotonic(), &mut o.cgroups) {
-        Ok(list) => {
-            let now = monotonic();
-            for s in list {
-                o.pipeline.snapshot(now, s);
-            }
-        }
-        Err(e) => eprintln!(
+    let existing = snapshot::take(&specs, monotonic(), &mut o.cgroups).unwrap_or_else(|e| {
+        eprintln!(
             "h2trace: warning: sockets opened before the start are not attributed: {}",
             probe::error_chain(&e)
-        ),
+        );
+        Vec::new()
+    });
+    // Everything privileged is done: programs attached, maps and sockets open, /proc read.
+    // Dropped before anything is written: once `started` is visible, h2trace holds none.
+    if let Err(e) = crate::probe::caps::drop_all() {
+        eprintln!("h2trace: warning: could not drop capabilities: {e}");
+    }
+    let started = monotonic();
+    let describe = probes.describe();
+    o.pipeline.notice(&Notice::Started {
+        detect: &cfg.detect,
+        ktime_ns: started,
+        probe: &describe,
+    });
+    for l in &cts {
+        o.pipeline.conntrack_namespace(started, l.ns.clone());
+    }
+    for s in existing {
+        o.pipeline.snapshot(started, s);
     }
     o.pipeline.flush();
     // ctnetlink events carry no time. One read in loop iteration k arrived after the reads of

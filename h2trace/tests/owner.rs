@@ -279,3 +279,28 @@ fn forked_workers_own_their_connections() {
         assert_eq!(owner_pid(r), workers.get(&port).copied(), "{r:#}");
     }
 }
+
+#[test]
+fn capabilities_are_dropped_once_tracing_runs() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("caps", 84);
+    let addr = format!("{}:8080", net.server_v4);
+    let _server = net.server(&addr, &["--requests", "1"]);
+    let tracer = Tracer::start("caps", &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(set))
+            .unwrap_or_else(|| panic!("no {set}"));
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    // Without them it still reads everything it needs.
+    let client = net.client(&addr, &["--requests", "1"]);
+    let recs = tracer.stop();
+    assert!(
+        recs.iter()
+            .any(|r| action(r) == "connection-closed" && owner_pid(r) == Some(u64::from(client))),
+        "the traced connection is missing"
+    );
+}
