@@ -193,11 +193,16 @@ fn current_owner() -> Option<Owner> {
     })
 }
 
-/// Take the current task as owner if `src` is stronger than what the socket has. Only call
-/// from hooks that run in the owner's process context.
+/// Take the current task as owner if `src` is stronger than what the socket has, or if another
+/// process now does its I/O. Only call from hooks that run in the owner's process context.
 #[inline(always)]
 fn claim_owner(meta: &mut SockMeta, src: u8) {
-    if meta.owner_src >= src {
+    // I/O by another process moves the owner whatever it was learned from: the socket was
+    // handed over (fd passing, a forked worker, a pool shared across processes).
+    let handed_over = src == owner_src::IO
+        && meta.owner_src != owner_src::NONE
+        && (bpf_get_current_pid_tgid() >> 32) as u32 != meta.tgid;
+    if meta.owner_src >= src && !handed_over {
         return;
     }
     if let Some(o) = current_owner() {

@@ -5,7 +5,7 @@
 //!                        [--idle-timeout MS] [--then HOW] [--fork]
 //!   tcp_peer client ADDR [--conns N] [--send B] [--reply B] [--requests K] [--interval MS]
 //!                        [--then HOW] [--gap MS] [--gap-growth F] [--until-eof]
-//!                        [--user-timeout MS] [--pause-after-first MS]
+//!                        [--user-timeout MS] [--pause-after-first MS] [--handoff]
 //!   tcp_peer proxy LISTEN UPSTREAM [--requests K] [--reply B]
 //!
 //! HOW says how a side ends a connection once its part is done:
@@ -37,6 +37,7 @@ struct Opts {
     user_timeout_ms: Option<u32>,
     pause_after_first_ms: u64,
     fork: bool,
+    handoff: bool,
 }
 
 fn usage(msg: &str) -> ! {
@@ -60,11 +61,16 @@ fn parse(args: &[String]) -> Opts {
         user_timeout_ms: None,
         pause_after_first_ms: 0,
         fork: false,
+        handoff: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--fork" {
             o.fork = true;
+            continue;
+        }
+        if flag == "--handoff" {
+            o.handoff = true;
             continue;
         }
         if flag == "--until-eof" {
@@ -237,6 +243,15 @@ fn client(addr: SocketAddr, o: &Opts) {
         }
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         for r in 0..o.requests {
+            // A socket handed over: after the first exchange a child process takes the
+            // connection on; this process lets go of it and ends.
+            if r == 1 && o.handoff {
+                match unsafe { libc::fork() } {
+                    0 => {}
+                    -1 => usage("fork failed"),
+                    _ => std::process::exit(0),
+                }
+            }
             if r == 1 && o.pause_after_first_ms > 0 {
                 std::thread::sleep(Duration::from_millis(o.pause_after_first_ms));
             } else if r > 0 && o.interval_ms > 0 {

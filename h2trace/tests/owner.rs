@@ -304,3 +304,30 @@ fn capabilities_are_dropped_once_tracing_runs() {
         "the traced connection is missing"
     );
 }
+
+#[test]
+fn a_socket_handed_to_another_process_follows_its_user() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("handoff", 85);
+    let addr = format!("{}:8080", net.server_v4);
+    let _server = net.server(&addr, &["--requests", "3"]);
+    let tracer = Tracer::start("handoff", &[]);
+    // The client does one exchange, forks, and its child does the other two and closes.
+    let parent = u64::from(net.client(
+        &addr,
+        &["--requests", "3", "--interval", "100", "--handoff"],
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let recs = tracer.stop();
+    let c = recs
+        .iter()
+        .find(|r| action(r) == "connection-closed" && r["destination"]["port"] == 8080)
+        .expect("the client's connection");
+    assert_eq!(c["h2trace"]["owner_source"], "io", "{c:#}");
+    assert_eq!(c["process"]["name"], "tcp_peer");
+    assert_ne!(
+        owner_pid(c),
+        Some(parent),
+        "still owned by the process that let it go"
+    );
+}
