@@ -25,6 +25,9 @@ use crate::{
 
 /// How often the buffers are drained even without a wake-up (batching bound on latency).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// Records taken from the ring per loop iteration, so signals are served under a flood
+/// (~ a few ms of work).
+const DRAIN_BATCH: usize = 4_096;
 /// How often loss counters are checked.
 const LOSS_EVERY: Duration = Duration::from_secs(1);
 /// A record is in its buffer this long after its timestamp at the latest (see `order`).
@@ -273,7 +276,9 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut perf_lost = 0u64;
 
     let outcome = loop {
+        // Biased: signals first, so a flood that keeps the buffers readable cannot delay them.
         let stop = tokio::select! {
+            biased;
             _ = sigint.recv() => Some(Outcome::Interrupted),
             _ = sigterm.recv() => Some(Outcome::Done),
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => Some(Outcome::Done),
@@ -283,7 +288,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         };
         // Everything stamped before `now` is in the buffers once they are drained.
         let now = monotonic();
-        perf_lost += reader.drain(&mut |b| o.ingest(b));
+        perf_lost += reader.drain(DRAIN_BATCH, &mut |b| o.ingest(b));
         drain_conntrack(&mut cts, ct_stamp, &mut o);
         ct_stamp = now;
         o.release(now.saturating_sub(ORDER_SLACK_NS));
@@ -313,7 +318,8 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
 
     // Drain what is left, report the lives still open, the findings and per-peer table, then
     // the summary.
-    perf_lost += reader.drain(&mut |b| o.ingest(b));
+    // What was in the ring when we stopped, and no more: under a flood it never empties.
+    perf_lost += reader.drain(cfg.probe.ring_bytes as usize / 64, &mut |b| o.ingest(b));
     drain_conntrack(&mut cts, ct_stamp, &mut o);
     let end = monotonic();
     let open = open_lives(&probes.ebpf);

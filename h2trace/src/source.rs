@@ -85,13 +85,16 @@ impl Reader {
         }
     }
 
-    /// Hand every waiting record to `f`; returns the samples the perf buffers reported lost.
-    pub fn drain(&mut self, f: &mut impl FnMut(&[u8])) -> u64 {
+    /// Hand waiting records to `f`, at most `limit` from the ring buffer (under a flood the
+    /// ring never empties: the caller must get back to its signals); returns the samples the
+    /// perf buffers reported lost.
+    pub fn drain(&mut self, limit: usize, f: &mut impl FnMut(&[u8])) -> u64 {
         let mut lost = 0;
         match self {
             Self::Ring(fd) => {
                 let ring = fd.get_mut();
-                while let Some(item) = ring.next() {
+                for _ in 0..limit {
+                    let Some(item) = ring.next() else { break };
                     f(&item);
                 }
             }

@@ -154,27 +154,6 @@ fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
 
 /// h2trace's programs still loaded in the kernel. The kernel frees a program shortly after its
 /// last link and fd are gone (deferred work), so this waits up to 5 s for them to disappear.
-fn loaded_h2trace_programs() -> usize {
-    let count = || {
-        aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|p| {
-                p.name_as_str().is_some_and(|n| {
-                    n.starts_with("inet_sock_set_") || n.starts_with("sock_send_lengt")
-                })
-            })
-            .count()
-    };
-    let start = std::time::Instant::now();
-    loop {
-        let n = count();
-        if n == 0 || start.elapsed() > Duration::from_secs(5) {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn duration_and_sigterm_end_with_a_summary_and_leave_nothing_behind() {
     let Some(_lock) = kernel_test() else { return };

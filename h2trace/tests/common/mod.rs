@@ -39,29 +39,65 @@ pub fn h2trace_bin() -> &'static str {
     env!("CARGO_BIN_EXE_h2trace")
 }
 
-/// The `tcp_peer` example, which `cargo test` builds along with the tests: as
-/// `examples/tcp_peer` after `cargo build --examples`, as `examples/tcp_peer-<hash>` otherwise.
+/// The `tcp_peer` example.
 pub fn peer_bin() -> PathBuf {
+    example_bin("tcp_peer")
+}
+
+/// An example, which `cargo test` builds along with the tests: as `examples/NAME` after
+/// `cargo build --examples`, as `examples/NAME-<hash>` otherwise.
+pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    if dir.join(name).exists() {
+        return dir.join(name); // `cargo xtask test` builds it so
+    }
+    let prefix = format!("{name}-");
     let newest = std::fs::read_dir(&dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name == "tcp_peer" || name.starts_with("tcp_peer-")) && !name.contains('.')
+            let f = e.file_name().to_string_lossy().into_owned();
+            f.starts_with(&prefix) && !f.contains('.')
         })
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
-    if dir.join("tcp_peer").exists() {
-        return dir.join("tcp_peer"); // `cargo xtask test` builds it so
-    }
     match newest {
         Some(e) => e.path(),
         None => panic!(
-            "no tcp_peer in {}: run the tests with `cargo test` (it builds examples)",
+            "no {name} in {}: run the tests with `cargo test` (it builds examples)",
             dir.display()
         ),
+    }
+}
+
+/// h2trace programs still loaded in the kernel (by name; the kernel keeps 15 characters),
+/// waiting up to 5 s for the count to drop to zero.
+pub fn loaded_h2trace_programs() -> usize {
+    const NAMES: [&str; 6] = [
+        "inet_sock_set_",
+        "sock_send_lengt",
+        "tcp_destroy_soc",
+        "ct_xmit",
+        "ct_drop",
+        "sched_process_f",
+    ];
+    let count = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| {
+                p.name_as_str()
+                    .is_some_and(|n| NAMES.iter().any(|k| n.starts_with(k)))
+            })
+            .count()
+    };
+    let start = Instant::now();
+    loop {
+        let n = count();
+        if n == 0 || start.elapsed() > Duration::from_secs(5) {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -1,0 +1,153 @@
+//! Staying power, in the kernel: a minute of connection churn at the machine's maximum with
+//! h2trace attached, and signals in the middle of a flood. Root only; serial. Durations are
+//! printed, never asserted beyond generous bounds (a hung exit is a failure, a slow one not).
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// `churn ADDR` inside the server namespace of `net` (server and client threads in one
+/// process, one request per connection, closed with FIN).
+fn churn(net: &NetPair, seconds: u64) -> KillOnDrop {
+    let addr = format!("{}:8080", net.server_v4);
+    KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &net.server])
+            .arg(example_bin("churn"))
+            .args([&addr, "--threads", "2", "--seconds", &seconds.to_string()])
+            .args(["--mode", "close"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_minute_of_maximum_churn() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("flood", 86);
+    let tracer = Tracer::start("flood", &[]);
+    let mut load = churn(&net, 60);
+    let load_pid = u64::from(load.0.id());
+    let (mut peak, start) = (0, Instant::now());
+    while load.0.try_wait().unwrap().is_none() {
+        peak = peak.max(rss_kib(tracer.pid()));
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "churn did not end"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut done = String::new();
+    use std::io::Read;
+    load.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut done)
+        .unwrap();
+    let connections: u64 = done
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("connections="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("churn said: {done}"));
+    let recs = tracer.stop();
+    eprintln!(
+        "flood: {connections} connections in 60 s, h2trace peak RSS {} MiB",
+        peak / 1024
+    );
+    // No crash (the stop above returned 130 with a summary), memory bounded.
+    assert!(peak < 96 * 1024, "peak RSS {peak} KiB");
+    let summary = &recs.last().unwrap()["h2trace"]["summary"];
+    let losses = &summary["losses"];
+    let lost: u64 = losses
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    // Every loss is in the stream: a loss record says so before the summary does.
+    if lost > 0 {
+        assert!(recs.iter().any(|r| action(r) == "loss"));
+    }
+    // Both ends of every connection, unless lost or evicted, were recorded.
+    let closed = recs
+        .iter()
+        .filter(|r| action(r) == "connection-closed" && r["destination"]["port"] == 8080)
+        .count() as u64;
+    let missing = connections.saturating_sub(closed);
+    eprintln!("flood: {closed} client records for {connections} connections, {lost} lost");
+    assert!(
+        missing <= lost + summary["evicted"].as_u64().unwrap_or(0) + 2 * 2,
+        "{missing} connections missing without a counted loss"
+    );
+    // And the diagnosis still names what this load is: a client that dials per request.
+    let dial = findings(&recs, "dial-per-request");
+    assert!(
+        dial.iter().any(|f| owner_pid(f) == Some(load_pid)),
+        "no dial-per-request for the churn process"
+    );
+}
+
+/// SIGTERM (exit 0) or SIGINT (exit 130) in the middle of a flood.
+fn signal_during_flood(tag: &str, subnet: u8, sig: nix::sys::signal::Signal, code: i32) {
+    let net = NetPair::new(tag, subnet);
+    let dir = TempDir::new(tag);
+    let out = dir.0.join("o.ndjson");
+    let mut h = KillOnDrop(
+        Command::new(h2trace_bin())
+            .args(["-f", "ndjson", "-o"])
+            .arg(&out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("\"started\"")
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _load = churn(&net, 10);
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.0.id() as i32), sig).unwrap();
+    let st = wait_timeout(&mut h.0, Duration::from_secs(10)).expect("no exit after the signal");
+    let took = sent.elapsed();
+    eprintln!("{tag}: exited {} ms after {sig}", took.as_millis());
+    assert_eq!(st.code(), Some(code));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let recs = read_records(&out);
+    assert_eq!(
+        action(recs.last().unwrap()),
+        "summary",
+        "summary flushed last"
+    );
+    assert_eq!(loaded_h2trace_programs(), 0, "programs left loaded");
+}
+
+#[test]
+fn sigterm_during_a_flood_exits_with_a_summary_and_detaches() {
+    let Some(_lock) = kernel_test() else { return };
+    signal_during_flood("sigterm", 87, nix::sys::signal::Signal::SIGTERM, 0);
+}
+
+#[test]
+fn sigint_during_a_flood_exits_with_a_summary_and_detaches() {
+    let Some(_lock) = kernel_test() else { return };
+    signal_during_flood("sigint", 88, nix::sys::signal::Signal::SIGINT, 130);
+}
