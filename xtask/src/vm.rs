@@ -624,3 +624,50 @@ fn boot(name: &str, k: &Kernel, initrd: &Path, log: &Path) -> Result<Outcome> {
     }
     Ok(outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_package_of_a_series() {
+        let names = [
+            "linux-image-6.1.0-9-amd64",
+            "linux-image-6.1.0-56-amd64",
+            "linux-image-6.1.0-57-cloud-amd64",
+            "linux-image-6.1.0-58-amd64-unsigned",
+            "linux-image-6.12.117+deb12-amd64",
+            "linux-image-6.12.99+deb12-amd64",
+            "linux-image-6.12.118+deb12-rt-amd64",
+        ];
+        let [v6_1, v6_12] = &SERIES;
+        assert_eq!(
+            v6_1.newest(names).as_deref(),
+            Some("linux-image-6.1.0-56-amd64")
+        );
+        assert_eq!(
+            v6_12.newest(names).as_deref(),
+            Some("linux-image-6.12.117+deb12-amd64")
+        );
+    }
+
+    #[test]
+    fn kernel_choices() {
+        let names = |(host, vms): (bool, Vec<&Series>)| {
+            (host, vms.iter().map(|s| s.name).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            names(plan(&[KernelArg::All], false)),
+            (true, vec!["6.1", "6.12"])
+        );
+        assert_eq!(
+            names(plan(&[KernelArg::V6_12], false)),
+            (false, vec!["6.12"])
+        );
+        assert_eq!(
+            names(plan(&[KernelArg::Host, KernelArg::V6_1], false)),
+            (true, vec!["6.1"])
+        );
+        assert_eq!(names(plan(&[], true)), (true, vec![]));
+    }
+}
