@@ -229,10 +229,20 @@ fn fetch(series: &Series) -> Result<Kernel> {
             dir: cache.join(&pkg),
             pkg,
         });
-    let listed = apt_names(series).unwrap_or_else(|e| {
-        eprintln!("xtask: {e:#}");
-        None
-    });
+    let lookup = || {
+        apt_names(series).unwrap_or_else(|e| {
+            eprintln!("xtask: {e:#}");
+            None
+        })
+    };
+    let mut listed = lookup();
+    // A fresh machine may have no package lists yet.
+    if listed.is_none()
+        && is_root()
+        && retry(Command::new("apt-get").args(["update", "-qq"])).is_ok()
+    {
+        listed = lookup();
+    }
     let Some(pkg) = listed else {
         return cached.with_context(|| {
             format!(
