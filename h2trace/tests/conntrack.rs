@@ -155,8 +155,11 @@ fn state_changes_from_the_kernel_side(run: &Run, established: &Value, client: &V
         .unwrap();
     let socket_est = conn["start_ns"].as_u64().unwrap() + est["offset_ns"].as_u64().unwrap();
     let ct_est = established["h2trace"]["ktime_ns"].as_u64().unwrap();
+    // Causality is the point: an exact time is never before the client's (a ctnetlink stamp,
+    // the start of a drain interval, usually is). The bound only catches a wrong clock; it is
+    // loose for emulated kernels.
     assert!(
-        ct_est >= socket_est && ct_est - socket_est < 5_000_000,
+        ct_est >= socket_est && ct_est - socket_est < 100_000_000,
         "client ESTABLISHED at {socket_est}, router at {ct_est}"
     );
 }
