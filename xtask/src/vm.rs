@@ -113,9 +113,16 @@ const MODULE_DIRS: [&str; 3] = [
     "kernel/net/ipv4/netfilter/",
     "kernel/net/ipv6/netfilter/",
 ];
-/// Single modules by name: veth, and the crc32c implementations that conntrack's libcrc32c asks
-/// the crypto API for at load (a softdep, which modules.dep does not list).
-const MODULES: [&str; 3] = ["veth", "crc32c_generic", "crc32c-intel"];
+/// Single modules by name: veth; the crc32c implementations that conntrack's libcrc32c asks
+/// the crypto API for at load (a softdep, which modules.dep does not list); sock_diag for TCP,
+/// which h2trace uses to list the sockets open before it starts (the kernel loads it on demand).
+const MODULES: [&str; 5] = [
+    "veth",
+    "crc32c_generic",
+    "crc32c-intel",
+    "inet_diag",
+    "tcp_diag",
+];
 /// Host tools the tests and the init call, copied with their libraries.
 const HOST_TOOLS: [&str; 7] = [
     "busybox", "ip", "ss", "nft", "sysctl", "setpriv", "modprobe",
@@ -143,18 +150,43 @@ pub fn matrix(series: &[&Series]) -> Result<()> {
     let work = root().join("target/vm");
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let bins = Binaries::build(&work)?;
-    let mut outcomes = Vec::new();
-    for s in series {
-        let outcome = fetch(s).and_then(|k| {
-            let initrd = work.join(format!("{}.cpio", k.release()));
-            initramfs(&k, &bins, &initrd)?;
-            boot(s.name, &k, &initrd, &work.join(format!("{}.log", s.name)))
-        });
-        if let Err(e) = &outcome {
-            eprintln!("xtask: kernel {}: {e:#}", s.name);
-        }
-        outcomes.push((s.name, outcome));
-    }
+    let prepared: Vec<_> = series
+        .iter()
+        .map(|s| {
+            let ready = fetch(s).and_then(|k| {
+                let initrd = work.join(format!("{}.cpio", k.release()));
+                initramfs(&k, &bins, &initrd)?;
+                Ok((k, initrd))
+            });
+            (s.name, ready)
+        })
+        .collect();
+    // The kernels boot side by side: an emulated guest keeps about one of our two cores busy,
+    // most of a test run being waits (timeouts, idle gaps), so two take little longer than one.
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let runs: Vec<_> = prepared
+            .iter()
+            .map(|(name, ready)| {
+                let log = work.join(format!("{name}.log"));
+                let run = ready
+                    .as_ref()
+                    .map(|(k, initrd)| scope.spawn(move || boot(name, k, initrd, &log)));
+                (*name, run)
+            })
+            .collect();
+        runs.into_iter()
+            .map(|(name, run)| {
+                let outcome = match run {
+                    Ok(handle) => handle.join().expect("the boot thread panicked"),
+                    Err(e) => Err(anyhow::anyhow!("{e:#}")),
+                };
+                if let Err(e) = &outcome {
+                    eprintln!("xtask: kernel {name}: {e:#}");
+                }
+                (name, outcome)
+            })
+            .collect()
+    });
     println!("\nxtask: kernel matrix");
     let mut failed = Vec::new();
     for (name, outcome) in &outcomes {
