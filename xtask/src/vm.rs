@@ -388,11 +388,12 @@ struct Program {
 
 impl Binaries {
     fn build(work: &Path) -> Result<Self> {
+        // The whole workspace, as the host suite builds it: the same features, so the same
+        // artifacts, nothing built twice.
         let out = cargo()
             .args([
                 "test",
-                "--package",
-                "h2trace",
+                "--workspace",
                 "--no-run",
                 "--message-format=json-render-diagnostics",
             ])
@@ -402,6 +403,7 @@ impl Binaries {
         if !out.status.success() {
             bail!("building the tests failed");
         }
+        let manifest = fs::canonicalize(root().join("h2trace/Cargo.toml"))?;
         let strip_dir = work.join("bin");
         fs::create_dir_all(&strip_dir)?;
         let mut h2trace = None;
@@ -413,6 +415,13 @@ impl Binaries {
             let Some(exe) = msg["executable"].as_str() else {
                 continue;
             };
+            let of_h2trace = msg["manifest_path"]
+                .as_str()
+                .and_then(|m| fs::canonicalize(m).ok())
+                .is_some_and(|m| m == manifest);
+            if !of_h2trace {
+                continue;
+            }
             // `cargo test` also reports the test harnesses of the binary and the examples.
             let harness = msg["profile"]["test"] == true;
             let target = &msg["target"];
