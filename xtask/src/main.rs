@@ -24,8 +24,8 @@ enum Cmd {
     /// Build the eBPF object (release, with BTF) that the agent embeds.
     BuildEbpf,
     /// Set up, build the eBPF object, and run the whole test suite. As root this includes
-    /// the kernel integration tests, on this machine's kernel and on Debian's 6.1 and 6.12 in
-    /// QEMU (the kernel matrix, where kprobes and fentry attach).
+    /// the kernel integration tests on this machine's kernel; `--kernel all` adds Debian's 6.1
+    /// and 6.12 in QEMU (the kernel matrix, where kprobes and fentry attach).
     Test {
         /// Skip the kernel integration tests even when running as root.
         #[arg(long, conflicts_with = "kernel")]
@@ -34,7 +34,7 @@ enum Cmd {
         #[arg(long, conflicts_with = "kernel")]
         no_vm: bool,
         /// Kernels to test on, comma-separated; a kernel of the matrix alone runs only the
-        /// kernel tests there. [default: all as root, host otherwise]
+        /// kernel tests there. [default: host]
         #[arg(long, value_enum, value_delimiter = ',')]
         kernel: Vec<vm::KernelArg>,
     },
