@@ -148,9 +148,7 @@ impl Pipeline {
         self.summary.conntrack_events += 1;
         self.summary.conntrack_evicted = self.joiner.evicted;
         self.write(|sink| sink.conntrack(&ct, old));
-        let mut found = std::mem::take(&mut self.findings);
-        self.detector.advance(ct.ts_ns, &mut found);
-        self.findings = found;
+        self.detector.advance(ct.ts_ns, &mut self.findings);
         self.drain_findings();
     }
 

@@ -30,9 +30,6 @@ enum Cmd {
         /// Skip the kernel integration tests even when running as root.
         #[arg(long, conflicts_with = "kernel")]
         no_kernel: bool,
-        /// Skip the kernel matrix in QEMU (same as `--kernel host`).
-        #[arg(long, conflicts_with = "kernel")]
-        no_vm: bool,
         /// Kernels to test on, comma-separated; a kernel of the matrix alone runs only the
         /// kernel tests there. [default: host]
         #[arg(long, value_enum, value_delimiter = ',')]
@@ -65,12 +62,8 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Test {
-            no_kernel,
-            no_vm,
-            kernel,
-        } => {
-            let (host, vms) = vm::plan(&kernel, no_vm || no_kernel);
+        Cmd::Test { no_kernel, kernel } => {
+            let (host, vms) = vm::plan(&kernel);
             setup()?;
             build_ebpf()?;
             if host {
