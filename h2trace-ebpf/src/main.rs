@@ -15,9 +15,11 @@ use aya_ebpf::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_perf_event_output, bpf_probe_read_kernel,
         bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
     },
-    macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, PerfEventArray, RingBuf},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, ProbeContext, RetProbeContext, TracePointContext,
+    },
 };
 use h2trace_common::{
     ABSENT, CT_STATE_UNKNOWN, CtRecord, ForkRecord, Header, LifeRecord, LiveRecord,
@@ -87,6 +89,12 @@ static FOLLOW: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 /// `flags::CT_NETNS_FILTER`.
 #[map]
 static CT_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+
+/// Kernels without `sock:sock_send_length`/`sock_recv_length` (before 6.3): the socket a
+/// thread's `tcp_sendmsg`/`tcp_recvmsg` is working on, from the kprobe at entry to the
+/// kretprobe that reads the byte count.
+#[map]
+static IO_SOCK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -291,6 +299,16 @@ fn start_life(sk: u64, old: u8, new: u8, t: &Tuple, netns: u32, now: u64) -> Opt
     } else {
         origin::MID_LIFE
     };
+    // A child socket goes LISTEN → SYN_RECV in `inet_csk_clone_lock` through
+    // `inet_sk_set_state`: the tracepoint sees it, a hook on `tcp_set_state` does not, and sees
+    // SYN_RECV first. The clone happens when the handshake's last ACK arrives, microseconds
+    // before SYN_RECV → ESTABLISHED, so stamping the step with now is exact enough.
+    if old == tcp_state::SYN_RECV {
+        life.first_state = tcp_state::LISTEN;
+        life.trans_ns[0] = now;
+        life.trans_state[0] = tcp_state::SYN_RECV;
+        life.n_trans = 1;
+    }
     if life.meta.origin == origin::PASSIVE {
         let key = listener_key(netns, t.family, t.sport);
         if let Some(o) = unsafe { LISTENERS.get(&key) } {
@@ -316,11 +334,7 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
     if new == tcp_state::LISTEN || old == tcp_state::LISTEN && new == tcp_state::CLOSE {
         let key = listener_key(netns, t.family, t.sport);
         if new == tcp_state::LISTEN {
-            if let Some(o) = current_owner() {
-                if LISTENERS.insert(&key, &o, 0).is_err() {
-                    count(counter::LISTENER_TRACK_FAIL);
-                }
-            }
+            remember_listener(key);
         } else {
             let _ = LISTENERS.remove(&key);
         }
@@ -338,14 +352,14 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         return;
     }
 
-    let life = match SOCKS.get_ptr_mut(&sk) {
+    let (life, fresh) = match SOCKS.get_ptr_mut(&sk) {
         // CLOSE → SYN_SENT on a socket we know: connect() after a disconnect; a new life.
         Some(p) if old == tcp_state::CLOSE => {
             end_life(ctx, p, now);
-            start_life(sk, old, new, t, netns, now)
+            (start_life(sk, old, new, t, netns, now), true)
         }
-        Some(p) => Some(p),
-        None => start_life(sk, old, new, t, netns, now),
+        Some(p) => (Some(p), false),
+        None => (start_life(sk, old, new, t, netns, now), true),
     };
     let Some(life) = life else { return };
     let life = unsafe { &mut *life };
@@ -353,6 +367,10 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
     // The source port is picked after CLOSE → SYN_SENT: refresh endpoints while they fill in.
     if t.sport != 0 || life.meta.sport == 0 {
         fill_tuple(&mut life.meta, t);
+    }
+    // The LISTEN → SYN_RECV step start_life added for a hook on `tcp_set_state`, live too.
+    if fresh && emit_all && old == tcp_state::SYN_RECV {
+        emit_live(ctx, kind::STATE, &life.meta, tcp_state::LISTEN, old, 0, now);
     }
     let n = life.n_trans as usize;
     if n < MAX_TRANSITIONS {
@@ -385,6 +403,30 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         end_life(ctx, life, now);
         let _ = SOCKS.remove(&sk);
     }
+}
+
+/// The process that called listen() owns the children the listener will create in softirq.
+#[inline(always)]
+fn remember_listener(key: u64) {
+    if let Some(o) = current_owner() {
+        if LISTENERS.insert(&key, &o, 0).is_err() {
+            count(counter::LISTENER_TRACK_FAIL);
+        }
+    }
+}
+
+/// `inet_csk_listen_start(sk)`, beside the fentry/kprobe state hooks: it moves the socket to
+/// LISTEN with `inet_sk_state_store`, which `tcp_set_state` never sees. Runs in listen(), after
+/// bind() set the port (a listen() without bind() picks its port later; such a listener's
+/// children get their owner from their I/O instead).
+#[kprobe]
+pub fn listen_start_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<*const u8>(0) {
+        if let Some((_, t)) = sock_tuple(sk) {
+            remember_listener(listener_key(netns_of(sk), t.family, t.sport));
+        }
+    }
+    0
 }
 
 #[inline(always)]
@@ -631,13 +673,19 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
         return None;
     }
     let sk: u64 = unsafe { read(base, l.sk)? };
+    let ret: i32 = unsafe { read(base, l.ret)? };
+    on_io(sk, ret, send)
+}
+
+/// One send or receive call on a TCP socket, in its process: bytes, activity, owner.
+#[inline(always)]
+fn on_io(sk: u64, ret: i32, send: bool) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let life = match SOCKS.get_ptr_mut(&sk) {
         Some(p) => p,
         None => adopt(sk, now)?,
     };
     let life = unsafe { &mut *life };
-    let ret: i32 = unsafe { read(base, l.ret)? };
     if ret > 0 {
         if send {
             if life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0 {
@@ -662,6 +710,38 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
     }
     claim_owner(&mut life.meta, owner_src::IO);
     Some(())
+}
+
+/// `tcp_sendmsg(sk, msg, size)` and `tcp_recvmsg(sk, msg, len, ...)` at entry, where the
+/// length tracepoints are missing: remember the socket for the return probe.
+#[kprobe]
+pub fn tcp_io_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        let _ = IO_SOCK.insert(&bpf_get_current_pid_tgid(), &sk, 0);
+    }
+    0
+}
+
+/// `tcp_sendmsg` returns the bytes queued, like `sock_sendmsg` in `sock:sock_send_length`.
+#[kretprobe]
+pub fn tcp_sendmsg_kretprobe(ctx: RetProbeContext) -> u32 {
+    io_return(&ctx, true);
+    0
+}
+
+/// `tcp_recvmsg` returns the bytes copied out, like `sock_recvmsg` in `sock:sock_recv_length`.
+#[kretprobe]
+pub fn tcp_recvmsg_kretprobe(ctx: RetProbeContext) -> u32 {
+    io_return(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn io_return(ctx: &RetProbeContext, send: bool) -> Option<()> {
+    let key = bpf_get_current_pid_tgid();
+    let sk = unsafe { IO_SOCK.get(&key) }.copied()?;
+    let _ = IO_SOCK.remove(&key);
+    on_io(sk, ctx.ret::<i32>(), send)
 }
 
 /// Remember the buffer of a send-family syscall. Syscall tracepoint records keep the

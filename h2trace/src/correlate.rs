@@ -150,6 +150,22 @@ fn first_at(l: &Life, pred: impl Fn(u8) -> bool) -> Option<u64> {
         .map(|t| t.ts_ns)
 }
 
+/// A child socket the kernel created and threw away at once: two CPUs handled the last ACK of
+/// the same handshake (the client's ACK and its first data segment, say), each cloned the
+/// listener, and the one that lost `inet_ehash_nolisten` in `inet_csk_complete_hashdance` was
+/// closed from SYN_RECV (`tcp_done`) having sent and received nothing. Not a connection, and
+/// not a failed handshake: the other child carries the connection.
+pub fn discarded_child(s: &Socket, l: &Life) -> bool {
+    s.origin == Origin::Passive
+        && l.first_state == LISTEN
+        && l.states().skip(1).eq([SYN_RECV, CLOSE])
+        && l.bytes_sent == 0
+        && l.bytes_received == 0
+        && l.resets_sent == 0
+        && l.resets_received == 0
+        && l.retransmits == 0
+}
+
 /// `end_ns` is when the record was produced (the socket's destruction, or the end of tracing).
 pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
     let start_ns = s.id.start_ns;
@@ -267,6 +283,25 @@ mod tests {
                 .collect(),
             ..Life::default()
         }
+    }
+
+    #[test]
+    fn a_child_discarded_in_a_handshake_race_is_no_connection() {
+        let race = life(LISTEN, &[(1_000, SYN_RECV), (1_100, CLOSE)]);
+        assert!(discarded_child(&sock(Origin::Passive), &race));
+        assert!(!discarded_child(&sock(Origin::Active), &race));
+        // A Fast Open child reset by its client, or one that talked, is a connection.
+        let mut reset = race.clone();
+        reset.resets_received = 1;
+        assert!(!discarded_child(&sock(Origin::Passive), &reset));
+        let mut talked = race.clone();
+        talked.bytes_received = 10;
+        assert!(!discarded_child(&sock(Origin::Passive), &talked));
+        let served = life(
+            LISTEN,
+            &[(1_000, SYN_RECV), (1_100, ESTABLISHED), (9_000, CLOSE)],
+        );
+        assert!(!discarded_child(&sock(Origin::Passive), &served));
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub struct Summary {
     pub ended: u64,
     /// Lives still open at exit.
     pub open_at_exit: u64,
+    /// Child sockets the kernel discarded in a handshake race (`correlate::discarded_child`):
+    /// not connections, so not written, only counted.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub discarded_children: u64,
     /// Lives the kernel's LRU map evicted before they ended (tracked − ended − open).
     pub evicted: u64,
     /// Records that arrived after newer ones had been emitted.
@@ -1063,6 +1067,13 @@ impl<W: Write> Sink for Text<W> {
                 writeln!(self.out, "  retransmissions      {}", s.retransmits)?;
                 writeln!(self.out, "  open at exit         {}", s.open_at_exit)?;
                 writeln!(self.out, "  evicted (untraced)   {}", s.evicted)?;
+                if s.discarded_children > 0 {
+                    writeln!(
+                        self.out,
+                        "  discarded children   {} (handshake races, not connections)",
+                        s.discarded_children
+                    )?;
+                }
                 writeln!(self.out, "  findings             {}", s.findings)?;
                 writeln!(self.out, "  records lost         {}", s.losses.total())
             }

@@ -107,6 +107,12 @@ impl Pipeline {
         self.selector.offer(ev, &mut |e| selected.push(e));
         self.summary.losses.filter_overflow = self.selector.overflowed;
         for mut ev in selected {
+            if let Body::Life(l) = &ev.body
+                && crate::correlate::discarded_child(&ev.socket, l)
+            {
+                self.summary.discarded_children += 1;
+                continue;
+            }
             if let Body::Life(l) | Body::Open(l) = &mut ev.body {
                 l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
             }

@@ -5,7 +5,7 @@ use std::{
     io::{BufRead, BufReader, Read},
     path::Path,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -132,7 +132,14 @@ fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
         &<h2trace::cli::Cli as clap::Parser>::parse_from(["h2trace"]).trace,
     )
     .unwrap();
-    for program in ["tcp_set_state_kprobe", "ct_refresh_kprobe"] {
+    for program in [
+        "tcp_set_state_kprobe",
+        "listen_start_kprobe",
+        "tcp_io_kprobe",
+        "tcp_sendmsg_kretprobe",
+        "tcp_recvmsg_kretprobe",
+        "ct_refresh_kprobe",
+    ] {
         h2trace::probe::verify_kprobe(&cfg.probe, program).unwrap_or_else(|e| {
             panic!(
                 "{program} does not load: {}",
@@ -187,7 +194,7 @@ fn duration_and_sigterm_end_with_a_summary_and_leave_nothing_behind() {
 
 fn child_wait(t: &mut Tracer) -> Option<i32> {
     // Tracer::stop sends SIGINT; here the signal was sent already.
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     loop {
         if let Some(code) = t.try_exit_code() {
             return code;
@@ -243,15 +250,23 @@ fn text_mode_has_columns_and_a_summary() {
     let net = NetPair::new("text", 52);
     let dir = TempDir::new("text");
     let out = dir.0.join("o.txt");
+    let duration = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
     let mut child = KillOnDrop(
         Command::new(h2trace_bin())
-            .args(["-f", "text", "--duration", "3s", "-o"])
+            .args(["-f", "text", "--duration", &duration, "-o"])
             .arg(&out)
             .spawn()
             .unwrap(),
     );
     let child = &mut child.0;
-    std::thread::sleep(Duration::from_millis(1500));
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("h2trace: tracing with")
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let addr = format!("{}:8080", net.server_v4);
     let mut server = net.server(&addr, &["--reply", "10", "--then", "wait-peer"]);
     net.client(&addr, &["--send", "10", "--reply", "10"]);

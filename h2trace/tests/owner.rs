@@ -38,7 +38,9 @@ fn connections_opened_before_the_start_have_their_owners() {
     let idle_server = net.server(&idle, &["--idle-timeout", "20000"]);
     // One connection keeps exchanging while traced, the other sits idle throughout.
     let busy_client = net.spawn_client(&busy, &["--requests", "80", "--interval", "150"]);
-    let idle_client = net.spawn_client(&idle, &["--requests", "2", "--pause-after-first", "8000"]);
+    // Its pause outlasts the two tracers' start and stop.
+    let pause = scaled(Duration::from_secs(8)).as_millis().to_string();
+    let idle_client = net.spawn_client(&idle, &["--requests", "2", "--pause-after-first", &pause]);
     let id = |k: &KillOnDrop| u64::from(k.0.id());
     let expected = [
         (8080, id(&busy_client), id(&busy_server)),

@@ -34,6 +34,10 @@ enum Cmd {
         /// kernel tests there. [default: host]
         #[arg(long, value_enum, value_delimiter = ',')]
         kernel: Vec<vm::KernelArg>,
+        /// In the kernel matrix, run only these test files (e.g. `kernel,owner`), for quick
+        /// runs while fixing one of them. [default: every kernel test]
+        #[arg(long, value_delimiter = ',')]
+        vm_tests: Vec<String>,
     },
     /// Connection churn with and without tracers (h2trace, libbpf-tools tcpstates and tcplife,
     /// a bpftrace script): throughput ratios, tracer CPU, peak RSS, losses. As root.
@@ -62,7 +66,11 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Test { no_kernel, kernel } => {
+        Cmd::Test {
+            no_kernel,
+            kernel,
+            vm_tests,
+        } => {
             let (host, vms) = vm::plan(&kernel);
             setup()?;
             build_ebpf()?;
@@ -80,7 +88,7 @@ fn main() -> Result<()> {
                 }
                 run(&mut cmd)?;
             }
-            vm::matrix(&vms)
+            vm::matrix(&vms, &vm_tests)
         }
         Cmd::Bench {
             seconds,

@@ -98,8 +98,9 @@ const DEFAULT_ONLY: [&str; 2] = ["cli", "e2e"];
 const TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const PASS: &str = "H2TRACE-VM-RESULT: PASS";
 
-/// Run the kernel tests in each kernel of `series`; all of them, then fail if any failed.
-pub fn matrix(series: &[&Series]) -> Result<()> {
+/// Run the kernel tests (or only the files named in `only`) in each kernel of `series`; all of
+/// them, then fail if any failed.
+pub fn matrix(series: &[&Series], only: &[String]) -> Result<()> {
     if series.is_empty() {
         return Ok(());
     }
@@ -110,7 +111,7 @@ pub fn matrix(series: &[&Series]) -> Result<()> {
     }
     let work = root().join("target/vm");
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let bins = Binaries::build(&work)?;
+    let bins = Binaries::build(&work, only)?;
     let prepared: Vec<_> = series
         .iter()
         .map(|s| {
@@ -190,7 +191,7 @@ struct Program {
 }
 
 impl Binaries {
-    fn build(work: &Path) -> Result<Self> {
+    fn build(work: &Path, only: &[String]) -> Result<Self> {
         // The whole workspace, as the host suite builds it: the same features, so the same
         // artifacts, nothing built twice.
         let out = cargo()
@@ -239,13 +240,23 @@ impl Binaries {
                 h2trace = Some(prog()?);
             } else if kind("example") && !harness {
                 examples.push(prog()?);
-            } else if kind("test") && is_kernel_test(target["src_path"].as_str().unwrap_or(""))? {
+            } else if kind("test")
+                && (only.is_empty() || only.iter().any(|o| o == name))
+                && is_kernel_test(target["src_path"].as_str().unwrap_or(""))?
+            {
                 tests.push(prog()?);
             }
         }
         let h2trace = h2trace.context("cargo built no h2trace binary")?;
         if tests.is_empty() {
-            bail!("no kernel tests found (integration tests that call kernel_test())");
+            bail!(
+                "no kernel tests found (integration tests that call kernel_test(){})",
+                if only.is_empty() {
+                    String::new()
+                } else {
+                    format!(", among {}", only.join(", "))
+                }
+            );
         }
         Ok(Self {
             h2trace,

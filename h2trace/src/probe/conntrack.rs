@@ -4,14 +4,13 @@
 //! `__nf_ct_refresh_acct()`, which the TCP tracker calls for each packet after updating the
 //! entry's state; elsewhere a BTF tracepoint on `net_dev_start_xmit` reads the entry attached
 //! to each transmitted packet. ctnetlink (userspace) adds creation and expiry either way.
-use std::path::Path;
 
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, FEntry, KProbe, ProgramError},
+    programs::{BtfTracePoint, FEntry, ProgramError},
 };
 
-use super::{KPROBE_PMU, ProbeError, prog, program_error};
+use super::{ProbeError, attach_kprobe, prog, program_error};
 
 /// The function the TCP conntrack tracker calls for every packet, state already updated.
 const REFRESH_FN: &str = "__nf_ct_refresh_acct";
@@ -77,14 +76,7 @@ impl CtHook {
                 p.load(REFRESH_FN, &btf).map_err(err)?;
                 p.attach().map_err(err)?;
             }
-            Self::Kprobe => {
-                let p: &mut KProbe = prog(ebpf, self.program())?.try_into().map_err(err)?;
-                p.load().map_err(err)?;
-                if !Path::new(KPROBE_PMU).exists() {
-                    return Err(ProbeError::NoKprobes);
-                }
-                p.attach(REFRESH_FN, 0).map_err(err)?;
-            }
+            Self::Kprobe => attach_kprobe(ebpf, self.program(), REFRESH_FN, self.name())?,
             Self::BtfTracepoint => {
                 let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
                 for (tp, program) in PACKET_TPS {

@@ -480,16 +480,12 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
             p.load("tcp_set_state", &btf).map_err(err)?;
             p.attach().map_err(err)?;
         }
-        StateHook::Kprobe => {
-            let p: &mut KProbe = prog(ebpf, StateHook::Kprobe.program())?
-                .try_into()
-                .map_err(err)?;
-            p.load().map_err(err)?;
-            if !Path::new(KPROBE_PMU).exists() {
-                return Err(ProbeError::NoKprobes);
-            }
-            p.attach("tcp_set_state", 0).map_err(err)?;
-        }
+        StateHook::Kprobe => attach_kprobe(
+            ebpf,
+            StateHook::Kprobe.program(),
+            "tcp_set_state",
+            hook.name(),
+        )?,
     }
     Ok(())
 }
@@ -559,6 +555,9 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         ok: false,
         detail: f,
     }));
+    if state_hook != StateHook::Tracepoint {
+        hooks.push(attach_listen_hook(&mut ebpf));
+    }
     hooks.extend(attach_optional(&mut ebpf, &facts, "attached"));
     let ct_hook = opts
         .conntrack
@@ -616,26 +615,118 @@ fn follow_forks(ebpf: &mut Ebpf, facts: &KernelFacts, pids: &[u32]) -> Result<()
 }
 
 /// Attach every optional tracepoint the kernel has; one status each, saying what is lost
-/// without it.
+/// without it. A missing length tracepoint (before Linux 6.3) is replaced by kprobes on the
+/// TCP function it reports (see [`LENGTH_FALLBACKS`]) where kprobes work.
 fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts, ok_detail: &str) -> Vec<HookStatus> {
-    OPTIONAL_TRACEPOINTS
-        .iter()
-        .map(|&(name, cat, tp, consequence)| {
-            let result = match facts.missing_tracepoints.get(name) {
-                Some(why) => Err(why.clone()),
-                None => attach_tracepoint(ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
-            };
-            let (ok, detail) = match result {
-                Ok(()) => (true, ok_detail.to_string()),
-                Err(why) => (false, format!("{why}; {consequence}")),
-            };
-            HookStatus {
-                hook: format!("tracepoint {cat}:{tp}"),
-                ok,
-                detail,
-            }
-        })
-        .collect()
+    let mut out = Vec::new();
+    for &(name, cat, tp, consequence) in &OPTIONAL_TRACEPOINTS {
+        let result = match facts.missing_tracepoints.get(name) {
+            Some(why) => Err(why.clone()),
+            None => attach_tracepoint(ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
+        };
+        let fallback = LENGTH_FALLBACKS.iter().find(|f| f.tracepoint == name);
+        let (ok, detail) = match (result, fallback) {
+            (Ok(()), _) => (true, ok_detail.to_string()),
+            (Err(why), Some(f)) => match f.attach(ebpf) {
+                Ok(()) => {
+                    out.push(HookStatus {
+                        hook: f.name(),
+                        ok: true,
+                        detail: format!("{ok_detail} (instead of tracepoint {cat}:{tp})"),
+                    });
+                    (
+                        true,
+                        format!("{why}; replaced by kprobes on {}", f.function),
+                    )
+                }
+                Err(e) => (
+                    false,
+                    format!(
+                        "{why}; {consequence} (the kprobe fallback failed too: {})",
+                        why_not(&e)
+                    ),
+                ),
+            },
+            (Err(why), None) => (false, format!("{why}; {consequence}")),
+        };
+        out.push(HookStatus {
+            hook: format!("tracepoint {cat}:{tp}"),
+            ok,
+            detail,
+        });
+    }
+    out
+}
+
+/// A kprobe and a kretprobe on the TCP function a length tracepoint reports from: the entry
+/// remembers the socket, the return reads the byte count.
+struct LengthFallback {
+    tracepoint: &'static str,
+    function: &'static str,
+    ret_program: &'static str,
+}
+
+const LENGTH_FALLBACKS: [LengthFallback; 2] = [
+    LengthFallback {
+        tracepoint: "sock_send_length",
+        function: "tcp_sendmsg",
+        ret_program: "tcp_sendmsg_kretprobe",
+    },
+    LengthFallback {
+        tracepoint: "sock_recv_length",
+        function: "tcp_recvmsg",
+        ret_program: "tcp_recvmsg_kretprobe",
+    },
+];
+
+impl LengthFallback {
+    fn name(&self) -> String {
+        format!("kprobe+kretprobe {}", self.function)
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        let hook = self.name();
+        attach_kprobe(ebpf, "tcp_io_kprobe", self.function, &hook)?;
+        attach_kprobe(ebpf, self.ret_program, self.function, &hook)
+    }
+}
+
+/// Load (once) and attach a kprobe or kretprobe program to a kernel function.
+pub(crate) fn attach_kprobe(
+    ebpf: &mut Ebpf,
+    program: &str,
+    function: &str,
+    hook: &str,
+) -> Result<(), ProbeError> {
+    let err = |e| program_error(hook, e);
+    let p: &mut KProbe = prog(ebpf, program)?.try_into().map_err(err)?;
+    if p.fd().is_err() {
+        p.load().map_err(err)?;
+    }
+    if !Path::new(KPROBE_PMU).exists() {
+        return Err(ProbeError::NoKprobes);
+    }
+    p.attach(function, 0).map_err(err)?;
+    Ok(())
+}
+
+/// With a state hook on `tcp_set_state`, listen() is not seen (`inet_csk_listen_start` stores
+/// LISTEN directly): a kprobe there remembers who listens, so accepted sockets get their
+/// owner at birth.
+fn attach_listen_hook(ebpf: &mut Ebpf) -> HookStatus {
+    const HOOK: &str = "kprobe inet_csk_listen_start";
+    let result = attach_kprobe(ebpf, "listen_start_kprobe", "inet_csk_listen_start", HOOK);
+    HookStatus {
+        hook: HOOK.into(),
+        ok: result.is_ok(),
+        detail: match result {
+            Ok(()) => "attached (listeners, for the owner of accepted sockets)".into(),
+            Err(e) => format!(
+                "{}; accepted sockets get their owner from their first I/O",
+                why_not(&e)
+            ),
+        },
+    }
 }
 
 fn attach_tracepoint(

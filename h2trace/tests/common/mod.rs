@@ -71,15 +71,38 @@ pub fn example_bin(name: &str) -> PathBuf {
     }
 }
 
+/// A duration the tests wait for or bound something by, stretched under software emulation:
+/// the kernel matrix (xtask/src/vm.rs) sets `H2TRACE_TEST_SLOWDOWN`, because its emulated CPUs
+/// run the same work several times slower.
+pub fn scaled(d: Duration) -> Duration {
+    let factor = std::env::var("H2TRACE_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}
+
+/// Whether this kernel's tracepoint has the field (layouts differ: `tcp:tcp_send_reset` has
+/// `reason` only since 6.10, which the kernel matrix runs below).
+pub fn tracepoint_has(event: &str, field: &str) -> bool {
+    let format = std::fs::read_to_string(format!("/sys/kernel/tracing/events/{event}/format"))
+        .unwrap_or_else(|e| panic!("tracepoint {event}: {e}"));
+    format.contains(&format!(" {field};"))
+}
+
 /// h2trace programs still loaded in the kernel (by name; the kernel keeps 15 characters),
 /// waiting up to 5 s for the count to drop to zero.
 pub fn loaded_h2trace_programs() -> usize {
-    const NAMES: [&str; 6] = [
+    const NAMES: [&str; 9] = [
         "inet_sock_set_",
+        "tcp_set_state_k",
+        "tcp_io_kprobe",
         "sock_send_lengt",
         "tcp_destroy_soc",
         "ct_xmit",
         "ct_drop",
+        "ct_refresh_kpro",
         "sched_process_f",
     ];
     let count = || {
