@@ -90,9 +90,8 @@ static FOLLOW: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 #[map]
 static CT_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 
-/// Kernels without `sock:sock_send_length`/`sock_recv_length` (before 6.3): the socket a
-/// thread's `tcp_sendmsg`/`tcp_recvmsg` is working on, from the kprobe at entry to the
-/// kretprobe that reads the byte count.
+/// Kernels without `sock:sock_send_length` (before 6.3): the socket a thread's `tcp_sendmsg`
+/// is working on, from the kprobe at entry to the kretprobe that reads the byte count.
 #[map]
 static IO_SOCK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
@@ -712,8 +711,8 @@ fn on_io(sk: u64, ret: i32, send: bool) -> Option<()> {
     Some(())
 }
 
-/// `tcp_sendmsg(sk, msg, size)` and `tcp_recvmsg(sk, msg, len, ...)` at entry, where the
-/// length tracepoints are missing: remember the socket for the return probe.
+/// `tcp_sendmsg(sk, msg, size)` at entry, where `sock:sock_send_length` is missing: remember
+/// the socket for the return probe.
 #[kprobe]
 pub fn tcp_io_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
@@ -729,10 +728,16 @@ pub fn tcp_sendmsg_kretprobe(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// `tcp_recvmsg` returns the bytes copied out, like `sock_recvmsg` in `sock:sock_recv_length`.
-#[kretprobe]
-pub fn tcp_recvmsg_kretprobe(ctx: RetProbeContext) -> u32 {
-    io_return(&ctx, false);
+/// `tcp_cleanup_rbuf(sk, copied)`, where `sock:sock_recv_length` is missing: `tcp_recvmsg`
+/// calls it once it has copied `copied` bytes to the reader, in the reader's context. A
+/// kretprobe on `tcp_recvmsg` would be exact too, but a reader blocked inside holds one of
+/// the kernel's few kretprobe instances, and with more blocked readers than instances the
+/// returns would go unseen.
+#[kprobe]
+pub fn tcp_cleanup_rbuf_kprobe(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(copied)) = (ctx.arg::<u64>(0), ctx.arg::<i32>(1)) {
+        on_io(sk, copied, false);
+    }
     0
 }
 

@@ -247,6 +247,10 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     if let Err(e) = crate::probe::caps::drop_all() {
         eprintln!("h2trace: warning: could not drop capabilities: {e}");
     }
+    // Handle signals before `started` is visible: whoever waits for it may signal at once, and
+    // the default action would end the run without a summary or detaching the programs.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let started = monotonic();
     let describe = probes.describe();
     o.pipeline.notice(&Notice::Started {
@@ -266,8 +270,6 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     // at most one iteration (≤ DRAIN_EVERY) earlier.
     let mut ct_stamp = started;
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

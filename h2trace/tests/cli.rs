@@ -137,7 +137,7 @@ fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
         "listen_start_kprobe",
         "tcp_io_kprobe",
         "tcp_sendmsg_kretprobe",
-        "tcp_recvmsg_kretprobe",
+        "tcp_cleanup_rbuf_kprobe",
         "ct_refresh_kprobe",
     ] {
         h2trace::probe::verify_kprobe(&cfg.probe, program).unwrap_or_else(|e| {

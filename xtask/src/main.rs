@@ -24,14 +24,17 @@ enum Cmd {
     /// Build the eBPF object (release, with BTF) that the agent embeds.
     BuildEbpf,
     /// Set up, build the eBPF object, and run the whole test suite. As root this includes
-    /// the kernel integration tests on this machine's kernel; `--kernel all` adds Debian's 6.1
-    /// and 6.12 in QEMU (the kernel matrix, where kprobes and fentry attach).
+    /// the kernel integration tests on this machine's kernel and again in Debian's 6.1 and
+    /// 6.12 under QEMU (the kernel matrix, where kprobes and fentry attach; ~15 min).
     Test {
         /// Skip the kernel integration tests even when running as root.
-        #[arg(long, conflicts_with = "kernel")]
+        #[arg(long, conflicts_with_all = ["kernel", "no_vm"])]
         no_kernel: bool,
+        /// Skip the kernel matrix (quick local runs): the same as `--kernel host`.
+        #[arg(long, conflicts_with = "kernel")]
+        no_vm: bool,
         /// Kernels to test on, comma-separated; a kernel of the matrix alone runs only the
-        /// kernel tests there. [default: host]
+        /// kernel tests there. [default: all as root, else host]
         #[arg(long, value_enum, value_delimiter = ',')]
         kernel: Vec<vm::KernelArg>,
         /// In the kernel matrix, run only these test files (e.g. `kernel,owner`), for quick
@@ -68,10 +71,15 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test {
             no_kernel,
+            no_vm,
             kernel,
             vm_tests,
         } => {
-            let (host, vms) = vm::plan(&kernel);
+            let (host, vms) = if no_kernel || no_vm {
+                (true, Vec::new())
+            } else {
+                vm::plan(&kernel, is_root())
+            };
             setup()?;
             build_ebpf()?;
             if host {

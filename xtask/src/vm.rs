@@ -45,16 +45,15 @@ pub enum KernelArg {
     All,
 }
 
-/// Whether the host suite runs, and which kernels of the matrix. Without `--kernel`: the host.
-/// The matrix is opt-in (`--kernel all`) until the tests pass on 6.1 and 6.12: there,
-/// sock_send_length/sock_recv_length are missing (6.1) and the kprobe path misses the
-/// LISTEN → SYN_RECV step of accepted sockets.
-pub fn plan(args: &[KernelArg]) -> (bool, Vec<&'static Series>) {
-    let args = if args.is_empty() {
-        &[KernelArg::Host][..]
+/// Whether the host suite runs, and which kernels of the matrix. Without `--kernel`: the host
+/// and, as root (the guests' tests need the host's root-only setup), every kernel of the matrix.
+pub fn plan(args: &[KernelArg], root: bool) -> (bool, Vec<&'static Series>) {
+    let default = if root {
+        &[KernelArg::All][..]
     } else {
-        args
+        &[KernelArg::Host][..]
     };
+    let args = if args.is_empty() { default } else { args };
     let has = |k| args.contains(&k) || args.contains(&KernelArg::All);
     let vms = SERIES
         .iter()
@@ -499,12 +498,22 @@ mod tests {
         let names = |(host, vms): (bool, Vec<&Series>)| {
             (host, vms.iter().map(|s| s.name).collect::<Vec<_>>())
         };
-        assert_eq!(names(plan(&[KernelArg::All])), (true, vec!["6.1", "6.12"]));
-        assert_eq!(names(plan(&[KernelArg::V6_12])), (false, vec!["6.12"]));
-        assert_eq!(
-            names(plan(&[KernelArg::Host, KernelArg::V6_1])),
-            (true, vec!["6.1"])
-        );
-        assert_eq!(names(plan(&[])), (true, vec![]));
+        for root in [true, false] {
+            assert_eq!(
+                names(plan(&[KernelArg::All], root)),
+                (true, vec!["6.1", "6.12"])
+            );
+            assert_eq!(
+                names(plan(&[KernelArg::V6_12], root)),
+                (false, vec!["6.12"])
+            );
+            assert_eq!(
+                names(plan(&[KernelArg::Host, KernelArg::V6_1], root)),
+                (true, vec!["6.1"])
+            );
+            assert_eq!(names(plan(&[KernelArg::Host], root)), (true, vec![]));
+        }
+        assert_eq!(names(plan(&[], true)), (true, vec!["6.1", "6.12"]));
+        assert_eq!(names(plan(&[], false)), (true, vec![]));
     }
 }

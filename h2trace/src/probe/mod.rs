@@ -634,10 +634,7 @@ fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts, ok_detail: &str) -> Vec
                         ok: true,
                         detail: format!("{ok_detail} (instead of tracepoint {cat}:{tp})"),
                     });
-                    (
-                        true,
-                        format!("{why}; replaced by kprobes on {}", f.function),
-                    )
+                    (true, format!("{why}; replaced by {}", f.name()))
                 }
                 Err(e) => (
                     false,
@@ -658,36 +655,43 @@ fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts, ok_detail: &str) -> Vec
     out
 }
 
-/// A kprobe and a kretprobe on the TCP function a length tracepoint reports from: the entry
-/// remembers the socket, the return reads the byte count.
+/// Kprobes on the TCP functions a length tracepoint reports from (Linux < 6.3).
 struct LengthFallback {
     tracepoint: &'static str,
     function: &'static str,
-    ret_program: &'static str,
+    /// The kprobe (and kretprobe) programs attached to `function`.
+    programs: &'static [&'static str],
+    kind: &'static str,
 }
 
 const LENGTH_FALLBACKS: [LengthFallback; 2] = [
+    // The entry remembers the socket, the return reads the bytes queued.
     LengthFallback {
         tracepoint: "sock_send_length",
         function: "tcp_sendmsg",
-        ret_program: "tcp_sendmsg_kretprobe",
+        programs: &["tcp_io_kprobe", "tcp_sendmsg_kretprobe"],
+        kind: "kprobe+kretprobe",
     },
+    // Called with the bytes copied to the reader, at the end of each tcp_recvmsg().
     LengthFallback {
         tracepoint: "sock_recv_length",
-        function: "tcp_recvmsg",
-        ret_program: "tcp_recvmsg_kretprobe",
+        function: "tcp_cleanup_rbuf",
+        programs: &["tcp_cleanup_rbuf_kprobe"],
+        kind: "kprobe",
     },
 ];
 
 impl LengthFallback {
     fn name(&self) -> String {
-        format!("kprobe+kretprobe {}", self.function)
+        format!("{} {}", self.kind, self.function)
     }
 
     fn attach(&self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         let hook = self.name();
-        attach_kprobe(ebpf, "tcp_io_kprobe", self.function, &hook)?;
-        attach_kprobe(ebpf, self.ret_program, self.function, &hook)
+        for program in self.programs {
+            attach_kprobe(ebpf, program, self.function, &hook)?;
+        }
+        Ok(())
     }
 }
 
