@@ -2,10 +2,13 @@
 //! on one address (loopback inside the bench's private namespace), for a bounded time.
 //!
 //!   churn ADDR --threads T --seconds S --mode close|rst|keep
+//!   churn ADDR --mode hold --conns N --seconds S
 //!
 //! close: connect, one request/response, the client closes (FIN). rst: the same, closed with
 //! SO_LINGER 0 (RST). keep: one connection per thread doing request/response for the whole
 //! run (the no-churn control). Prints `exchanges=N connections=M seconds=S` at the end.
+//! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
+//! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -51,6 +54,40 @@ fn exchange(s: &mut TcpStream) -> bool {
     s.write_all(REQ).is_ok() && s.read_exact(&mut buf).is_ok()
 }
 
+/// Both ends of `conns` connections, one exchange each, kept open for `seconds`.
+fn hold(listener: &TcpListener, conns: usize, seconds: f64) {
+    // Two descriptors per connection, beyond the usual soft limit.
+    let want = (2 * conns + 64) as libc::rlim_t;
+    let lim = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: a valid rlimit; failing leaves the old limit and connect() reports it.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    let addr = listener.local_addr().unwrap();
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(2 * conns);
+    for _ in 0..conns {
+        let mut c = TcpStream::connect(addr).expect("connect");
+        c.write_all(REQ).expect("request");
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 64];
+        s.read_exact(&mut buf).expect("read request");
+        s.write_all(RESP).expect("response");
+        c.read_exact(&mut buf).expect("read response");
+        held.push(c);
+        held.push(s);
+    }
+    println!("holding={conns}");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    drop(held);
+    println!(
+        "exchanges={conns} connections={conns} seconds={:.3}",
+        start.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let get = |flag: &str, default: &str| -> String {
@@ -69,6 +106,11 @@ fn main() {
     let mode = get("--mode", "close");
 
     let listener = Arc::new(TcpListener::bind(addr).expect("bind"));
+    if mode == "hold" {
+        let conns: usize = get("--conns", "50000").parse().expect("--conns");
+        hold(&listener, conns, seconds);
+        return;
+    }
     let addr = listener.local_addr().unwrap();
     // Each client thread has at most one connection open: as many acceptors, each serving its
     // connection to the end, keep up without a thread per connection.

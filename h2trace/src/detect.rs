@@ -753,6 +753,15 @@ impl Detector {
         }
     }
 
+    /// Whether a finding with `n` pieces of evidence would be written by `emit`: new, or its
+    /// evidence has doubled since it was last written.
+    fn due(&self, pattern: Pattern, key: &GroupKey, n: usize) -> bool {
+        match self.emitted.get(&(pattern, key.clone())) {
+            None => true,
+            Some(e) => n >= 2 * e.evidence.max(1),
+        }
+    }
+
     fn emit(&mut self, pattern: Pattern, key: &GroupKey, mut f: Finding, out: &mut Vec<Finding>) {
         let n = f.evidence.len().max(
             f.numbers
@@ -1281,8 +1290,23 @@ impl Detector {
         prune(&mut p.resets, from, |x| x.0);
         prune(&mut p.closes, from, |x| *x);
         let (tw, rst, closes) = (p.time_waits.len(), p.resets.len(), p.closes.len());
+        let key = GroupKey {
+            tgid,
+            netns: p.netns,
+            peer: Peer::All,
+        };
+        // Checked at every reset and close: build a finding only when `emit` would write it.
+        let tw_due = tw >= self.cfg.time_wait_pileup && self.due(Pattern::TimeWaitPileup, &key, tw);
+        let rst_due = rst >= self.cfg.rst_storm
+            && rst * 2 >= closes
+            && self.due(Pattern::RstStorm, &key, rst);
+        if !tw_due && !rst_due {
+            return;
+        }
+        let Some(p) = self.processes.get(&tgid) else {
+            return;
+        };
         let comm = p.comm.clone();
-        let netns = p.netns;
         let ids = |q: &VecDeque<(u64, SocketId)>| -> Vec<String> {
             q.iter()
                 .rev()
@@ -1291,14 +1315,9 @@ impl Detector {
                 .collect()
         };
         let (tw_ids, rst_ids) = (ids(&p.time_waits), ids(&p.resets));
-        let key = GroupKey {
-            tgid,
-            netns,
-            peer: Peer::All,
-        };
         let who = format!("{comm} (pid {tgid})");
         let w = ms(self.cfg.window_ns);
-        if tw >= self.cfg.time_wait_pileup {
+        if tw_due {
             let summary = format!(
                 "{who} closed {tw} connections first within {w}, each leaving a TIME_WAIT socket behind: connections are not being reused."
             );
@@ -1312,7 +1331,7 @@ impl Detector {
             );
             self.emit(Pattern::TimeWaitPileup, &key, f, out);
         }
-        if rst >= self.cfg.rst_storm && rst * 2 >= closes {
+        if rst_due {
             let summary = format!(
                 "{who} saw {rst} resets within {w} ({closes} connections closed): connections end in RSTs, not FINs."
             );

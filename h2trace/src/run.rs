@@ -20,7 +20,7 @@ use crate::{
     owner::{cgroup::Cgroups, snapshot},
     pipeline::Pipeline,
     probe::{self, Probes},
-    source::{CounterValues, Counters, Reader, open_lives},
+    source::{CounterValues, Counters, Reader, for_each_open_life},
 };
 
 /// How often the buffers are drained even without a wake-up (batching bound on latency).
@@ -324,14 +324,16 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     perf_lost += reader.drain(cfg.probe.ring_bytes as usize / 64, &mut |b| o.ingest(b));
     drain_conntrack(&mut cts, ct_stamp, &mut o);
     let end = monotonic();
-    let open = open_lives(&probes.ebpf);
-    for l in &open {
+    o.release(u64::MAX);
+    // The lives still open, stamped `end`, after everything else: straight to the pipeline.
+    let mut open = 0;
+    for_each_open_life(&probes.ebpf, |l| {
+        open += 1;
         match crate::event::open_life(l, end) {
-            Ok(ev) => o.reorder.push(Input::Socket(ev)),
+            Ok(ev) => o.pipeline.deliver(ev),
             Err(_) => o.pipeline.summary.losses.malformed += 1,
         }
-    }
-    o.release(u64::MAX);
+    });
     let mut p = o.pipeline;
     let c = counters.read();
     apply_counters(&mut p.summary.losses, &c, perf_lost);
@@ -349,7 +351,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     s.duration_ns = end - started;
     s.tracked = c.tracked;
     s.ended = c.ended;
-    s.open_at_exit = open.len() as u64;
+    s.open_at_exit = open;
     s.evicted = c.tracked.saturating_sub(c.ended + s.open_at_exit);
     let summary = p.summary.clone();
     p.notice(&Notice::Summary {

@@ -157,12 +157,15 @@ impl Counters {
     }
 }
 
-/// Socket lives still in the kernel's table (at exit: those still open).
-pub fn open_lives(ebpf: &Ebpf) -> Vec<h2trace_common::SockLife> {
+/// Socket lives still in the kernel's table (at exit: those still open), one at a time: with
+/// 100,000 live sockets, a collected table would be the agent's largest allocation.
+pub fn for_each_open_life(ebpf: &Ebpf, mut f: impl FnMut(&h2trace_common::SockLife)) {
     let Some(map) = ebpf.map("SOCKS") else {
-        return Vec::new();
+        return;
     };
-    aya::maps::HashMap::<_, u64, h2trace_common::SockLife>::try_from(map)
-        .map(|m| m.iter().filter_map(Result::ok).map(|(_, v)| v).collect())
-        .unwrap_or_default()
+    if let Ok(m) = aya::maps::HashMap::<_, u64, h2trace_common::SockLife>::try_from(map) {
+        for (_, life) in m.iter().filter_map(Result::ok) {
+            f(&life);
+        }
+    }
 }

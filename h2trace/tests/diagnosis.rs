@@ -452,7 +452,9 @@ fn proxy_upstream_churn() {
         vec![]
     });
     let f = the_finding(&recs, "proxy-upstream-churn", proxy_pid);
-    assert_eq!(number(f, "connections"), 30);
+    // Written when the client's connection ends, which races the end of the last upstream
+    // connection (the proxy closes both at once): 29 or 30 of them are in by then.
+    assert!((29..=30).contains(&number(f, "connections")), "{f:#}");
     assert_eq!(number(f, "downstream_connections"), 1);
     assert!(the_finding(&recs, "dial-per-request", proxy_pid)["destination"]["port"] == 8080);
 }

@@ -21,6 +21,8 @@ pub struct Opts {
     pub rounds: usize,
     pub threads: usize,
     pub modes: Vec<String>,
+    /// Live sockets for the memory run (0: skip it).
+    pub held: usize,
 }
 
 struct Tool {
@@ -123,12 +125,88 @@ fn proc_cpu_s(pid: u32) -> f64 {
 }
 
 fn proc_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A memory line of /proc/PID/status (0 once the process has exited).
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// h2trace's memory with many live sockets: `conns` connections (2·`conns` tracked sockets)
+/// opened while it runs and held idle; its resident memory while they are held, then its
+/// peak through an exit that reports every one of them as still open.
+fn held_sockets(
+    h2trace: &Path,
+    churn_bin: &Path,
+    ns: &str,
+    conns: usize,
+    dir: &Path,
+) -> Result<()> {
+    let out = dir.join("held.ndjson");
+    let mut h = Command::new(h2trace)
+        .args([
+            "-f",
+            "ndjson",
+            "--max-sockets",
+            &(4 * conns).to_string(),
+            "-o",
+        ])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting h2trace")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let start_kib = proc_status_kib(h.id(), "VmRSS:");
+    let mut load = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(churn_bin)
+        .args(["127.0.0.1:0", "--mode", "hold", "--seconds", "30"])
+        .args(["--conns", &conns.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting churn")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(load.stdout.take().unwrap()),
+        &mut line,
+    )?;
+    if !line.starts_with("holding=") {
+        let _ = load.kill();
+        bail!("churn could not hold {conns} connections: {line}");
+    }
+    // Let the agent take in the opening of every connection.
+    std::thread::sleep(Duration::from_secs(3));
+    let held_kib = proc_status_kib(h.id(), "VmRSS:");
+    // SAFETY: signalling our own child.
+    unsafe { kill(h.id() as i32, 2) };
+    let mut peak_kib = 0;
+    while h.try_wait()?.is_none() {
+        peak_kib = peak_kib.max(proc_hwm_kib(h.id()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    let text = fs::read_to_string(&out).unwrap_or_default();
+    let open = text
+        .lines()
+        .filter(|l| l.contains("\"connection-open\""))
+        .count();
+    let _ = fs::remove_file(&out);
+    println!(
+        "\nheld sockets: {} live sockets; h2trace resident {} MiB after start, {} MiB while they are held, peak {} MiB through an exit reporting {open} open connections",
+        2 * conns,
+        start_kib / 1024,
+        held_kib / 1024,
+        peak_kib / 1024
+    );
+    Ok(())
 }
 
 fn netns(name: &str) -> Result<()> {
@@ -217,11 +295,14 @@ fn run_once(
         );
         std::thread::sleep(Duration::from_secs_f64(tool.warmup));
     }
+    // The tracer's CPU while the load runs: its start-up (BTF, loading, attaching) is a fixed
+    // cost, not a cost per state change.
+    let cpu_before = child.as_ref().map_or(0.0, |c| proc_cpu_s(c.id()));
     let (connections, secs) = churn(churn_bin, ns, o, mode)?;
     let mut cpu_s = 0.0;
     let mut rss_kib = 0;
     if let Some(c) = child.as_mut() {
-        cpu_s = proc_cpu_s(c.id());
+        cpu_s = proc_cpu_s(c.id()) - cpu_before;
         rss_kib = proc_hwm_kib(c.id());
         // SAFETY: signalling our own child.
         unsafe { kill(c.id() as i32, 2) };
@@ -396,6 +477,9 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                     e
                 );
             }
+        }
+        if o.held > 0 {
+            held_sockets(&h2trace, &churn_bin, &ns, o.held / 2, &dir)?;
         }
         Ok(())
     })();

@@ -57,6 +57,10 @@ enum Cmd {
         /// Load modes: close (FIN), rst (abortive), keep (one connection per thread).
         #[arg(long, value_delimiter = ',', default_value = "close,rst")]
         modes: Vec<String>,
+        /// Live sockets for the memory run (connections held idle while h2trace runs, both
+        /// ends counted); 0 skips it.
+        #[arg(long, default_value_t = 100_000)]
+        held: usize,
     },
     /// Build everything and run h2trace with the given arguments (as root).
     Run {
@@ -103,6 +107,7 @@ fn main() -> Result<()> {
             rounds,
             threads,
             modes,
+            held,
         } => {
             if !is_root() {
                 bail!(
@@ -129,6 +134,7 @@ fn main() -> Result<()> {
                     rounds,
                     threads,
                     modes,
+                    held,
                 },
             )
         }

@@ -442,7 +442,7 @@ impl Tracer {
                 panic!("h2trace exited early ({st}): {err}");
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < scaled(Duration::from_secs(30)),
                 "h2trace did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -465,7 +465,14 @@ impl Tracer {
     }
 
     /// Like `stop`, and keep the recorded file (it lives as long as the returned guard).
-    pub fn stop_keep(mut self) -> (Vec<Value>, TempDir, PathBuf) {
+    pub fn stop_keep(self) -> (Vec<Value>, TempDir, PathBuf) {
+        let (dir, out) = self.stop_file();
+        (read_records(&out), dir, out)
+    }
+
+    /// SIGINT, wait for exit (130), and return the recorded file unread (it lives as long as
+    /// the returned guard).
+    pub fn stop_file(mut self) -> (TempDir, PathBuf) {
         // Let the last records of the traffic reach the buffers and the drain timer.
         std::thread::sleep(Duration::from_millis(300));
         nix::sys::signal::kill(
@@ -473,12 +480,11 @@ impl Tracer {
             nix::sys::signal::Signal::SIGINT,
         )
         .unwrap();
-        let st = wait_timeout(&mut self.child, Duration::from_secs(20))
+        let st = wait_timeout(&mut self.child, scaled(Duration::from_secs(20)))
             .expect("h2trace did not stop on SIGINT");
         assert_eq!(st.code(), Some(130), "SIGINT must exit 130");
-        let recs = read_records(&self.out);
         let dir = std::mem::replace(&mut self._dir, TempDir(PathBuf::new()));
-        (recs, dir, self.out.clone())
+        (dir, self.out.clone())
     }
 }
 
