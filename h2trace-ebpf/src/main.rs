@@ -714,7 +714,7 @@ fn on_io(sk: u64, ret: i32, send: bool) -> Option<()> {
 /// `tcp_sendmsg(sk, msg, size)` at entry, where `sock:sock_send_length` is missing: remember
 /// the socket for the return probe.
 #[kprobe]
-pub fn tcp_io_kprobe(ctx: ProbeContext) -> u32 {
+pub fn tcp_sendmsg_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
         let _ = IO_SOCK.insert(&bpf_get_current_pid_tgid(), &sk, 0);
     }

@@ -135,7 +135,7 @@ fn kprobe_program_passes_the_verifier_and_kprobe_mode_says_why_it_cannot_run() {
     for program in [
         "tcp_set_state_kprobe",
         "listen_start_kprobe",
-        "tcp_io_kprobe",
+        "tcp_sendmsg_kprobe",
         "tcp_sendmsg_kretprobe",
         "tcp_cleanup_rbuf_kprobe",
         "ct_refresh_kprobe",

@@ -669,7 +669,7 @@ const LENGTH_FALLBACKS: [LengthFallback; 2] = [
     LengthFallback {
         tracepoint: "sock_send_length",
         function: "tcp_sendmsg",
-        programs: &["tcp_io_kprobe", "tcp_sendmsg_kretprobe"],
+        programs: &["tcp_sendmsg_kprobe", "tcp_sendmsg_kretprobe"],
         kind: "kprobe+kretprobe",
     },
     // Called with the bytes copied to the reader, at the end of each tcp_recvmsg().

@@ -97,7 +97,7 @@ pub fn loaded_h2trace_programs() -> usize {
     const NAMES: [&str; 9] = [
         "inet_sock_set_",
         "tcp_set_state_k",
-        "tcp_io_kprobe",
+        "tcp_sendmsg_kpr",
         "sock_send_lengt",
         "tcp_destroy_soc",
         "ct_xmit",
