@@ -247,6 +247,13 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     if let Err(e) = crate::probe::caps::drop_all() {
         eprintln!("h2trace: warning: could not drop capabilities: {e}");
     }
+    // Loading parsed the kernel's BTF several times (offsets, CO-RE, fentry targets): tens of
+    // MiB the allocator keeps after they are freed. Give them back before the long run.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     // Handle signals before `started` is visible: whoever waits for it may signal at once, and
     // the default action would end the run without a summary or detaching the programs.
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
