@@ -56,14 +56,25 @@ fn exchange(s: &mut TcpStream) -> bool {
 
 /// Both ends of `conns` connections, one exchange each, kept open for `seconds`.
 fn hold(listener: &TcpListener, conns: usize, seconds: f64) {
-    // Two descriptors per connection, beyond the usual soft limit.
+    // Two descriptors per connection, beyond the usual soft limit (up to the hard one).
     let want = (2 * conns + 64) as libc::rlim_t;
-    let lim = libc::rlimit {
-        rlim_cur: want,
-        rlim_max: want,
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a valid rlimit; failing leaves the old limit and connect() reports it.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    // SAFETY: valid rlimit pointers.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = want.min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    if lim.rlim_cur < want {
+        eprintln!(
+            "churn: {conns} connections need {want} descriptors, the limit is {}",
+            lim.rlim_cur
+        );
+        std::process::exit(2);
+    }
     let addr = listener.local_addr().unwrap();
     let start = Instant::now();
     let mut held = Vec::with_capacity(2 * conns);

@@ -164,22 +164,33 @@ fn held_sockets(
         .context("starting h2trace")?;
     std::thread::sleep(Duration::from_secs(2));
     let start_kib = proc_status_kib(h.id(), "VmRSS:");
-    let mut load = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(churn_bin)
-        .args(["127.0.0.1:0", "--mode", "hold", "--seconds", "30"])
-        .args(["--conns", &conns.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting churn")?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(load.stdout.take().unwrap()),
-        &mut line,
-    )?;
-    if !line.starts_with("holding=") {
-        let _ = load.kill();
-        bail!("churn could not hold {conns} connections: {line}");
+    // Several holding processes: one process may not have the descriptors for all of them.
+    const PER_PROCESS: usize = 8_000;
+    let mut loads = Vec::new();
+    let mut left = conns;
+    while left > 0 {
+        let n = left.min(PER_PROCESS);
+        left -= n;
+        let mut load = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(churn_bin)
+            .args(["127.0.0.1:0", "--mode", "hold", "--seconds", "60"])
+            .args(["--conns", &n.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting churn")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(load.stdout.take().unwrap()),
+            &mut line,
+        )?;
+        loads.push(load);
+        if !line.starts_with("holding=") {
+            for l in &mut loads {
+                let _ = l.kill();
+            }
+            bail!("churn could not hold {n} connections: {line}");
+        }
     }
     // Let the agent take in the opening of every connection.
     std::thread::sleep(Duration::from_secs(3));
@@ -191,20 +202,31 @@ fn held_sockets(
         peak_kib = peak_kib.max(proc_hwm_kib(h.id()));
         std::thread::sleep(Duration::from_millis(5));
     }
-    let _ = load.kill();
-    let _ = load.wait();
+    for l in &mut loads {
+        let _ = l.kill();
+        let _ = l.wait();
+    }
     let text = fs::read_to_string(&out).unwrap_or_default();
     let open = text
         .lines()
         .filter(|l| l.contains("\"connection-open\""))
         .count();
+    let summary = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["h2trace"]["summary"].clone())
+        .unwrap_or_default();
     let _ = fs::remove_file(&out);
     println!(
-        "\nheld sockets: {} live sockets; h2trace resident {} MiB after start, {} MiB while they are held, peak {} MiB through an exit reporting {open} open connections",
+        "\nheld sockets: {} live sockets; h2trace resident {} MiB after start, {} MiB while they are held, peak {} MiB through an exit reporting {open} open connections (tracked {}, evicted {}, lost {})",
         2 * conns,
         start_kib / 1024,
         held_kib / 1024,
-        peak_kib / 1024
+        peak_kib / 1024,
+        summary["tracked"],
+        summary["evicted"],
+        h2trace_losses(&text).unwrap_or(0)
     );
     Ok(())
 }
@@ -235,7 +257,8 @@ fn netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn churn(churn_bin: &Path, ns: &str, o: &Opts, mode: &str) -> Result<(u64, f64)> {
+/// Connections, request/response exchanges, and seconds of one load run.
+fn churn(churn_bin: &Path, ns: &str, o: &Opts, mode: &str) -> Result<(u64, u64, f64)> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(churn_bin)
@@ -255,8 +278,12 @@ fn churn(churn_bin: &Path, ns: &str, o: &Opts, mode: &str) -> Result<(u64, f64)>
             .find_map(|w| w.strip_prefix(k))
             .and_then(|v| v.parse::<f64>().ok())
     };
-    match (field("connections="), field("seconds=")) {
-        (Some(c), Some(s)) => Ok((c as u64, s)),
+    match (
+        field("connections="),
+        field("exchanges="),
+        field("seconds="),
+    ) {
+        (Some(c), Some(x), Some(s)) => Ok((c as u64, x as u64, s)),
         _ => bail!(
             "churn printed no result: {text} {}",
             String::from_utf8_lossy(&out.stderr)
@@ -298,7 +325,7 @@ fn run_once(
     // The tracer's CPU while the load runs: its start-up (BTF, loading, attaching) is a fixed
     // cost, not a cost per state change.
     let cpu_before = child.as_ref().map_or(0.0, |c| proc_cpu_s(c.id()));
-    let (connections, secs) = churn(churn_bin, ns, o, mode)?;
+    let (connections, exchanges, secs) = churn(churn_bin, ns, o, mode)?;
     let mut cpu_s = 0.0;
     let mut rss_kib = 0;
     if let Some(c) = child.as_mut() {
@@ -350,7 +377,13 @@ fn run_once(
     };
     let _ = fs::remove_file(&out);
     Ok(Sample {
-        rate: connections as f64 / secs,
+        // The no-churn control is measured by its request/response rate.
+        rate: if mode == "keep" {
+            exchanges
+        } else {
+            connections
+        } as f64
+            / secs,
         cpu_s,
         rss_kib,
         lost,
@@ -420,7 +453,7 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             .trim()
     );
     let result = (|| -> Result<()> {
-        for mode in &o.modes {
+        for mode in o.modes.iter().filter(|m| !m.is_empty()) {
             let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
             for round in 0..o.rounds {
                 // Interleaved: every tool once per round, so drift hits all alike.
@@ -432,7 +465,12 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             eprintln!();
             let mut base: Vec<f64> = samples[0].iter().map(|s| s.rate).collect();
             let base = median(&mut base);
-            println!("\nmode {mode}: no tracer {base:.0} connections/s (median)");
+            let unit = if mode == "keep" {
+                "exchanges"
+            } else {
+                "connections"
+            };
+            println!("\nmode {mode}: no tracer {base:.0} {unit}/s (median)");
             println!(
                 "{:<26} {:>12} {:>17} {:>14} {:>9} {:>6} {:>20}",
                 "tracer",
