@@ -186,8 +186,9 @@ fn held_sockets(
         )?;
         loads.push(load);
         if !line.starts_with("holding=") {
-            for l in &mut loads {
+            for l in loads.iter_mut().chain([&mut h]) {
                 let _ = l.kill();
+                let _ = l.wait();
             }
             bail!("churn could not hold {n} connections: {line}");
         }
