@@ -112,6 +112,9 @@ pub mod flags {
     pub const CONNTRACK: u32 = 32;
     /// Report conntrack entries only of the namespaces in the `CT_NETNS` map.
     pub const CT_NETNS_FILTER: u32 = 64;
+    /// `sock:sock_{send,recv}_length` have [`LengthLayout::USUAL`]: the programs read the
+    /// record with plain loads at constant offsets instead of three helper calls.
+    pub const LENGTH_USUAL: u32 = 128;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -290,6 +293,17 @@ pub struct LengthLayout {
     pub ret: u16,
 }
 const _: () = assert!(core::mem::size_of::<LengthLayout>() == 8);
+
+impl LengthLayout {
+    /// The layout of every kernel that has these tracepoints so far (6.3 to 6.18): after the
+    /// 8-byte common header, `void *sk`, `__u16 family`, `__u16 protocol`, `int ret`.
+    pub const USUAL: Self = Self {
+        sk: 8,
+        family: 16,
+        protocol: 18,
+        ret: 20,
+    };
+}
 
 /// Offsets in kernel structures, from the kernel's BTF, for the kprobe path and the netns.
 #[repr(C)]

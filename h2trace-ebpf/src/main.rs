@@ -665,14 +665,32 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
-    let l = config!(length);
     let base = ctx.as_ptr() as *const u8;
-    let proto: u8 = unsafe { read(base, l.protocol)? };
+    // These fire for every send and receive of every socket: with the usual layout, plain
+    // loads from the record (the verifier allows constant offsets into a tracepoint's ctx).
+    let (proto, sk, ret) = if config!(flags) & flags::LENGTH_USUAL != 0 {
+        // SAFETY: the agent checked the format: sk at 8 (u64), protocol at 18 (u16), ret at
+        // 20 (i32), all aligned and inside the record.
+        unsafe {
+            (
+                core::ptr::read(base.add(18) as *const u16) as u8,
+                core::ptr::read(base.add(8) as *const u64),
+                core::ptr::read(base.add(20) as *const i32),
+            )
+        }
+    } else {
+        let l = config!(length);
+        unsafe {
+            (
+                read::<u8>(base, l.protocol)?,
+                read::<u64>(base, l.sk)?,
+                read::<i32>(base, l.ret)?,
+            )
+        }
+    };
     if proto != IPPROTO_TCP {
         return None;
     }
-    let sk: u64 = unsafe { read(base, l.sk)? };
-    let ret: i32 = unsafe { read(base, l.ret)? };
     on_io(sk, ret, send)
 }
 

@@ -19,7 +19,7 @@ use aya::{
     maps::MapType,
     programs::{FEntry, KProbe, ProgramError, TracePoint},
 };
-use h2trace_common::{ProgConfig, SockOffsets, flags};
+use h2trace_common::{LengthLayout, ProgConfig, SockOffsets, flags};
 
 use self::{
     conntrack::{CtHook, CtHookChoice},
@@ -295,7 +295,12 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
                 "tcp_receive_reset" => config.receive_reset = f.sk_event_layout("reason")?,
                 "tcp_retransmit_skb" => config.retransmit = f.sk_event_layout("err")?,
                 "tcp_destroy_sock" => config.destroy = f.sk_event_layout("reason")?,
-                _ => config.length = f.length_layout()?,
+                _ => {
+                    config.length = f.length_layout()?;
+                    if config.length == LengthLayout::USUAL {
+                        config.flags |= flags::LENGTH_USUAL;
+                    }
+                }
             }
             Ok(())
         });
