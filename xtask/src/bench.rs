@@ -138,6 +138,18 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Child processes killed and reaped when dropped.
+struct Reaped(Vec<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// h2trace's memory with many live sockets: `conns` connections (2·`conns` tracked sockets)
 /// opened while it runs and held idle; its resident memory while they are held, then its
 /// peak through an exit that reports every one of them as still open.
@@ -149,7 +161,7 @@ fn held_sockets(
     dir: &Path,
 ) -> Result<()> {
     let out = dir.join("held.ndjson");
-    let mut h = Command::new(h2trace)
+    let child = Command::new(h2trace)
         .args([
             "-f",
             "ndjson",
@@ -162,11 +174,14 @@ fn held_sockets(
         .stderr(Stdio::null())
         .spawn()
         .context("starting h2trace")?;
+    // Whatever fails below, no h2trace or holder outlives the run.
+    let mut tracer = Reaped(vec![child]);
+    let h = &mut tracer.0[0];
     std::thread::sleep(Duration::from_secs(2));
     let start_kib = proc_status_kib(h.id(), "VmRSS:");
     // Several holding processes: one process may not have the descriptors for all of them.
     const PER_PROCESS: usize = 8_000;
-    let mut loads = Vec::new();
+    let mut loads = Reaped(Vec::new());
     let mut left = conns;
     while left > 0 {
         let n = left.min(PER_PROCESS);
@@ -184,12 +199,8 @@ fn held_sockets(
             &mut std::io::BufReader::new(load.stdout.take().unwrap()),
             &mut line,
         )?;
-        loads.push(load);
+        loads.0.push(load);
         if !line.starts_with("holding=") {
-            for l in loads.iter_mut().chain([&mut h]) {
-                let _ = l.kill();
-                let _ = l.wait();
-            }
             bail!("churn could not hold {n} connections: {line}");
         }
     }
@@ -203,10 +214,7 @@ fn held_sockets(
         peak_kib = peak_kib.max(proc_hwm_kib(h.id()));
         std::thread::sleep(Duration::from_millis(5));
     }
-    for l in &mut loads {
-        let _ = l.kill();
-        let _ = l.wait();
-    }
+    drop(loads);
     let text = fs::read_to_string(&out).unwrap_or_default();
     let open = text
         .lines()
