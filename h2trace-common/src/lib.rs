@@ -22,6 +22,8 @@ pub mod kind {
     pub const CT_STATE: u16 = 6;
     /// A followed process forked (`--follow-forks`, [`ForkRecord`]).
     pub const FORK: u16 = 7;
+    /// An HTTP/2 control frame sent or received on a socket that spoke the preface.
+    pub const H2_FRAME: u16 = 8;
 }
 
 /// Which kernel-side conntrack hook produced a [`CtRecord`].
@@ -93,7 +95,11 @@ pub mod counter {
     pub const LISTENER_TRACK_FAIL: u32 = 6;
     /// A conntrack entry's last state could not be stored (its next change may repeat).
     pub const CT_TRACK_FAIL: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// An HTTP/2 socket's parse state could not be stored: its frames go unseen.
+    pub const H2_TRACK_FAIL: u32 = 8;
+    /// A direction of an HTTP/2 socket lost track of frame boundaries (see `h2_desync`).
+    pub const H2_DESYNC: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Flags in [`ProgConfig::flags`].
@@ -115,6 +121,8 @@ pub mod flags {
     /// `sock:sock_{send,recv}_length` have [`LengthLayout::USUAL`]: the programs read the
     /// record with plain loads at constant offsets instead of three helper calls.
     pub const LENGTH_USUAL: u32 = 128;
+    /// `--http2 h2c`: parse the HTTP/2 frames of sockets that spoke the preface in cleartext.
+    pub const H2C: u32 = 256;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -208,8 +216,54 @@ pub struct SockLife {
     pub longest_request_gap_end_ns: u64,
     /// The first bytes the socket sent (`--peek`): enough to tell HTTP/1.x, HTTP/2 and TLS.
     pub first_bytes: [u8; 8],
+    /// HTTP/2 streams whose first HEADERS this side sent (`h2_streams[0]`) and received
+    /// (`[1]`), counting only ids of the sender's parity (client odd, server even): the
+    /// streams each side opened.
+    pub h2_streams: [u32; 2],
+    /// What this socket is in HTTP/2 ([`h2_side`], `--http2`).
+    pub h2_side: u8,
+    /// Bit 0: the send direction's frames were lost track of (the walk ran out of steps or
+    /// could not read the buffer); bit 1: the receive direction's. Counts are lower bounds.
+    pub h2_desync: u8,
+    pub _pad3: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<SockLife>() == 312);
+const _: () = assert!(core::mem::size_of::<SockLife>() == 328);
+
+/// What a socket is in HTTP/2 (`SockLife::h2_side`).
+pub mod h2_side {
+    pub const NONE: u8 = 0;
+    /// It sent the client preface.
+    pub const CLIENT: u8 = 1;
+    /// It received the client preface.
+    pub const SERVER: u8 = 2;
+    /// Its first send looked like a server's SETTINGS; waiting for the preface to confirm.
+    pub const MAYBE_SERVER: u8 = 3;
+}
+
+/// Payload bytes kept of a captured frame: GOAWAY's 8 bytes plus its debug text, PING's 8,
+/// RST_STREAM's 4, up to 10 SETTINGS.
+pub const FRAME_CAPTURE: usize = 64;
+
+/// One HTTP/2 control frame (SETTINGS, PING, RST_STREAM, GOAWAY), as the socket's owner
+/// wrote or read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRecord {
+    pub hdr: Header,
+    pub meta: SockMeta,
+    pub stream_id: u32,
+    /// The frame's payload length (of which `captured` bytes are in `payload`).
+    pub length: u32,
+    pub frame_type: u8,
+    pub frame_flags: u8,
+    /// 0: sent, 1: received.
+    pub received: u8,
+    pub side: u8,
+    pub captured: u8,
+    pub _pad: [u8; 3],
+    pub payload: [u8; FRAME_CAPTURE],
+}
+const _: () = assert!(core::mem::size_of::<FrameRecord>() == 192);
 
 /// All-zero values for the kernel's statics and scratch buffers.
 macro_rules! zeroed {
@@ -222,7 +276,7 @@ macro_rules! zeroed {
         }
     )*};
 }
-zeroed!(SockLife, LifeRecord, LiveRecord, ProgConfig);
+zeroed!(SockLife, LifeRecord, LiveRecord, ProgConfig, FrameRecord);
 
 /// [`kind::LIFE`]: a socket's life, emitted when it ends.
 #[repr(C)]
@@ -231,7 +285,7 @@ pub struct LifeRecord {
     pub hdr: Header,
     pub life: SockLife,
 }
-const _: () = assert!(core::mem::size_of::<LifeRecord>() == 328);
+const _: () = assert!(core::mem::size_of::<LifeRecord>() == 344);
 
 /// [`kind::STATE`], [`kind::RESET_SENT`], [`kind::RESET_RECEIVED`], [`kind::RETRANSMIT`]:
 /// something that must be seen while it happens.

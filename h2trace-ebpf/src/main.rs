@@ -34,6 +34,9 @@ const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const MSG_PEEK: i32 = 2;
+
+mod h2;
 
 /// Set by the agent at load time (tracepoint layouts, BTF offsets, mode flags).
 #[unsafe(no_mangle)]
@@ -70,8 +73,9 @@ static RING: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
 
-/// `--peek`: the user buffer of the send-family syscall a thread is in, until
-/// `sock:sock_send_length` (which fires inside the same syscall) reads its first bytes.
+/// `--peek` and `--http2 h2c`: the user buffer of the send or receive syscall a thread is in,
+/// until `sock:sock_send_length`/`sock_recv_length` (which fire inside the same syscall) read
+/// it.
 #[map]
 static PEEK: LruHashMap<u64, UserBuf> = LruHashMap::with_max_entries(16384, 0);
 
@@ -99,8 +103,13 @@ static IO_SOCK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 #[derive(Clone, Copy)]
 struct UserBuf {
     ptr: u64,
-    /// 0: the data, 1: a `struct iovec *`, 2: a `struct user_msghdr *`.
-    kind: u64,
+    /// The syscall's length argument: bytes (`h2::BUF`) or iovecs (`h2::IOVEC`).
+    count: u64,
+    /// `h2::BUF`: the data, `h2::IOVEC`: a `struct iovec *`, `h2::MSGHDR`: a
+    /// `struct user_msghdr *`.
+    kind: u32,
+    /// 1 for the send family, 0 for the receive family.
+    send: u32,
 }
 
 #[repr(C)]
@@ -140,18 +149,17 @@ unsafe fn read<T>(base: *const u8, off: u16) -> Option<T> {
 /// Deliver one record through the transport the agent chose.
 #[inline(always)]
 fn emit<C: EbpfContext, T>(ctx: &C, data: *const T) {
+    emit_raw(ctx.as_ptr(), data)
+}
+
+/// [`emit`] with the program's context as a pointer (for `bpf_loop` callbacks).
+#[inline(always)]
+fn emit_raw<T>(ctx: *mut c_void, data: *const T) {
     let len = core::mem::size_of::<T>() as u64;
     if config!(flags) & flags::USE_PERF != 0 {
         let map = addr_of!(EVENTS) as *mut c_void;
-        let r = unsafe {
-            bpf_perf_event_output(
-                ctx.as_ptr(),
-                map,
-                BPF_F_CURRENT_CPU,
-                data as *mut c_void,
-                len,
-            )
-        };
+        let r =
+            unsafe { bpf_perf_event_output(ctx, map, BPF_F_CURRENT_CPU, data as *mut c_void, len) };
         if r < 0 {
             count(counter::PERF_OUTPUT_FAIL);
         }
@@ -269,6 +277,7 @@ fn emit_live<C: EbpfContext>(
 #[inline(always)]
 fn end_life<C: EbpfContext>(ctx: &C, life: *const SockLife, now: u64) {
     count(counter::SOCK_ENDED);
+    h2::end(unsafe { &*life });
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -691,12 +700,28 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
     if proto != IPPROTO_TCP {
         return None;
     }
-    on_io(sk, ret, send)
+    // A MSG_PEEK receive leaves the data to be read again: its bytes are not walked twice.
+    if !send && flags_of(ctx, base) & MSG_PEEK != 0 {
+        return on_io(ctx, sk, ret.min(0), send);
+    }
+    on_io(ctx, sk, ret, send)
+}
+
+/// The `flags` of a length record (at 24 in the usual layout; other layouts are not read).
+#[inline(always)]
+fn flags_of(ctx: &TracePointContext, base: *const u8) -> i32 {
+    let _ = ctx;
+    if config!(flags) & flags::LENGTH_USUAL != 0 {
+        // SAFETY: the usual layout has `flags` (i32) at 24, inside the record.
+        unsafe { core::ptr::read(base.add(24) as *const i32) }
+    } else {
+        0
+    }
 }
 
 /// One send or receive call on a TCP socket, in its process: bytes, activity, owner.
 #[inline(always)]
-fn on_io(sk: u64, ret: i32, send: bool) -> Option<()> {
+fn on_io<C: EbpfContext>(ctx: &C, sk: u64, ret: i32, send: bool) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let life = match SOCKS.get_ptr_mut(&sk) {
         Some(p) => p,
@@ -704,10 +729,19 @@ fn on_io(sk: u64, ret: i32, send: bool) -> Option<()> {
     };
     let life = unsafe { &mut *life };
     if ret > 0 {
-        if send {
-            if life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0 {
-                peek_first_bytes(life, ret);
+        let h2 = config!(flags) & flags::H2C != 0 && h2::wants(life, send);
+        let peek = send && life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0;
+        if (h2 || peek)
+            && let Some(b) = h2::take_stash(send)
+        {
+            if peek {
+                peek_first_bytes(life, &b, ret);
             }
+            if h2 {
+                h2::on_io(ctx, life, sk, &b, ret as u32, if send { 0 } else { 1 });
+            }
+        }
+        if send {
             // A send after the previous one was answered opens a new exchange: remember the
             // longest silence before one (what an idle-timeout middlebox measures).
             if life.last_send_ns <= life.last_recv_ns {
@@ -754,7 +788,7 @@ pub fn tcp_sendmsg_kretprobe(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn tcp_cleanup_rbuf_kprobe(ctx: ProbeContext) -> u32 {
     if let (Some(sk), Some(copied)) = (ctx.arg::<u64>(0), ctx.arg::<i32>(1)) {
-        on_io(sk, copied, false);
+        on_io(&ctx, sk, copied, false);
     }
     0
 }
@@ -764,69 +798,84 @@ fn io_return(ctx: &RetProbeContext, send: bool) -> Option<()> {
     let key = bpf_get_current_pid_tgid();
     let sk = unsafe { IO_SOCK.get(&key) }.copied()?;
     let _ = IO_SOCK.remove(&key);
-    on_io(sk, ctx.ret::<i32>(), send)
+    on_io(ctx, sk, ctx.ret::<i32>(), send)
 }
 
-/// Remember the buffer of a send-family syscall. Syscall tracepoint records keep the
-/// arguments at 16 + 8·i; the buffer (or iovec, or msghdr) is the second.
+/// Remember the buffer of a send- or receive-family syscall. Syscall tracepoint records keep
+/// the arguments at 16 + 8·i: the buffer (or iovec, or msghdr) is the second, its length (or
+/// the iovec count) the third.
 #[inline(always)]
-fn stash(ctx: &TracePointContext, kind: u64) -> u32 {
-    if config!(flags) & flags::PEEK == 0 {
+fn stash(ctx: &TracePointContext, kind: u32, send: u32) -> u32 {
+    if config!(flags) & (flags::PEEK | flags::H2C) == 0 {
         return 0;
     }
-    if let Some(ptr) = unsafe { read::<u64>(ctx.as_ptr() as *const u8, 24) } {
-        let _ = PEEK.insert(&bpf_get_current_pid_tgid(), &UserBuf { ptr, kind }, 0);
+    let base = ctx.as_ptr() as *const u8;
+    if let (Some(ptr), Some(count)) = unsafe { (read::<u64>(base, 24), read::<u64>(base, 32)) } {
+        let b = UserBuf {
+            ptr,
+            count,
+            kind,
+            send,
+        };
+        let _ = PEEK.insert(&bpf_get_current_pid_tgid(), &b, 0);
     }
     0
 }
 
-/// `syscalls:sys_enter_write` (only with `--peek`).
+/// `syscalls:sys_enter_write` (with `--peek` or `--http2`).
 #[tracepoint]
 pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    stash(&ctx, 0)
+    stash(&ctx, h2::BUF, 1)
 }
 
-/// `syscalls:sys_enter_sendto` (only with `--peek`).
+/// `syscalls:sys_enter_sendto` (with `--peek` or `--http2`).
 #[tracepoint]
 pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
-    stash(&ctx, 0)
+    stash(&ctx, h2::BUF, 1)
 }
 
-/// `syscalls:sys_enter_writev` (only with `--peek`).
+/// `syscalls:sys_enter_writev` (with `--peek` or `--http2`).
 #[tracepoint]
 pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
-    stash(&ctx, 1)
+    stash(&ctx, h2::IOVEC, 1)
 }
 
-/// `syscalls:sys_enter_sendmsg` (only with `--peek`).
+/// `syscalls:sys_enter_sendmsg` (with `--peek` or `--http2`).
 #[tracepoint]
 pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    stash(&ctx, 2)
+    stash(&ctx, h2::MSGHDR, 1)
+}
+
+/// `syscalls:sys_enter_read` (with `--http2`).
+#[tracepoint]
+pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
+    stash(&ctx, h2::BUF, 0)
+}
+
+/// `syscalls:sys_enter_recvfrom` (with `--http2`).
+#[tracepoint]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    stash(&ctx, h2::BUF, 0)
+}
+
+/// `syscalls:sys_enter_readv` (with `--http2`).
+#[tracepoint]
+pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
+    stash(&ctx, h2::IOVEC, 0)
+}
+
+/// `syscalls:sys_enter_recvmsg` (with `--http2`).
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    stash(&ctx, h2::MSGHDR, 0)
 }
 
 /// The first bytes of this send, from the buffer the thread's syscall stashed.
 #[inline(always)]
-fn peek_first_bytes(life: &mut SockLife, sent: i32) {
-    let key = bpf_get_current_pid_tgid();
-    let Some(b) = (unsafe { PEEK.get(&key) }).copied() else {
+fn peek_first_bytes(life: &mut SockLife, b: &UserBuf, sent: i32) {
+    let Some((ptr, _, _, _)) = h2::first_segment(b) else {
         return;
     };
-    let _ = PEEK.remove(&key);
-    let mut ptr = b.ptr;
-    if b.kind == 2 {
-        // struct user_msghdr: msg_name, msg_namelen (+pad), then msg_iov at 16.
-        ptr = match unsafe { bpf_probe_read_user((ptr + 16) as *const u64) } {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-    }
-    if b.kind >= 1 {
-        // struct iovec: iov_base first.
-        ptr = match unsafe { bpf_probe_read_user(ptr as *const u64) } {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-    }
     if let Ok(bytes) = unsafe { bpf_probe_read_user(ptr as *const [u8; 8]) } {
         life.first_bytes = bytes;
         life.first_bytes_len = if sent >= 8 { 8 } else { sent as u8 };

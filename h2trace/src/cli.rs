@@ -112,6 +112,15 @@ pub enum Events {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Http2Choice {
+    /// No HTTP/2 frames: TCP only, no syscall tracepoints.
+    Off,
+    /// Cleartext HTTP/2 (gRPC without TLS, h2c with prior knowledge), read from the
+    /// buffers of the read/write/send/recv syscalls.
+    H2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConntrackChoice {
     Auto,
     On,
@@ -175,6 +184,13 @@ pub struct TraceArgs {
     /// costs on write-heavy hosts: off by default.
     #[arg(long)]
     pub peek: bool,
+    /// See HTTP/2 control frames (SETTINGS, PING, RST_STREAM, GOAWAY) and count the streams
+    /// of each connection. h2c walks the frames of connections that began with the HTTP/2
+    /// client preface in cleartext; it attaches to the read and write syscall families of
+    /// the whole host, which every other socket, pipe and file pays a map update for.
+    /// TLS connections are not read.
+    #[arg(long, value_enum, default_value = "h2c", value_name = "MODE")]
+    pub http2: Http2Choice,
     /// How to observe TCP state changes (auto: tracepoint, else fentry, else kprobe).
     #[arg(long, value_enum, default_value = "auto")]
     pub probe: ProbeChoice,

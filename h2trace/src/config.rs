@@ -182,6 +182,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             transport: a.transport,
             emit_all_transitions: a.events == Events::All,
             peek: a.peek,
+            h2c: a.http2 == crate::cli::Http2Choice::H2c,
             ring_bytes,
             max_sockets: a.max_sockets,
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),

@@ -2,11 +2,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use h2trace_common::{
-    CtRecord, ForkRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife, SockMeta,
-    ct_hook, kind, origin, owner_src,
+    CtRecord, ForkRecord, FrameRecord, Header, LifeRecord, LiveRecord, MAX_TRANSITIONS, SockLife,
+    SockMeta, ct_hook, kind, origin, owner_src,
 };
 
-use crate::conntrack::{CtEvent, CtKind, CtSource, Tuple};
+use crate::{
+    conntrack::{CtEvent, CtKind, CtSource, Tuple},
+    http2::{self, Frame, FrameBody},
+};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -25,6 +28,8 @@ pub enum DecodeError {
     UnknownKind(u16),
     #[error("unknown address family {0}")]
     Family(u16),
+    #[error("HTTP/2 frame record with an invalid {0}")]
+    Field(&'static str),
 }
 
 /// TCP state names as the kernel spells them, without the `TCP_` prefix.
@@ -190,6 +195,10 @@ pub struct Life {
     pub first_bytes: Vec<u8>,
     /// What a followed conntrack table thought of the connection (joined by the pipeline).
     pub conntrack: Option<Box<crate::conntrack::join::CtJoin>>,
+    /// HTTP/2 (`--http2`): the kernel's stream counts.
+    pub http2: http2::Streams,
+    /// HTTP/2 control frames of the connection (joined by the pipeline).
+    pub frames: Option<Box<http2::Frames>>,
 }
 
 /// Which side sent the first FIN, read off the state sequence.
@@ -262,6 +271,8 @@ pub enum Body {
         state: u8,
         err: i32,
     },
+    /// An HTTP/2 control frame (`--http2`).
+    Frame(Box<Frame>),
 }
 
 /// What the live sources produce, merged into one time order.
@@ -412,6 +423,25 @@ fn decode_socket(hdr: Header, bytes: &[u8]) -> Result<Event, DecodeError> {
                 body,
             })
         }
+        kind::H2_FRAME => {
+            let rec: FrameRecord = read(bytes, hdr.kind)?;
+            let captured = &rec.payload[..usize::from(rec.captured).min(rec.payload.len())];
+            let frame = Frame {
+                received: rec.received != 0,
+                side: http2::Side::of(rec.side).ok_or(DecodeError::Field("side"))?,
+                stream_id: rec.stream_id,
+                length: rec.length,
+                flags: rec.frame_flags,
+                body: FrameBody::decode(rec.frame_type, rec.frame_flags, captured)
+                    .ok_or(DecodeError::Field("frame payload"))?,
+            };
+            Ok(Event {
+                ts_ns: hdr.ts_ns,
+                cpu: hdr.cpu,
+                socket: socket(&rec.meta)?,
+                body: Body::Frame(Box::new(frame)),
+            })
+        }
         k => Err(DecodeError::UnknownKind(k)),
     }
 }
@@ -455,6 +485,13 @@ fn life(l: &SockLife) -> Life {
             .then_some((l.longest_request_gap_ns, l.longest_request_gap_end_ns)),
         first_bytes: l.first_bytes[..(l.first_bytes_len as usize).min(8)].to_vec(),
         conntrack: None,
+        http2: http2::Streams {
+            side: http2::Side::of(l.h2_side),
+            opened_local: l.h2_streams[0],
+            opened_peer: l.h2_streams[1],
+            desync: l.h2_desync,
+        },
+        frames: None,
     }
 }
 

@@ -22,6 +22,7 @@ use crate::{
     correlate::{self, Facts},
     detect::{DetectConfig, Finding, Peer, PeerSummary},
     event::{Body, Event, Life, Origin, Owner, Socket, state_name},
+    http2::{self, Frame, FrameBody},
     owner::snapshot::SnapSocket,
 };
 
@@ -127,6 +128,9 @@ pub struct Summary {
     /// not connections, so not written, only counted.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub discarded_children: u64,
+    /// HTTP/2 control frames written (`--http2`).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub http2_frames: u64,
     /// Lives the kernel's LRU map evicted before they ended (tracked − ended − open).
     pub evicted: u64,
     /// Records that arrived after newer ones had been emitted.
@@ -304,6 +308,114 @@ struct H2<'a> {
     retransmit: Option<Retransmit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     connection: Option<Connection<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http2_frame: Option<FrameOut<'a>>,
+}
+
+/// An HTTP/2 control frame (`http2-frame`).
+#[derive(Serialize)]
+struct FrameOut<'a> {
+    direction: &'static str,
+    side: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    stream_id: u32,
+    length: u32,
+    flags: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settings: Option<BTreeMap<String, u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    opaque: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_stream_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    debug: Option<&'a str>,
+}
+
+impl<'a> From<&'a Frame> for FrameOut<'a> {
+    fn from(f: &'a Frame) -> Self {
+        let mut o = FrameOut {
+            direction: if f.received { "received" } else { "sent" },
+            side: f.side.as_str(),
+            ty: f.body.type_name(),
+            stream_id: f.stream_id,
+            length: f.length,
+            flags: f.flags,
+            ack: None,
+            settings: None,
+            opaque: None,
+            code: None,
+            error: None,
+            last_stream_id: None,
+            debug: None,
+        };
+        match &f.body {
+            FrameBody::Settings { ack, values } => {
+                o.ack = Some(*ack);
+                o.settings = (!*ack).then(|| {
+                    values
+                        .iter()
+                        .map(|&(k, v)| (http2::setting_name(k), v))
+                        .collect()
+                });
+            }
+            FrameBody::Ping { ack, opaque } => {
+                o.ack = Some(*ack);
+                o.opaque = Some(format!("{opaque:016x}"));
+            }
+            FrameBody::RstStream { code } => {
+                o.code = Some(*code);
+                o.error = Some(http2::error_name(*code));
+            }
+            FrameBody::GoAway {
+                last_stream_id,
+                code,
+                debug,
+            } => {
+                o.code = Some(*code);
+                o.error = Some(http2::error_name(*code));
+                o.last_stream_id = Some(*last_stream_id);
+                o.debug = Some(debug);
+            }
+        }
+        o
+    }
+}
+
+/// A connection's HTTP/2 facts (`--http2`): the kernel's stream counts and its control frames.
+#[derive(Serialize)]
+struct Http2Out<'a> {
+    side: &'static str,
+    /// Streams the client opened: the requests (RPCs) the connection carried.
+    requests: u32,
+    streams_opened_local: u32,
+    streams_opened_peer: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    desync: Vec<&'static str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    frames: Option<&'a http2::Frames>,
+}
+
+fn http2_out(l: &Life) -> Option<Http2Out<'_>> {
+    let h = &l.http2;
+    Some(Http2Out {
+        side: h.side?.as_str(),
+        requests: h.requests(),
+        streams_opened_local: h.opened_local,
+        streams_opened_peer: h.opened_peer,
+        desync: [(1, "sent"), (2, "received")]
+            .into_iter()
+            .filter(|(bit, _)| h.desync & bit != 0)
+            .map(|(_, d)| d)
+            .collect(),
+        frames: l.frames.as_deref(),
+    })
 }
 
 #[derive(Serialize)]
@@ -378,6 +490,9 @@ struct Connection<'a> {
     /// The conntrack entry of the connection (joined again by replay, ignored on input).
     #[serde(skip_serializing_if = "Option::is_none")]
     conntrack: Option<serde_json::Value>,
+    /// HTTP/2 (replay reads the kernel's counts back and joins the frames again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http2: Option<Http2Out<'a>>,
     /// Derived (recomputed by replay, ignored on input).
     analysis: Analysis,
 }
@@ -531,6 +646,7 @@ impl<W: Write> Ndjson<W> {
                     first_bytes: (!l.first_bytes.is_empty())
                         .then(|| l.first_bytes.iter().map(|b| format!("{b:02x}")).collect()),
                     conntrack: l.conntrack.as_deref().map(ct_join),
+                    http2: http2_out(l),
                     analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
@@ -587,6 +703,11 @@ impl<W: Write> Ndjson<W> {
                 }),
                 None,
             ),
+            Body::Frame(_) => ("http2-frame", "info", None, None, None, None),
+        };
+        let http2_frame = match &ev.body {
+            Body::Frame(f) => Some(FrameOut::from(&**f)),
+            _ => None,
         };
         let (sent, received) = match &ev.body {
             Body::Life(l) | Body::Open(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
@@ -646,6 +767,7 @@ impl<W: Write> Ndjson<W> {
                 reset,
                 retransmit,
                 connection,
+                http2_frame,
             },
         }
     }
@@ -914,6 +1036,20 @@ impl<W: Write> Sink for Text<W> {
                 if l.retransmits > 0 {
                     d.push_str(&format!(" retrans={}", l.retransmits));
                 }
+                if let Some(side) = l.http2.side {
+                    d.push_str(&format!(
+                        " h2={} requests={}",
+                        side.as_str(),
+                        l.http2.requests()
+                    ));
+                    if let Some(f) = &l.frames {
+                        for (dir, g) in [("sent", &f.sent), ("recv", &f.received)] {
+                            if let Some(g) = &g.goaway {
+                                d.push_str(&format!(" goaway_{dir}={}({:?})", g.error, g.debug));
+                            }
+                        }
+                    }
+                }
                 if let Some(j) = &l.conntrack {
                     let states: Vec<_> = j
                         .entry
@@ -959,6 +1095,28 @@ impl<W: Write> Sink for Text<W> {
             Body::ResetReceived { state } => ("rst-recv", format!("in {}", state_name(*state))),
             Body::Retransmit { state, err } => {
                 ("retrans", format!("in {} err {err}", state_name(*state)))
+            }
+            // On a terminal only what ends streams or connections; PINGs and SETTINGS are in
+            // the connection's line.
+            Body::Frame(f) => {
+                let dir = if f.received { "received" } else { "sent" };
+                let d = match &f.body {
+                    FrameBody::GoAway {
+                        last_stream_id,
+                        code,
+                        debug,
+                    } => format!(
+                        "GOAWAY {dir} {} last_stream={last_stream_id} {debug:?}",
+                        http2::error_name(*code)
+                    ),
+                    FrameBody::RstStream { code } if *code != http2::NO_ERROR => format!(
+                        "RST_STREAM {dir} {} stream={}",
+                        http2::error_name(*code),
+                        f.stream_id
+                    ),
+                    _ => return Ok(()),
+                };
+                ("h2", d)
             }
         };
         writeln!(

@@ -1,14 +1,22 @@
 //! What live runs and replays share: filter → detect → sink, in event order.
-use std::{collections::BTreeMap, io, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    net::SocketAddr,
+};
 
 use crate::{
     conntrack::{CtEvent, CtNamespace, CtSource, join::Joiner},
     detect::{DetectConfig, Detector, Finding},
     event::{Body, Event, Input, Life, Origin, Socket, SocketId},
     filter::{Filter, Selector},
+    http2::Frames,
     output::{Notice, Sink, Summary},
     owner::snapshot::SnapSocket,
 };
+
+/// Connections whose HTTP/2 frames are summed while they are open.
+const MAX_FRAME_CONNS: usize = 65_536;
 
 pub struct Pipeline {
     selector: Selector,
@@ -17,6 +25,8 @@ pub struct Pipeline {
     /// Sockets found at start, by (netns, local, remote), with the snapshot's time; `true`
     /// once a record matched one.
     snapshot: BTreeMap<(u32, SocketAddr, SocketAddr), (SnapSocket, u64, bool)>,
+    /// HTTP/2 control frames of connections still open, until their record joins them.
+    frames: HashMap<SocketId, Frames>,
     sink: Box<dyn Sink>,
     findings: Vec<Finding>,
     pub summary: Summary,
@@ -31,6 +41,7 @@ impl Pipeline {
             detector: Detector::new(detect),
             joiner: Joiner::default(),
             snapshot: BTreeMap::new(),
+            frames: HashMap::new(),
             sink,
             findings: Vec::new(),
             summary: Summary::default(),
@@ -113,8 +124,25 @@ impl Pipeline {
                 self.summary.discarded_children += 1;
                 continue;
             }
-            if let Body::Life(l) | Body::Open(l) = &mut ev.body {
-                l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
+            match &mut ev.body {
+                Body::Life(l) | Body::Open(l) => {
+                    l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
+                    l.frames = self.frames.remove(&ev.socket.id).map(Box::new);
+                }
+                Body::Frame(f) => {
+                    // Bounded: a connection whose record never comes (evicted in the kernel)
+                    // must not hold its frames forever. Past the cap, frames of connections
+                    // not yet seen are written but not summed.
+                    if self.frames.len() < MAX_FRAME_CONNS
+                        || self.frames.contains_key(&ev.socket.id)
+                    {
+                        self.frames
+                            .entry(ev.socket.id)
+                            .or_default()
+                            .add(ev.ts_ns, f);
+                    }
+                }
+                _ => {}
             }
             let s = &mut self.summary;
             match &ev.body {
@@ -124,6 +152,7 @@ impl Pipeline {
                 Body::ResetReceived { .. } => s.resets_received += 1,
                 Body::Retransmit { .. } => s.retransmits += 1,
                 Body::State { .. } => {}
+                Body::Frame(_) => s.http2_frames += 1,
             }
             if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
                 s.events += 1;

@@ -16,6 +16,7 @@ use crate::{
         Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
         state_from_name,
     },
+    http2::{self, Frame, FrameBody},
     output::{Clock, Losses, Notice, Summary},
     owner::snapshot::SnapSocket,
     pipeline::Pipeline,
@@ -339,6 +340,75 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         },
         // Joined again by the pipeline from the recorded conntrack events.
         conntrack: None,
+        http2: match c.get("http2") {
+            None => http2::Streams::default(),
+            Some(h) => http2::Streams {
+                side: Some(
+                    http2::Side::from_name(str_at(h, &["side"], "h2trace.connection.http2.side")?)
+                        .ok_or(ParseError::Field("h2trace.connection.http2.side"))?,
+                ),
+                opened_local: u64_at(h, &["streams_opened_local"], "streams_opened_local")? as u32,
+                opened_peer: u64_at(h, &["streams_opened_peer"], "streams_opened_peer")? as u32,
+                desync: h["desync"].as_array().map_or(0, |a| {
+                    a.iter().fold(0, |acc, d| match d.as_str() {
+                        Some("sent") => acc | 1,
+                        Some("received") => acc | 2,
+                        _ => acc,
+                    })
+                }),
+            },
+        },
+        // Joined again by the pipeline from the recorded frames.
+        frames: None,
+    })
+}
+
+/// An `http2-frame` record.
+fn frame(v: &Value) -> Result<Frame, ParseError> {
+    let f = &v["h2trace"]["http2_frame"];
+    let field = |k: &'static str| u64_at(f, &[k], k);
+    let ack = f["ack"].as_bool().unwrap_or(false);
+    let body = match str_at(f, &["type"], "h2trace.http2_frame.type")? {
+        "SETTINGS" => FrameBody::Settings {
+            ack,
+            values: match f["settings"].as_object() {
+                None => Vec::new(),
+                Some(m) => m
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            http2::setting_id(k).ok_or(ParseError::Field("settings"))?,
+                            v.as_u64().ok_or(ParseError::Field("settings"))? as u32,
+                        ))
+                    })
+                    .collect::<Result<_, ParseError>>()?,
+            },
+        },
+        "PING" => FrameBody::Ping {
+            ack,
+            opaque: f["opaque"]
+                .as_str()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .ok_or(ParseError::Field("opaque"))?,
+        },
+        "RST_STREAM" => FrameBody::RstStream {
+            code: field("code")? as u32,
+        },
+        "GOAWAY" => FrameBody::GoAway {
+            last_stream_id: field("last_stream_id")? as u32,
+            code: field("code")? as u32,
+            debug: f["debug"].as_str().unwrap_or("").to_string(),
+        },
+        _ => return Err(ParseError::Field("h2trace.http2_frame.type")),
+    };
+    Ok(Frame {
+        received: str_at(f, &["direction"], "direction")? == "received",
+        side: http2::Side::from_name(str_at(f, &["side"], "side")?)
+            .ok_or(ParseError::Field("h2trace.http2_frame.side"))?,
+        stream_id: field("stream_id")? as u32,
+        length: field("length")? as u32,
+        flags: field("flags")? as u8,
+        body,
     })
 }
 
@@ -507,6 +577,7 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
         "reset-received" => Body::ResetReceived {
             state: state_at(&v, &["h2trace", "reset", "state"], "h2trace.reset.state")?,
         },
+        "http2-frame" => Body::Frame(Box::new(frame(&v)?)),
         "retransmit" => Body::Retransmit {
             state: state_at(
                 &v,

@@ -154,6 +154,9 @@ pub struct ProbeOptions {
     pub emit_all_transitions: bool,
     /// Capture the first bytes each socket sends (syscall tracepoints on the send family).
     pub peek: bool,
+    /// `--http2 h2c`: walk the HTTP/2 frames of cleartext sockets that spoke the preface
+    /// (syscall tracepoints on the send and receive families).
+    pub h2c: bool,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_bytes: u32,
     /// Socket lives tracked at once in the kernel.
@@ -252,12 +255,20 @@ const OPTIONAL_TRACEPOINTS: [(&str, &str, &str, &str); 6] = [
     ),
 ];
 
-/// `--peek`: the send-family syscalls whose buffers hold a socket's first bytes.
-const PEEK_SYSCALLS: [&str; 4] = [
+/// `--peek` and `--http2 h2c`: the send-family syscalls whose buffers hold what a socket sends.
+const SEND_SYSCALLS: [&str; 4] = [
     "sys_enter_write",
     "sys_enter_sendto",
     "sys_enter_writev",
     "sys_enter_sendmsg",
+];
+
+/// `--http2 h2c`: the receive-family syscalls whose buffers hold what a socket received.
+const RECV_SYSCALLS: [&str; 4] = [
+    "sys_enter_read",
+    "sys_enter_recvfrom",
+    "sys_enter_readv",
+    "sys_enter_recvmsg",
 ];
 
 /// Layouts and offsets gathered before loading.
@@ -379,6 +390,9 @@ fn loader_for(
     }
     if opts.peek {
         config.flags |= flags::PEEK;
+    }
+    if opts.h2c {
+        config.flags |= flags::H2C;
     }
     // Kernel-side conntrack reports only the namespaces the agent follows (`CT_NETNS`).
     match opts.conntrack {
@@ -575,19 +589,24 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
             detail: "attached (--follow-forks)".into(),
         });
     }
-    if opts.peek {
-        for name in PEEK_SYSCALLS {
-            let result =
-                attach_tracepoint(&mut ebpf, name, "syscalls", name).map_err(|e| error_chain(&e));
-            hooks.push(HookStatus {
-                hook: format!("tracepoint syscalls:{name}"),
-                ok: result.is_ok(),
-                detail: result.map_or_else(
-                    |why| format!("{why}; --peek misses these sends"),
-                    |()| "attached".into(),
-                ),
-            });
-        }
+    let send = (opts.peek || opts.h2c).then_some(SEND_SYSCALLS.iter());
+    let recv = opts.h2c.then_some(RECV_SYSCALLS.iter());
+    let what = match (opts.peek, opts.h2c) {
+        (true, true) => "--peek and --http2",
+        (true, false) => "--peek",
+        _ => "--http2",
+    };
+    for name in send.into_iter().flatten().chain(recv.into_iter().flatten()) {
+        let result =
+            attach_tracepoint(&mut ebpf, name, "syscalls", name).map_err(|e| error_chain(&e));
+        hooks.push(HookStatus {
+            hook: format!("tracepoint syscalls:{name}"),
+            ok: result.is_ok(),
+            detail: result.map_or_else(
+                |why| format!("{why}; {what} miss the data of these calls"),
+                |()| format!("attached ({what})"),
+            ),
+        });
     }
     Ok(Probes {
         ebpf,

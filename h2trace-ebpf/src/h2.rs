@@ -1,0 +1,470 @@
+//! HTTP/2 frames of cleartext (h2c) sockets, read from the buffers of the owner's syscalls.
+//!
+//! `sock:sock_send_length`/`sock_recv_length` fire inside the send or receive syscall with the
+//! socket and the byte count, but without the data. The syscall's entry tracepoint
+//! (`syscalls:sys_enter_write`, `…_sendmsg`, `…_read`, `…_recvmsg`, …) stashes the user buffer
+//! per thread, and the length hook walks the `ret` bytes that went through. Only sockets whose
+//! first bytes were the client preface (or, on the server, whose first send was SETTINGS and
+//! whose first receive the preface) are walked; every other socket costs one map lookup at
+//! its first send and first receive.
+//!
+//! Frames do not line up with calls: a header can be split across iovecs or calls, a DATA
+//! frame can span many. Each direction keeps where it is in the current frame (collecting the
+//! 9-byte header, capturing a control frame's payload, or skipping a payload), and the walk is
+//! a bounded loop. A walk that runs out of steps or cannot read the buffer gives the
+//! direction up (counted, and flagged in the life record).
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use h2trace_common::{FRAME_CAPTURE, FrameRecord, SockLife, counter, h2_side, kind};
+
+use crate::{PEEK, UserBuf, count, emit_raw, header};
+
+/// `bpf_loop` steps per call: a step reads (part of) a frame header, captures or skips (part of) a
+/// payload, or moves to the next iovec.
+const STEPS: u32 = 1024;
+
+const PREFACE: [u8; 24] = *b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Where a direction is in the current frame.
+const HEADER: u8 = 0;
+const CAPTURE: u8 = 1;
+const SKIP: u8 = 2;
+/// Frame boundaries lost: the direction is no longer walked.
+const LOST: u8 = 3;
+
+const HEADERS: u8 = 1;
+
+/// What the entry tracepoint stashed (`UserBuf::kind`).
+pub const BUF: u32 = 0;
+pub const IOVEC: u32 = 1;
+pub const MSGHDR: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Dir {
+    /// Payload bytes left to capture (CAPTURE) or skip (SKIP).
+    need: u32,
+    /// The current frame's payload length.
+    len: u32,
+    /// Highest stream id that carried HEADERS this way: a higher one is a new stream.
+    max_stream: u32,
+    phase: u8,
+    /// Header bytes (HEADER) or payload bytes (CAPTURE) collected so far.
+    have: u8,
+    _pad: [u8; 2],
+    /// Sized so that masked offsets and lengths stay inside, for the verifier.
+    hdr: [u8; 32],
+    payload: [u8; 2 * FRAME_CAPTURE],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Conn {
+    dirs: [Dir; 2],
+    /// A server's first frame (SETTINGS), held until the client preface confirms HTTP/2.
+    held: Dir,
+    has_held: u64,
+}
+
+/// Parse state of HTTP/2 sockets, keyed by `struct sock *`. Removed when the life ends.
+#[map]
+static H2: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(8192, 0);
+
+/// Never written: the all-zero value a new [`H2`] entry starts from (too big for the stack).
+#[map]
+static H2_ZERO: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static FRAME_SCRATCH: PerCpuArray<FrameRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Take the buffer the current thread's syscall stashed, if it was a send (`send`) or a
+/// receive like this one. It serves one length hook only.
+#[inline(always)]
+pub fn take_stash(send: bool) -> Option<UserBuf> {
+    let key = bpf_get_current_pid_tgid();
+    let b = unsafe { PEEK.get(&key) }.copied()?;
+    let _ = PEEK.remove(&key);
+    (b.send == send as u32).then_some(b)
+}
+
+/// The first segment of a stashed buffer as (pointer, length), and the iovec array with its
+/// length (0, 0 for a plain buffer).
+#[inline(always)]
+pub fn first_segment(b: &UserBuf) -> Option<(u64, u64, u64, u64)> {
+    if b.kind == BUF {
+        return Some((b.ptr, b.count, 0, 0));
+    }
+    let (iov, n) = if b.kind == MSGHDR {
+        // struct user_msghdr: msg_name, msg_namelen (+pad), msg_iov at 16, msg_iovlen at 24.
+        unsafe {
+            (
+                bpf_probe_read_user((b.ptr + 16) as *const u64).ok()?,
+                bpf_probe_read_user((b.ptr + 24) as *const u64).ok()?,
+            )
+        }
+    } else {
+        (b.ptr, b.count)
+    };
+    if n == 0 {
+        return None;
+    }
+    let v = unsafe { bpf_probe_read_user(iov as *const [u64; 2]).ok()? };
+    Some((v[0], v[1], iov, n))
+}
+
+/// Does this call need the syscall's buffer? Sockets already known to speak HTTP/2, and every
+/// socket's first send and first receive (to look for the preface).
+#[inline(always)]
+pub fn wants(life: &SockLife, send: bool) -> bool {
+    life.h2_side != h2_side::NONE
+        || if send {
+            life.bytes_sent == 0
+        } else {
+            life.bytes_recv == 0
+        }
+}
+
+/// One send (`d` = 0) or receive (`d` = 1) of `ret` bytes on a tracked socket that [`wants`]
+/// it, before its byte counts include them.
+#[inline(always)]
+pub fn on_io<C: EbpfContext>(
+    ctx: &C,
+    life: &mut SockLife,
+    sk: u64,
+    b: &UserBuf,
+    ret: u32,
+    d: usize,
+) {
+    let side = life.h2_side;
+    let skip = if side == h2_side::NONE || side == h2_side::MAYBE_SERVER && d == 1 {
+        match detect(ctx, life, sk, b, d) {
+            Some(skip) => skip,
+            None => return,
+        }
+    } else {
+        0
+    };
+    walk(ctx, life, sk, b, ret, d, skip);
+}
+
+/// At a socket's first send or receive: does it speak HTTP/2? Returns the bytes of this call
+/// that precede the first frame (the preface) when it does.
+#[inline(always)]
+fn detect<C: EbpfContext>(
+    ctx: &C,
+    life: &mut SockLife,
+    sk: u64,
+    b: &UserBuf,
+    d: usize,
+) -> Option<u32> {
+    let (ptr, len, _, _) = first_segment(b)?;
+    let side = life.h2_side;
+    if len >= 24 {
+        let head = unsafe { bpf_probe_read_user(ptr as *const [u8; 24]).ok()? };
+        if head == PREFACE {
+            if d == 0 && side == h2_side::NONE {
+                start(life, sk, h2_side::CLIENT)?;
+                return Some(24);
+            }
+            if d == 1 {
+                if side == h2_side::MAYBE_SERVER {
+                    life.h2_side = h2_side::SERVER;
+                    confirm(ctx, life, sk);
+                } else {
+                    start(life, sk, h2_side::SERVER)?;
+                }
+                return Some(24);
+            }
+        }
+    }
+    if side == h2_side::MAYBE_SERVER {
+        // The peer did not open with the preface: not HTTP/2 after all.
+        life.h2_side = h2_side::NONE;
+        let _ = H2.remove(&sk);
+        return None;
+    }
+    if d == 0 && life.bytes_recv == 0 && len >= 9 {
+        // A server may send its SETTINGS before the client's preface arrives: frame type 4,
+        // no flags, stream 0, a whole number of 6-byte settings.
+        let h = unsafe { bpf_probe_read_user(ptr as *const [u8; 9]).ok()? };
+        let n = ((h[1] as u32) << 8) | h[2] as u32;
+        if h[0] == 0 && n % 6 == 0 && h[3] == 4 && h[4] == 0 && h[5..9] == [0, 0, 0, 0] {
+            start(life, sk, h2_side::MAYBE_SERVER)?;
+            return Some(0);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn start(life: &mut SockLife, sk: u64, side: u8) -> Option<()> {
+    let zero = H2_ZERO.get_ptr(0)?;
+    if H2.insert(&sk, unsafe { &*zero }, 0).is_err() {
+        count(counter::H2_TRACK_FAIL);
+        return None;
+    }
+    life.h2_side = side;
+    Some(())
+}
+
+/// The client preface confirmed a server: deliver the frame held since its first send.
+#[inline(always)]
+fn confirm<C: EbpfContext>(ctx: &C, life: &SockLife, sk: u64) {
+    if let Some(c) = H2.get_ptr_mut(&sk) {
+        let c = unsafe { &mut *c };
+        if c.has_held != 0 {
+            c.has_held = 0;
+            emit_frame(ctx.as_ptr(), life, &c.held, 0);
+        }
+    }
+}
+
+/// Where a walk is; shared with [`walk_step`] through `bpf_loop`.
+#[repr(C)]
+struct Walk {
+    /// The program's context (for perf output).
+    ctx: *mut c_void,
+    life: *mut SockLife,
+    conn: *mut Conn,
+    seg: u64,
+    iov: u64,
+    iov_n: u64,
+    next_iov: u64,
+    d: u64,
+    seg_left: u32,
+    /// Bytes of this call not yet walked.
+    left: u32,
+}
+
+/// Walk `ret` bytes of one call through the direction's frame parser, starting `skip` bytes in.
+/// A `bpf_loop` (5.17+) whose callback the verifier checks once, not once per iteration.
+#[inline(always)]
+fn walk<C: EbpfContext>(
+    ctx: &C,
+    life: &mut SockLife,
+    sk: u64,
+    b: &UserBuf,
+    ret: u32,
+    d: usize,
+    skip: u32,
+) {
+    let Some(c) = H2.get_ptr_mut(&sk) else {
+        return;
+    };
+    if unsafe { (*c).dirs[d & 1].phase } == LOST {
+        return;
+    }
+    let mut w = Walk {
+        ctx: ctx.as_ptr(),
+        life,
+        conn: c,
+        seg: 0,
+        iov: 0,
+        iov_n: 0,
+        next_iov: 1,
+        d: d as u64,
+        seg_left: 0,
+        left: ret,
+    };
+    if let Some((seg, seg_len, iov, iov_n)) = first_segment(b) {
+        w.seg_left = seg_len.min(ret as u64) as u32;
+        // The preface is not a frame: step over it.
+        let s = skip.min(w.seg_left);
+        w.seg = seg + s as u64;
+        w.seg_left -= s;
+        w.left -= s;
+        w.iov = iov;
+        w.iov_n = iov_n;
+        unsafe {
+            generated::bpf_loop(
+                STEPS,
+                walk_step as *mut c_void,
+                &mut w as *mut Walk as *mut c_void,
+                0,
+            )
+        };
+        if w.left == 0 {
+            return;
+        }
+    }
+    // Out of steps, out of iovecs or unreadable: the rest of this call went by unwalked.
+    unsafe { (*c).dirs[d & 1].phase = LOST };
+    let life = unsafe { &mut *w.life };
+    life.h2_desync |= 1 << d;
+    count(counter::H2_DESYNC);
+}
+
+/// One step of a walk: the next iovec, or the next bytes of the current phase. Returns 1 to
+/// stop (done, or stuck: `left` says which).
+#[inline(never)]
+extern "C" fn walk_step(_i: u64, w: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(w as *mut Walk) };
+    if w.left == 0 {
+        return 1;
+    }
+    if w.seg_left == 0 {
+        // No constant bound here: one would make the verifier track the index exactly and
+        // check every iteration apart. The kernel caps iovecs at UIO_MAXIOV, and STEPS caps
+        // the walk.
+        if w.next_iov >= w.iov_n {
+            return 1;
+        }
+        let Ok(v) = (unsafe { bpf_probe_read_user((w.iov + 16 * w.next_iov) as *const [u64; 2]) })
+        else {
+            return 1;
+        };
+        w.next_iov += 1;
+        w.seg = v[0];
+        w.seg_left = v[1].min(w.left as u64) as u32;
+        return 0;
+    }
+    let d = (w.d & 1) as usize;
+    let (life, c) = unsafe { (&mut *w.life, w.conn) };
+    let st = unsafe { &mut (*c).dirs[d] };
+    let Some(n) = step(w.ctx, life, c, st, d, w.seg, w.seg_left) else {
+        return 1;
+    };
+    w.seg += n as u64;
+    w.seg_left -= n;
+    w.left -= n;
+    0
+}
+
+/// Consume up to `avail` bytes at `seg` in the direction's current phase; returns how many.
+#[inline(always)]
+fn step(
+    ctx: *mut c_void,
+    life: &mut SockLife,
+    c: *mut Conn,
+    st: &mut Dir,
+    d: usize,
+    seg: u64,
+    avail: u32,
+) -> Option<u32> {
+    let have = st.have as u32;
+    match st.phase {
+        HEADER => {
+            if have >= 9 {
+                return None;
+            }
+            let n = (9 - have).min(avail);
+            let dst = unsafe { st.hdr.as_mut_ptr().add((have & 15) as usize) };
+            read_user(dst, n & 15, seg)?;
+            st.have = (have + n) as u8;
+            if have + n == 9 {
+                frame_start(ctx, life, c, st, d);
+            }
+            Some(n)
+        }
+        CAPTURE => {
+            let n = st.need.min(avail);
+            let dst = unsafe { st.payload.as_mut_ptr().add((have & 63) as usize) };
+            read_user(dst, n & 63, seg)?;
+            st.have = (have + n) as u8;
+            st.need -= n;
+            if st.need == 0 {
+                frame_end(ctx, life, c, st, d);
+            }
+            Some(n)
+        }
+        _ => {
+            let n = st.need.min(avail);
+            st.need -= n;
+            if st.need == 0 {
+                st.phase = HEADER;
+                st.have = 0;
+            }
+            Some(n)
+        }
+    }
+}
+
+#[inline(always)]
+fn read_user(dst: *mut u8, n: u32, src: u64) -> Option<()> {
+    let r = unsafe { generated::bpf_probe_read_user(dst as *mut c_void, n, src as *const c_void) };
+    (r >= 0).then_some(())
+}
+
+/// A frame header is complete: count a new stream, decide what to do with the payload.
+#[inline(always)]
+fn frame_start(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir, d: usize) {
+    let h = st.hdr;
+    let len = ((h[0] as u32) << 16) | ((h[1] as u32) << 8) | h[2] as u32;
+    let ty = h[3];
+    let sid = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    if ty == HEADERS && sid > st.max_stream {
+        st.max_stream = sid;
+        // Streams the sender opened have its parity: odd for the client, even for the server.
+        let local_client = life.h2_side == h2_side::CLIENT;
+        let sender_client = if d == 0 { local_client } else { !local_client };
+        if (sid & 1 == 1) == sender_client {
+            life.h2_streams[d & 1] += 1;
+        }
+    }
+    st.len = len;
+    st.have = 0;
+    // RST_STREAM, SETTINGS, PING, GOAWAY: captured and reported. The rest is skipped.
+    if matches!(ty, 3 | 4 | 6 | 7) {
+        st.phase = CAPTURE;
+        st.need = len.min(FRAME_CAPTURE as u32);
+        if st.need == 0 {
+            frame_end(ctx, life, c, st, d);
+        }
+    } else {
+        st.phase = if len == 0 { HEADER } else { SKIP };
+        st.need = len;
+    }
+}
+
+/// A captured frame's payload is in: report it, then skip what was not captured.
+#[inline(always)]
+fn frame_end(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir, d: usize) {
+    if life.h2_side == h2_side::MAYBE_SERVER {
+        // Not confirmed yet: keep the first frame (the SETTINGS) for when it is.
+        unsafe {
+            if (*c).has_held == 0 {
+                (*c).held = *st;
+                (*c).has_held = 1;
+            }
+        }
+    } else {
+        emit_frame(ctx, life, st, d as u8);
+    }
+    st.need = st.len - st.have as u32;
+    st.phase = if st.need > 0 { SKIP } else { HEADER };
+    st.have = 0;
+}
+
+#[inline(always)]
+fn emit_frame(ctx: *mut c_void, life: &SockLife, st: &Dir, received: u8) {
+    let Some(rec) = FRAME_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let rec = unsafe { &mut *rec };
+    let h = &st.hdr;
+    rec.hdr = header(kind::H2_FRAME, unsafe { bpf_ktime_get_ns() });
+    rec.meta = life.meta;
+    rec.stream_id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    rec.length = st.len;
+    rec.frame_type = h[3];
+    rec.frame_flags = h[4];
+    rec.received = received;
+    rec.side = life.h2_side;
+    rec.captured = st.len.min(FRAME_CAPTURE as u32) as u8;
+    rec.payload.copy_from_slice(&st.payload[..FRAME_CAPTURE]);
+    emit_raw(ctx, rec as *const FrameRecord);
+}
+
+/// The socket's life ended: drop its parse state.
+#[inline(always)]
+pub fn end(life: &SockLife) {
+    if life.h2_side != h2_side::NONE {
+        let _ = H2.remove(&life.meta.skaddr);
+    }
+}
