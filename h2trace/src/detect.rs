@@ -19,6 +19,7 @@ use crate::{
     },
     correlate::{EndKind, Facts, Protocol, Role, facts},
     event::{Body, Event, FinFirst, Life, SocketId},
+    http2,
 };
 
 /// Thresholds. The defaults are chosen so that a healthy client reusing one connection, and
@@ -87,6 +88,7 @@ pub enum Pattern {
     RstStorm,
     ConntrackForgot,
     ConntrackClosedEarly,
+    TooManyPings,
 }
 
 impl Pattern {
@@ -104,6 +106,7 @@ impl Pattern {
             Self::RstStorm => "rst-storm",
             Self::ConntrackForgot => "conntrack-forgot-connection",
             Self::ConntrackClosedEarly => "conntrack-closed-early",
+            Self::TooManyPings => "too-many-pings",
         }
     }
 
@@ -113,6 +116,11 @@ impl Pattern {
                 "create one gRPC channel / HTTP client per target and share it across requests instead of one per call",
                 "HTTP/1.1 clients: enable keep-alive (a pooled client, no `Connection: close`)",
                 "check pool limits (max idle connections per host) so connections are returned to the pool, not closed",
+            ],
+            Self::TooManyPings => &[
+                "make the client's keepalive time (gRPC keepalive_time / Keepalive.Time) at least the server's minimum ping interval (grpc-go EnforcementPolicy.MinTime, default 5 min; grpc core grpc.http2.min_ping_interval_without_data_ms)",
+                "or relax the server's policy: allow the client's interval, and PermitWithoutStream if the client pings while idle",
+                "do not ping idle connections from the client (keepalive_permit_without_calls off) unless the server permits it",
             ],
             Self::FixedAgeRotation => &[
                 "gRPC servers: keep MaxConnectionAge if you want rebalancing, but set MaxConnectionAgeGrace so in-flight RPCs finish",
@@ -229,6 +237,37 @@ struct Conn {
     reset_in_established: bool,
     /// A followed conntrack table forgot or closed this connection under it.
     ct: Option<CtSeen>,
+    /// HTTP/2: the GOAWAY that ended the connection (the peer's, else this side's).
+    goaway: Option<GoAwaySeen>,
+    /// HTTP/2: shortest gap between the client's PINGs.
+    client_ping_min_ns: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct GoAwaySeen {
+    received: bool,
+    code: u32,
+    debug: String,
+}
+
+impl GoAwaySeen {
+    fn of(l: &Life) -> Option<Self> {
+        let f = l.frames.as_deref()?;
+        let (received, g) = match (&f.received.goaway, &f.sent.goaway) {
+            (Some(g), _) => (true, g),
+            (None, Some(g)) => (false, g),
+            (None, None) => return None,
+        };
+        Some(Self {
+            received,
+            code: g.code,
+            debug: g.debug.clone(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("GOAWAY({}, {:?})", http2::error_name(self.code), self.debug)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -673,6 +712,12 @@ impl Detector {
                     reset_in_established: l.reset_received_state
                         == Some(h2trace_common::tcp_state::ESTABLISHED),
                     ct: CtSeen::of(l),
+                    goaway: GoAwaySeen::of(l),
+                    client_ping_min_ns: l.frames.as_deref().and_then(|fr| match l.http2.side {
+                        Some(http2::Side::Client) => fr.sent.pings.min_interval_ns,
+                        Some(http2::Side::Server) => fr.received.pings.min_interval_ns,
+                        None => None,
+                    }),
                     f,
                 };
                 self.add(key, comm, conn, out);
@@ -981,25 +1026,94 @@ impl Detector {
                         "connections": aged.len(), "age_p50_ns": age, "age_p10_ns": percentile(&ages, 0.1), "age_p90_ns": percentile(&ages, 0.9),
                         "replaced_share": (replaced * 100.0).round() / 100.0,
                     });
-                    let summary = format!(
+                    let mut numbers = numbers;
+                    let mut summary = format!(
                         "Connections between {who} and {} are closed at a fixed age of {} (spread {}) and replaced at once: a maximum connection age (gRPC MaxConnectionAge, a proxy or pool lifetime limit).",
                         key.peer,
                         ms(age),
                         ms(spread)
                     );
+                    // HTTP/2 turns the inference into proof: the server announced the
+                    // rotation with GOAWAY(NO_ERROR), gRPC with the debug text "max_age".
+                    let goaways: Vec<&GoAwaySeen> = aged
+                        .iter()
+                        .filter_map(|c| c.goaway.as_ref())
+                        .filter(|g| g.code == http2::NO_ERROR)
+                        .collect();
+                    let max_age = goaways
+                        .iter()
+                        .filter(|g| g.debug.contains("max_age"))
+                        .count();
+                    let mut confidence = share * replaced;
+                    if let Some(g) = goaways.first() {
+                        numbers["goaways"] = json!(goaways.len());
+                        numbers["goaway_max_age"] = json!(max_age);
+                        let from = if g.received { "the peer" } else { "this side" };
+                        summary.push_str(&format!(
+                            " Proven by HTTP/2: {from} sent {} before the close on {} of {} connections.",
+                            g.describe(),
+                            goaways.len(),
+                            aged.len()
+                        ));
+                        confidence = confidence.max(goaways.len() as f64 / aged.len() as f64);
+                    }
                     found.push((
                         Pattern::FixedAgeRotation,
                         self.finding(
                             Pattern::FixedAgeRotation,
                             key,
                             numbers,
-                            share * replaced,
+                            confidence,
                             ids(&aged),
                             summary,
                         ),
                     ));
                 }
             }
+        }
+
+        // Too many pings: the server's keepalive enforcement ended connections with
+        // GOAWAY(ENHANCE_YOUR_CALM), gRPC with the debug text "too_many_pings".
+        let calm: Vec<&Conn> = g
+            .recent
+            .iter()
+            .filter(|c| {
+                c.goaway
+                    .as_ref()
+                    .is_some_and(|g| g.code == http2::ENHANCE_YOUR_CALM)
+            })
+            .collect();
+        if let Some(first) = calm.first().and_then(|c| c.goaway.as_ref()) {
+            let ping = calm.iter().filter_map(|c| c.client_ping_min_ns).min();
+            let (server, client) = if first.received {
+                (key.peer.to_string(), who.clone())
+            } else {
+                (who.clone(), key.peer.to_string())
+            };
+            let mut summary = format!(
+                "{server} ended {} HTTP/2 connection(s) with {} to {client}: ",
+                calm.len(),
+                first.describe()
+            );
+            summary.push_str(&match ping {
+                Some(p) => format!(
+                    "the client pinged every {} (keepalive), more often than the server's keepalive policy allows; the server closes the connection and fails its in-flight calls (UNAVAILABLE).",
+                    ms(p)
+                ),
+                None => "the client's keepalive pings are more frequent than the server's keepalive policy allows; the server closes the connection and fails its in-flight calls (UNAVAILABLE).".into(),
+            });
+            let numbers = json!({ "connections": calm.len(), "client_ping_min_interval_ns": ping });
+            found.push((
+                Pattern::TooManyPings,
+                self.finding(
+                    Pattern::TooManyPings,
+                    key,
+                    numbers,
+                    1.0,
+                    ids(&calm),
+                    summary,
+                ),
+            ));
         }
 
         // Idle close by peer: the peer closes after a consistent idle period.

@@ -114,6 +114,7 @@ impl FrameBody {
         Some(match ty {
             SETTINGS => Self::Settings {
                 ack: flags & ACK != 0,
+                // By id, the last value of a repeated setting winning (RFC 9113 §6.5.3).
                 values: payload
                     .chunks_exact(6)
                     .map(|c| {
@@ -122,6 +123,8 @@ impl FrameBody {
                             u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
                         )
                     })
+                    .collect::<BTreeMap<_, _>>()
+                    .into_iter()
                     .collect(),
             },
             PING => Self::Ping {

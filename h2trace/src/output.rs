@@ -1392,6 +1392,8 @@ pub(crate) mod tests {
                 longest_request_gap: None,
                 first_bytes: Vec::new(),
                 conntrack: None,
+                http2: Default::default(),
+                frames: None,
             })),
         }
     }

@@ -381,7 +381,9 @@ fn frame(v: &Value) -> Result<Frame, ParseError> {
                             v.as_u64().ok_or(ParseError::Field("settings"))? as u32,
                         ))
                     })
-                    .collect::<Result<_, ParseError>>()?,
+                    .collect::<Result<BTreeMap<_, _>, ParseError>>()?
+                    .into_iter()
+                    .collect(),
             },
         },
         "PING" => FrameBody::Ping {
@@ -711,9 +713,68 @@ mod tests {
                         first_bytes: lr
                             .map_or(Vec::new(), |v| v.to_le_bytes()[..(v % 9) as usize].to_vec()),
                         conntrack: None,
+                        // The kernel's stream counts round-trip; the frames are joined again.
+                        http2: http2::Streams {
+                            side: match retr % 3 {
+                                0 => None,
+                                1 => Some(http2::Side::Client),
+                                _ => Some(http2::Side::Server),
+                            },
+                            opened_local: retr % 3 / 2 * rs as u32,
+                            opened_peer: retr % 3 / 2 * rr as u32,
+                            desync: (retr % 3 / 2 * (rs as u32 % 4)) as u8,
+                        },
+                        frames: None,
                     }
                 },
             )
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        let body = prop_oneof![
+            (
+                any::<bool>(),
+                proptest::collection::vec((1u16..9, any::<u32>()), 0..6)
+            )
+                .prop_map(|(ack, mut values)| {
+                    // Written as a map: one value per setting, in id order.
+                    values.sort();
+                    values.dedup_by_key(|v| v.0);
+                    FrameBody::Settings {
+                        ack,
+                        values: if ack { Vec::new() } else { values },
+                    }
+                }),
+            (any::<bool>(), any::<u64>()).prop_map(|(ack, opaque)| FrameBody::Ping { ack, opaque }),
+            any::<u32>().prop_map(|code| FrameBody::RstStream { code }),
+            (0u32..1 << 31, any::<u32>(), "[a-z_]{0,20}").prop_map(
+                |(last_stream_id, code, debug)| FrameBody::GoAway {
+                    last_stream_id,
+                    code,
+                    debug
+                }
+            ),
+        ];
+        (
+            any::<bool>(),
+            any::<bool>(),
+            0u32..1 << 31,
+            0u32..1 << 24,
+            any::<u8>(),
+            body,
+        )
+            .prop_map(|(received, client, stream_id, length, flags, body)| Frame {
+                received,
+                side: if client {
+                    http2::Side::Client
+                } else {
+                    http2::Side::Server
+                },
+                stream_id,
+                length,
+                flags,
+                body,
+            })
     }
 
     fn arb_event() -> impl Strategy<Value = Event> {
@@ -750,6 +811,7 @@ mod tests {
                     arb_state().prop_map(|state| Body::ResetReceived { state }),
                     (arb_state(), any::<i32>())
                         .prop_map(|(state, err)| Body::Retransmit { state, err }),
+                    arb_frame().prop_map(|f| Body::Frame(Box::new(f))),
                 ];
                 (Just(socket), body, start..start + (1 << 40), Just(cpu))
             })

@@ -160,6 +160,32 @@ fn finding_for<'a>(
         })
 }
 
+/// `http2-frame` records of one namespace: (side, direction, type) match.
+fn frames_in<'a>(recs: &'a [Value], ns: &str, side: &str, dir: &str, ty: &str) -> Vec<&'a Value> {
+    in_netns(recs, ns, "http2-frame")
+        .into_iter()
+        .map(|r| &r["h2trace"]["http2_frame"])
+        .filter(|f| f["side"] == side && f["direction"] == dir && f["type"] == ty)
+        .collect()
+}
+
+/// The `http2` objects of one namespace's connection records.
+fn h2_conns<'a>(recs: &'a [Value], ns: &str) -> Vec<&'a Value> {
+    in_netns(recs, ns, "connection-closed")
+        .into_iter()
+        .chain(in_netns(recs, ns, "connection-open"))
+        .map(|r| &r["h2trace"]["connection"]["http2"])
+        .filter(|h| !h.is_null())
+        .collect()
+}
+
+fn requests(conns: &[&Value]) -> Vec<u64> {
+    conns
+        .iter()
+        .map(|h| h["requests"].as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn grpc_channel_per_call_is_dial_per_request() {
     let Some(_lock) = kernel_test() else { return };
@@ -208,7 +234,11 @@ fn grpc_reusing_one_channel_has_no_finding() {
     let net = NetPair::new("e2e-grpc-ok", 82);
     let target = format!("{}:50051", net.server_v4);
     let recs = traced("e2e-grpc-healthy", &[], || {
-        let server = py_server(&py, &net.server, &["grpc-server", &target]);
+        let server = py_server(
+            &py,
+            &net.server,
+            &["grpc-server", &target, "--max-concurrent-streams", "7"],
+        );
         py_client(
             &py,
             &net.client,
@@ -229,6 +259,120 @@ fn grpc_reusing_one_channel_has_no_finding() {
         .map(|r| r["message"].clone())
         .collect();
     assert!(found.is_empty(), "{found:#?}");
+    // One connection carried every call, as both ends counted its streams.
+    let client = h2_conns(&recs, &net.client);
+    let server = h2_conns(&recs, &net.server);
+    assert_eq!(requests(&client), [40], "{client:#?}");
+    assert_eq!(requests(&server), [40], "{server:#?}");
+    assert_eq!(client[0]["side"], "client");
+    assert_eq!(client[0]["streams_opened_local"], 40);
+    assert_eq!(server[0]["streams_opened_peer"], 40);
+    assert!(client[0].get("desync").is_none() && server[0].get("desync").is_none());
+    // SETTINGS both ways: the server's limit reached the client, which sent its own.
+    assert_eq!(
+        client[0]["received"]["settings"]["MAX_CONCURRENT_STREAMS"], 7,
+        "{client:#?}"
+    );
+    assert_eq!(server[0]["sent"]["settings"]["MAX_CONCURRENT_STREAMS"], 7);
+    assert_eq!(server[0]["received"]["settings"]["ENABLE_PUSH"], 0);
+    let settings = frames_in(&recs, &net.server, "server", "sent", "SETTINGS");
+    assert!(settings.iter().any(|f| f["ack"] == false), "{settings:#?}");
+}
+
+#[test]
+fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-ping", 86);
+    let target = format!("{}:50051", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-grpc-too-many-pings", &[], || {
+        // The server allows a ping every 2 s; the client pings every second (grpc's floor).
+        let server = py_server(
+            &py,
+            &net.server,
+            &["grpc-server", &target, "--min-ping-interval-ms", "2000"],
+        );
+        client = py_client(
+            &py,
+            &net.client,
+            &[
+                "grpc-client",
+                &target,
+                "--calls",
+                "1",
+                "--keepalive-ms",
+                "200",
+                "--hold-ms",
+                "4500",
+            ],
+        );
+        vec![server]
+    });
+    // The server's GOAWAY, as it sent it and as the client read it.
+    for (ns, side, dir) in [
+        (&net.server, "server", "sent"),
+        (&net.client, "client", "received"),
+    ] {
+        let g = frames_in(&recs, ns, side, dir, "GOAWAY");
+        assert_eq!(g.len(), 1, "{side}: {g:#?}");
+        assert_eq!(g[0]["error"], "ENHANCE_YOUR_CALM");
+        assert_eq!(g[0]["code"], 11);
+        assert_eq!(g[0]["debug"], "too_many_pings");
+        assert_eq!(g[0]["last_stream_id"], 1);
+    }
+    // The client's keepalive cadence: about a second between pings.
+    let c = h2_conns(&recs, &net.client);
+    assert_eq!(c.len(), 1, "{c:#?}");
+    let min = c[0]["sent"]["min_interval_ns"].as_u64().unwrap();
+    assert!((500_000_000..1_500_000_000).contains(&min), "{c:#?}");
+    assert!(c[0]["sent"]["pings"].as_u64().unwrap() >= 3, "{c:#?}");
+    let f = finding_for(&recs, "too-many-pings", Some(client), None);
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("too_many_pings"), "{msg}");
+}
+
+#[test]
+fn grpc_cancelled_calls_reset_their_streams() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-cancel", 87);
+    let target = format!("{}:50051", net.server_v4);
+    let recs = traced("e2e-grpc-cancel", &[], || {
+        let server = py_server(
+            &py,
+            &net.server,
+            &["grpc-server", &target, "--delay-ms", "1500"],
+        );
+        py_client(
+            &py,
+            &net.client,
+            &[
+                "grpc-client",
+                &target,
+                "--calls",
+                "3",
+                "--cancel-after-ms",
+                "300",
+                "--deadline-s",
+                "5",
+            ],
+        );
+        vec![server]
+    });
+    // Each cancelled call is one RST_STREAM(CANCEL) on its own stream, seen from both ends.
+    for (ns, side, dir) in [
+        (&net.client, "client", "sent"),
+        (&net.server, "server", "received"),
+    ] {
+        let r = frames_in(&recs, ns, side, dir, "RST_STREAM");
+        let ids: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [1, 3, 5], "{side}: {r:#?}");
+        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
+    }
+    let c = h2_conns(&recs, &net.client);
+    assert_eq!(c[0]["sent"]["rst_stream"]["CANCEL"], 3, "{c:#?}");
+    assert_eq!(requests(&c), [3]);
 }
 
 #[test]
@@ -264,6 +408,27 @@ fn grpc_max_connection_age_is_fixed_age_rotation() {
         .unwrap();
     assert!((500_000_000..1_300_000_000).contains(&age), "age {age}");
     assert!(findings(&recs, "dial-per-request").is_empty());
+    // The proof: the server's GOAWAY(NO_ERROR, "max_age") before each rotation, and the
+    // finding says so.
+    let goaways = frames_in(&recs, &net.client, "client", "received", "GOAWAY");
+    assert!(goaways.len() >= 3, "{goaways:#?}");
+    assert!(
+        goaways
+            .iter()
+            .all(|g| g["error"] == "NO_ERROR" && g["debug"] == "max_age"),
+        "{goaways:#?}"
+    );
+    let numbers = &f["h2trace"]["finding"]["numbers"];
+    assert!(
+        numbers["goaway_max_age"].as_u64().unwrap() >= 3,
+        "{numbers}"
+    );
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("GOAWAY"), "{msg}");
+    // Every call went over one of the rotated connections: no stream was lost or doubled.
+    let conns = h2_conns(&recs, &net.client);
+    assert!(conns.len() >= 3, "{conns:#?}");
+    assert_eq!(requests(&conns).iter().sum::<u64>(), 90, "{conns:#?}");
 }
 
 #[test]
