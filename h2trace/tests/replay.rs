@@ -153,6 +153,12 @@ const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
     ),
     ("e2e-grpc-tls-mismatch", Some("handshake-failure-loop"), &[]),
     (
+        "e2e-grpc-too-many-pings",
+        Some("too-many-pings"),
+        &["fixed-age-rotation", "dial-per-request"],
+    ),
+    ("e2e-grpc-cancel", None, &[]),
+    (
         "e2e-grpc-blackhole",
         Some("black-hole"),
         &["reset-after-idle"],
@@ -189,6 +195,29 @@ fn fixtures_replay_to_themselves_with_the_expected_findings() {
             assert!(findings(&recs, p).is_empty(), "{name}: unexpected {p}");
         }
     }
+}
+
+/// HTTP/2 frames are facts replay joins to their connections again: the recorded GOAWAYs
+/// prove the rotation in the finding, and each connection's frame summary comes back.
+#[test]
+fn recorded_goaways_prove_fixed_age_rotation() {
+    let recorded = std::fs::read_to_string(fixture("e2e-grpc-max-age")).unwrap();
+    let (code, out, err) = replay_bytes(recorded.as_bytes(), &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let recs = records(&out);
+    let f = findings(&recs, "fixed-age-rotation");
+    assert!(!f.is_empty());
+    for f in f {
+        let msg = f["message"].as_str().unwrap();
+        assert!(msg.contains("GOAWAY(NO_ERROR, \"max_age\")"), "{msg}");
+        assert!(f["h2trace"]["finding"]["numbers"]["goaway_max_age"].as_u64() >= Some(3));
+    }
+    let goaway = |r: &Value| r["h2trace"]["connection"]["http2"]["received"]["goaway"].clone();
+    let with = records(&out)
+        .iter()
+        .filter(|r| action(r) == "connection-closed" && !goaway(r).is_null())
+        .count();
+    assert!(with >= 3, "{with} connections with a received GOAWAY");
 }
 
 #[test]
