@@ -142,45 +142,47 @@ pub fn on_io<C: EbpfContext>(
     d: usize,
 ) {
     let side = life.h2_side;
-    let skip = if side == h2_side::NONE || side == h2_side::MAYBE_SERVER && d == 1 {
-        match detect(ctx, life, sk, b, d) {
-            Some(skip) => skip,
-            None => return,
-        }
-    } else {
-        0
-    };
-    walk(ctx, life, sk, b, ret, d, skip);
+    if (side == h2_side::NONE || side == h2_side::MAYBE_SERVER && d == 1)
+        && detect(ctx, life, sk, b, ret, d).is_none()
+    {
+        return;
+    }
+    walk(ctx, life, sk, b, ret, d);
 }
 
-/// At a socket's first send or receive: does it speak HTTP/2? Returns the bytes of this call
-/// that precede the first frame (the preface) when it does.
+/// At a socket's first send or receive: does it speak HTTP/2? `Some` when this call is to be
+/// walked.
 #[inline(always)]
 fn detect<C: EbpfContext>(
     ctx: &C,
     life: &mut SockLife,
     sk: u64,
     b: &UserBuf,
+    ret: u32,
     d: usize,
-) -> Option<u32> {
-    let (ptr, len, _, _) = first_segment(b)?;
+) -> Option<()> {
+    let (ptr, len, iov, iov_n) = first_segment(b)?;
     let side = life.h2_side;
-    if len >= 24 {
-        let head = unsafe { bpf_probe_read_user(ptr as *const [u8; 24]).ok()? };
+    if let Some(head) = head(ptr, len, iov, iov_n, ret) {
         if head == PREFACE {
             if d == 0 && side == h2_side::NONE {
                 start(life, sk, h2_side::CLIENT)?;
-                return Some(24);
-            }
-            if d == 1 {
+            } else if d == 1 {
                 if side == h2_side::MAYBE_SERVER {
                     life.h2_side = h2_side::SERVER;
                     confirm(ctx, life, sk);
                 } else {
                     start(life, sk, h2_side::SERVER)?;
                 }
-                return Some(24);
+            } else {
+                return None;
             }
+            // The preface is not a frame: the walk steps over it (it may span iovecs).
+            let c = H2.get_ptr_mut(&sk)?;
+            let st = unsafe { &mut (*c).dirs[d & 1] };
+            st.phase = SKIP;
+            st.need = PREFACE.len() as u32;
+            return Some(());
         }
     }
     if side == h2_side::MAYBE_SERVER {
@@ -196,10 +198,38 @@ fn detect<C: EbpfContext>(
         let n = ((h[1] as u32) << 8) | h[2] as u32;
         if h[0] == 0 && n % 6 == 0 && h[3] == 4 && h[4] == 0 && h[5..9] == [0, 0, 0, 0] {
             start(life, sk, h2_side::MAYBE_SERVER)?;
-            return Some(0);
+            return Some(());
         }
     }
     None
+}
+
+/// The first 24 bytes of a call, from its first iovec or its first two (a preface may be
+/// split, as readv into small buffers does).
+#[inline(always)]
+fn head(ptr: u64, len: u64, iov: u64, iov_n: u64, ret: u32) -> Option<[u8; 24]> {
+    if ret < 24 {
+        return None;
+    }
+    // Twice the size that is read, so that masked offsets and lengths stay inside.
+    let mut buf = [0u8; 64];
+    let first = len.min(24) as u32;
+    read_user(buf.as_mut_ptr(), first & 31, ptr)?;
+    if first < 24 {
+        if iov_n < 2 {
+            return None;
+        }
+        let v = unsafe { bpf_probe_read_user((iov + 16) as *const [u64; 2]).ok()? };
+        let rest = 24 - first;
+        if v[1] < rest as u64 {
+            return None;
+        }
+        let dst = unsafe { buf.as_mut_ptr().add((first & 31) as usize) };
+        read_user(dst, rest & 31, v[0])?;
+    }
+    let mut out = [0u8; 24];
+    out.copy_from_slice(&buf[..24]);
+    Some(out)
 }
 
 #[inline(always)]
@@ -242,18 +272,10 @@ struct Walk {
     left: u32,
 }
 
-/// Walk `ret` bytes of one call through the direction's frame parser, starting `skip` bytes in.
+/// Walk `ret` bytes of one call through the direction's frame parser.
 /// A `bpf_loop` (5.17+) whose callback the verifier checks once, not once per iteration.
 #[inline(always)]
-fn walk<C: EbpfContext>(
-    ctx: &C,
-    life: &mut SockLife,
-    sk: u64,
-    b: &UserBuf,
-    ret: u32,
-    d: usize,
-    skip: u32,
-) {
+fn walk<C: EbpfContext>(ctx: &C, life: &mut SockLife, sk: u64, b: &UserBuf, ret: u32, d: usize) {
     let Some(c) = H2.get_ptr_mut(&sk) else {
         return;
     };
@@ -273,12 +295,8 @@ fn walk<C: EbpfContext>(
         left: ret,
     };
     if let Some((seg, seg_len, iov, iov_n)) = first_segment(b) {
+        w.seg = seg;
         w.seg_left = seg_len.min(ret as u64) as u32;
-        // The preface is not a frame: step over it.
-        let s = skip.min(w.seg_left);
-        w.seg = seg + s as u64;
-        w.seg_left -= s;
-        w.left -= s;
         w.iov = iov;
         w.iov_n = iov_n;
         unsafe {

@@ -283,7 +283,7 @@ fn grpc_reusing_one_channel_has_no_finding() {
 fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
     let Some(_lock) = kernel_test() else { return };
     let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-ping", 86);
+    let net = NetPair::new("e2e-grpc-ping", 90);
     let target = format!("{}:50051", net.server_v4);
     let mut client = 0;
     let recs = traced("e2e-grpc-too-many-pings", &[], || {
@@ -336,7 +336,7 @@ fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
 fn grpc_cancelled_calls_reset_their_streams() {
     let Some(_lock) = kernel_test() else { return };
     let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-cancel", 87);
+    let net = NetPair::new("e2e-grpc-cancel", 91);
     let target = format!("{}:50051", net.server_v4);
     let recs = traced("e2e-grpc-cancel", &[], || {
         let server = py_server(

@@ -2,6 +2,8 @@
 //! network namespaces, assert on what h2trace reports. Root only; serial.
 mod common;
 
+use std::process::Command;
+
 use common::*;
 use serde_json::Value;
 
@@ -373,4 +375,165 @@ fn pid_keeps_exactly_one_process_ringbuf() {
 #[test]
 fn pid_keeps_exactly_one_process_perf() {
     pid_filter("perf", 42);
+}
+
+// ---- HTTP/2 (h2c): frames walked from the syscall buffers ------------------------------
+
+/// Run the `h2c_peer` pair under the tracer; returns the records and the namespaces.
+fn h2c(tag: &str, subnet: u8, args: &[&str], peer_args: &[&str]) -> (Vec<Value>, NetPair) {
+    let net = NetPair::new(tag, subnet);
+    let tracer = Tracer::start(tag, args);
+    let addr = format!("{}:8080", net.server_v4);
+    let bin = example_bin("h2c_peer");
+    let run = |ns: &str, mode: &str| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(&bin)
+            .args([mode, &addr])
+            .args(peer_args);
+        c
+    };
+    let mut server = run(&net.server, "server")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let mut server = KillOnDrop(server);
+    assert_eq!(line.trim(), "ready");
+    let mut client = KillOnDrop(run(&net.client, "client").spawn().unwrap());
+    for (who, c) in [("client", &mut client), ("server", &mut server)] {
+        let st = wait_timeout(&mut c.0, std::time::Duration::from_secs(60)).expect("timed out");
+        assert!(st.success(), "h2c_peer {who}: {st}");
+    }
+    (tracer.stop(), net)
+}
+
+/// The `http2-frame` records of one namespace, as (direction, type, stream, frame).
+fn h2_frames<'a>(recs: &'a [Value], ns: &str) -> Vec<(&'a str, &'a str, u64, &'a Value)> {
+    in_netns(recs, ns, "http2-frame")
+        .into_iter()
+        .map(|r| {
+            let f = &r["h2trace"]["http2_frame"];
+            (
+                f["direction"].as_str().unwrap(),
+                f["type"].as_str().unwrap(),
+                f["stream_id"].as_u64().unwrap(),
+                f,
+            )
+        })
+        .collect()
+}
+
+fn h2c_frames(transport: &str, subnet: u8) {
+    let Some(_lock) = kernel_test() else { return };
+    const REQUESTS: u64 = 4;
+    let (recs, net) = h2c(
+        &format!("h2c-{transport}"),
+        subnet,
+        &["--transport", transport],
+        &["--requests", &REQUESTS.to_string(), "--data", "40000"],
+    );
+    for (ns, side, sent, received) in [
+        (&net.client, "client", "sent", "received"),
+        (&net.server, "server", "received", "sent"),
+    ] {
+        let frames = h2_frames(&recs, ns);
+        let of = |dir: &str, ty: &str| -> Vec<_> {
+            frames
+                .iter()
+                .filter(|(d, t, _, _)| *d == dir && *t == ty)
+                .collect()
+        };
+        assert!(
+            frames.iter().all(|(_, _, _, f)| f["side"] == side),
+            "{side}: {frames:#?}"
+        );
+        // The server's SETTINGS went out before the preface came in: held, then reported.
+        let settings = of(received, "SETTINGS");
+        let limit = settings
+            .iter()
+            .find(|(_, _, _, f)| f["ack"] == false)
+            .unwrap_or_else(|| panic!("{side}: no server SETTINGS: {frames:#?}"));
+        assert_eq!(limit.3["settings"]["MAX_CONCURRENT_STREAMS"], 33);
+        let client_settings = of(sent, "SETTINGS");
+        assert_eq!(
+            client_settings[0].3["settings"]["INITIAL_WINDOW_SIZE"], 65536,
+            "{side}: {frames:#?}"
+        );
+        // One PING per request, each acked, header split over two iovecs.
+        let pings: Vec<_> = of(sent, "PING")
+            .into_iter()
+            .filter(|(_, _, _, f)| f["ack"] == false)
+            .collect();
+        assert_eq!(pings.len() as u64, REQUESTS, "{side}: {frames:#?}");
+        let acks = of(received, "PING");
+        assert!(acks.iter().all(|(_, _, _, f)| f["ack"] == true));
+        assert_eq!(acks.len() as u64, REQUESTS);
+        assert_eq!(
+            pings.last().unwrap().3["opaque"],
+            format!("{:016x}", REQUESTS - 1)
+        );
+        let rst = of(sent, "RST_STREAM");
+        assert_eq!(rst.len(), 1, "{side}: {frames:#?}");
+        assert_eq!(
+            (rst[0].2, rst[0].3["error"].as_str()),
+            (1001, Some("CANCEL"))
+        );
+        let goaway = of(received, "GOAWAY");
+        assert_eq!(goaway.len(), 1, "{side}: {frames:#?}");
+        let g = goaway[0].3;
+        assert_eq!(g["last_stream_id"], 2 * REQUESTS - 1);
+        assert_eq!(
+            (g["error"].as_str(), g["debug"].as_str()),
+            (Some("NO_ERROR"), Some("bye"))
+        );
+        // The connection record: every stream counted, no frame boundary lost, through 40 kB
+        // DATA frames written in 777-byte pieces and read 7 bytes at a time.
+        let lives = in_netns(&recs, ns, "connection-closed");
+        assert_eq!(lives.len(), 1, "{side}");
+        let h = &lives[0]["h2trace"]["connection"]["http2"];
+        assert_eq!(h["side"], side, "{h:#}");
+        assert_eq!(h["requests"], REQUESTS, "{h:#}");
+        assert!(h.get("desync").is_none(), "{h:#}");
+        assert_eq!(
+            h["received"]["goaway"]["debug"]
+                .as_str()
+                .or(h["sent"]["goaway"]["debug"].as_str()),
+            Some("bye")
+        );
+    }
+}
+
+#[test]
+fn h2c_frames_and_streams_ringbuf() {
+    h2c_frames("ringbuf", 51);
+}
+
+#[test]
+fn h2c_frames_and_streams_perf() {
+    h2c_frames("perf", 52);
+}
+
+/// A server whose first bytes look like SETTINGS, to a client that never sends the preface,
+/// is not HTTP/2; and `--http2 off` sees no frames at all.
+#[test]
+fn h2c_only_for_sockets_that_spoke_the_preface() {
+    let Some(_lock) = kernel_test() else { return };
+    let (recs, net) = h2c("h2c-not", 53, &[], &["--not-h2"]);
+    for ns in [&net.client, &net.server] {
+        assert!(h2_frames(&recs, ns).is_empty(), "{recs:#?}");
+        let lives = in_netns(&recs, ns, "connection-closed");
+        assert_eq!(lives.len(), 1);
+        assert!(lives[0]["h2trace"]["connection"]["http2"].is_null());
+    }
+    drop(net);
+    let (recs, net) = h2c("h2c-off", 54, &["--http2", "off"], &["--requests", "1"]);
+    assert!(recs.iter().all(|r| action(r) != "http2-frame"));
+    let lives = in_netns(&recs, &net.client, "connection-closed");
+    assert!(lives[0]["h2trace"]["connection"]["http2"].is_null());
 }
