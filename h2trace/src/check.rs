@@ -78,6 +78,20 @@ pub fn check(opts: &ProbeOptions) -> Report {
             }
         },
     }
+    let _ = writeln!(t, "\nHTTP/2");
+    let _ = writeln!(
+        t,
+        "  {}",
+        if opts.h2c {
+            "h2c  frames of cleartext connections that begin with the client preface, read from the syscall buffers above (bpf_loop, Linux ≥ 5.17); --http2 off skips it"
+        } else {
+            "off  (--http2 off): no frames, no syscall tracepoints"
+        }
+    );
+    let _ = writeln!(
+        t,
+        "  TLS  not read: encrypted connections show their TCP facts only"
+    );
     let _ = writeln!(t, "\nconntrack");
     let _ = writeln!(
         t,

@@ -93,6 +93,10 @@ pub struct DetectArgs {
     /// RST storm: resets one process sees within the window [default: 100].
     #[arg(long, value_name = "N")]
     pub rst_storm: Option<usize>,
+    /// Stream cancellation storm: HTTP/2 streams one process cancels or sees cancelled
+    /// (RST_STREAM CANCEL) within the window [default: 50].
+    #[arg(long, value_name = "N")]
+    pub cancel_storm: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -89,6 +89,7 @@ pub fn detect_config(a: &DetectArgs, base: DetectConfig) -> Result<DetectConfig,
     c.idle_gap_ns = dur("idle-gap", &a.idle_gap, c.idle_gap_ns)?;
     c.time_wait_pileup = count("time-wait-pileup", a.time_wait_pileup, c.time_wait_pileup)?;
     c.rst_storm = count("rst-storm", a.rst_storm, c.rst_storm)?;
+    c.cancel_storm = count("cancel-storm", a.cancel_storm, c.cancel_storm)?;
     Ok(c)
 }
 
@@ -101,6 +102,7 @@ pub fn detect_overridden(a: &DetectArgs) -> bool {
         || a.idle_gap.is_some()
         || a.time_wait_pileup.is_some()
         || a.rst_storm.is_some()
+        || a.cancel_storm.is_some()
 }
 
 /// Text on a terminal (when writing to standard output), NDJSON otherwise.

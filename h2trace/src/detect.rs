@@ -51,6 +51,14 @@ pub struct DetectConfig {
     /// Per process, within the window.
     pub time_wait_pileup: usize,
     pub rst_storm: usize,
+    /// HTTP/2 streams cancelled (RST_STREAM CANCEL, either way) per process within the window.
+    /// Recordings made before it existed replay with the default.
+    #[serde(default = "default_cancel_storm")]
+    pub cancel_storm: usize,
+}
+
+fn default_cancel_storm() -> usize {
+    50
 }
 
 impl Default for DetectConfig {
@@ -70,6 +78,7 @@ impl Default for DetectConfig {
             idle_gap_ns: 1_000_000_000,
             time_wait_pileup: 500,
             rst_storm: 100,
+            cancel_storm: default_cancel_storm(),
         }
     }
 }
@@ -89,6 +98,7 @@ pub enum Pattern {
     ConntrackForgot,
     ConntrackClosedEarly,
     TooManyPings,
+    StreamCancelStorm,
 }
 
 impl Pattern {
@@ -107,6 +117,7 @@ impl Pattern {
             Self::ConntrackForgot => "conntrack-forgot-connection",
             Self::ConntrackClosedEarly => "conntrack-closed-early",
             Self::TooManyPings => "too-many-pings",
+            Self::StreamCancelStorm => "stream-cancel-storm",
         }
     }
 
@@ -116,6 +127,11 @@ impl Pattern {
                 "create one gRPC channel / HTTP client per target and share it across requests instead of one per call",
                 "HTTP/1.1 clients: enable keep-alive (a pooled client, no `Connection: close`)",
                 "check pool limits (max idle connections per host) so connections are returned to the pool, not closed",
+            ],
+            Self::StreamCancelStorm => &[
+                "find why callers give up: deadlines shorter than the server's latency, hedged or retried requests, clients that cancel on shutdown",
+                "proxies: keep upstream connections across stream cancellations (HTTP/2 upstreams, or keep-alive that survives a client abort, e.g. nginx proxy_ignore_client_abort)",
+                "servers: stop work for cancelled streams (honour the context/cancellation) so it does not pile up",
             ],
             Self::TooManyPings => &[
                 "make the client's keepalive time (gRPC keepalive_time / Keepalive.Time) at least the server's minimum ping interval (grpc-go EnforcementPolicy.MinTime, default 5 min; grpc core grpc.http2.min_ping_interval_without_data_ms)",
@@ -241,6 +257,8 @@ struct Conn {
     goaway: Option<GoAwaySeen>,
     /// HTTP/2: shortest gap between the client's PINGs.
     client_ping_min_ns: Option<u64>,
+    /// HTTP/2: the streams the client opened (requests), when the connection spoke it.
+    requests: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -337,6 +355,9 @@ struct Group {
     close_wait_open: u64,
     ends: BTreeMap<&'static str, u64>,
     findings: BTreeSet<Pattern>,
+    /// HTTP/2 connections and the streams their clients opened (reuse health).
+    http2_connections: u64,
+    http2_requests: u64,
 }
 
 const AGE_HISTORY: usize = 32;
@@ -396,6 +417,8 @@ struct Process {
     time_waits: VecDeque<(u64, SocketId)>,
     resets: VecDeque<(u64, SocketId)>,
     closes: VecDeque<u64>,
+    /// HTTP/2 streams cancelled (RST_STREAM CANCEL), and whether this process sent it.
+    cancels: VecDeque<(u64, SocketId, bool)>,
 }
 
 struct Emitted {
@@ -429,6 +452,10 @@ pub struct PeerSummary {
     pub close_wait_open: u64,
     pub close_wait_max_ns: u64,
     pub findings: Vec<&'static str>,
+    /// HTTP/2 connections, and the streams (requests) they carried: requests per connection
+    /// is the reuse health HTTP/2 asks for (1 = no reuse at all).
+    pub http2_connections: u64,
+    pub http2_requests: u64,
 }
 
 pub struct Detector {
@@ -608,6 +635,8 @@ impl Detector {
                 close_wait_open: g.close_wait_open + close_wait_open,
                 close_wait_max_ns: g.close_wait_max_ns.max(cw_longest),
                 findings: g.findings.iter().map(|p| p.as_str()).collect(),
+                http2_connections: g.http2_connections,
+                http2_requests: g.http2_requests,
             };
         };
         let conns: Vec<&Conn> = g
@@ -652,6 +681,8 @@ impl Detector {
                 .unwrap_or(0)
                 .max(cw_longest),
             findings: g.findings.iter().map(|p| p.as_str()).collect(),
+            http2_connections: conns.iter().filter(|c| c.requests.is_some()).count() as u64,
+            http2_requests: conns.iter().filter_map(|c| c.requests).map(u64::from).sum(),
         }
     }
 
@@ -695,6 +726,13 @@ impl Detector {
             Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
                 self.close_wait.insert(ev.socket.id, (ev.ts_ns, key));
             }
+            Body::Frame(f) if matches!(f.body, http2::FrameBody::RstStream { code } if code == http2::CANCEL) =>
+            {
+                let p = self.process(&key, &comm);
+                p.cancels.push_back((ev.ts_ns, ev.socket.id, !f.received));
+                cap(&mut p.cancels);
+                self.check_process(key.tgid, out);
+            }
             Body::ResetSent { .. } | Body::ResetReceived { .. } => {
                 let p = self.process(&key, &comm);
                 p.resets.push_back((ev.ts_ns, ev.socket.id));
@@ -713,6 +751,7 @@ impl Detector {
                         == Some(h2trace_common::tcp_state::ESTABLISHED),
                     ct: CtSeen::of(l),
                     goaway: GoAwaySeen::of(l),
+                    requests: l.http2.side.map(|_| l.http2.requests()),
                     client_ping_min_ns: l.frames.as_deref().and_then(|fr| match l.http2.side {
                         Some(http2::Side::Client) => fr.sent.pings.min_interval_ns,
                         Some(http2::Side::Server) => fr.received.pings.min_interval_ns,
@@ -763,6 +802,10 @@ impl Detector {
         *g.closers.entry(c.f.fin_first.as_str()).or_default() += 1;
         *g.ends.entry(c.f.end.as_str()).or_default() += 1;
         g.time_waits += u64::from(c.f.time_wait);
+        if let Some(r) = c.requests {
+            g.http2_connections += 1;
+            g.http2_requests += u64::from(r);
+        }
         g.retransmits += u64::from(c.retransmits);
         g.close_wait_max_ns = g.close_wait_max_ns.max(c.f.close_wait_ns.unwrap_or(0));
         if c.f.end == EndKind::Open && c.f.close_wait_ns.is_some() {
@@ -826,6 +869,7 @@ impl Detector {
             g.findings.insert(pattern);
         }
         f.status = status;
+        f.evidence.dedup();
         f.evidence.truncate(MAX_EVIDENCE);
         out.push(f);
     }
@@ -941,7 +985,7 @@ impl Detector {
                     &closed.iter().map(|c| c.bytes_received).collect::<Vec<_>>(),
                     0.5,
                 );
-                let numbers = json!({
+                let mut numbers = json!({
                     "connections": n, "rate_per_s": (rate * 10.0).round() / 10.0,
                     "lifetime_p50_ns": p50, "lifetime_p90_ns": percentile(&lifetimes, 0.9), "lifetime_p99_ns": percentile(&lifetimes, 0.99),
                     "concurrent_max": max_concurrent(closed.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
@@ -964,7 +1008,16 @@ impl Detector {
                 let proto = |p| {
                     closed.iter().filter(|c| c.f.protocol == Some(p)).count() * 2 > closed.len()
                 };
-                summary.push_str(if proto(Protocol::Http1) {
+                // HTTP/2 counts the streams: one per connection is no reuse at all.
+                let h2: Vec<u32> = closed.iter().filter_map(|c| c.requests).collect();
+                let single = h2.iter().filter(|&&r| r <= 1).count();
+                if h2.len() * 2 > closed.len() {
+                    numbers["http2_connections"] = json!(h2.len());
+                    numbers["single_stream_connections"] = json!(single);
+                }
+                summary.push_str(if h2.len() * 2 > closed.len() && single * 10 >= h2.len() * 9 {
+                    " HTTP/2 proves it: each connection carried a single stream, so nothing was reused (a new channel or client per call)."
+                } else if proto(Protocol::Http1) {
                     " The connections carry HTTP/1.x: a client without keep-alive (or a server that closes after each response)."
                 } else if proto(Protocol::H2c) {
                     " The connections carry HTTP/2: a new channel or client per call."
@@ -1403,7 +1456,10 @@ impl Detector {
         prune(&mut p.time_waits, from, |x| x.0);
         prune(&mut p.resets, from, |x| x.0);
         prune(&mut p.closes, from, |x| *x);
+        prune(&mut p.cancels, from, |x| x.0);
         let (tw, rst, closes) = (p.time_waits.len(), p.resets.len(), p.closes.len());
+        let cancels = p.cancels.len();
+        let sent = p.cancels.iter().filter(|c| c.2).count();
         let key = GroupKey {
             tgid,
             netns: p.netns,
@@ -1414,7 +1470,9 @@ impl Detector {
         let rst_due = rst >= self.cfg.rst_storm
             && rst * 2 >= closes
             && self.due(Pattern::RstStorm, &key, rst);
-        if !tw_due && !rst_due {
+        let cancel_due =
+            cancels >= self.cfg.cancel_storm && self.due(Pattern::StreamCancelStorm, &key, cancels);
+        if !tw_due && !rst_due && !cancel_due {
             return;
         }
         let Some(p) = self.processes.get(&tgid) else {
@@ -1429,6 +1487,9 @@ impl Detector {
                 .collect()
         };
         let (tw_ids, rst_ids) = (ids(&p.time_waits), ids(&p.resets));
+        // One entry per cancelled stream, so that the finding is updated as they double; `emit`
+        // folds repeats of a connection.
+        let cancel_ids: Vec<String> = p.cancels.iter().rev().map(|c| c.1.to_string()).collect();
         let who = format!("{comm} (pid {tgid})");
         let w = ms(self.cfg.window_ns);
         if tw_due {
@@ -1458,6 +1519,36 @@ impl Detector {
                 summary,
             );
             self.emit(Pattern::RstStorm, &key, f, out);
+        }
+        if cancel_due {
+            let by = if sent * 2 >= cancels {
+                "it cancelled them itself: its callers gave up on the requests"
+            } else {
+                "its peers cancelled them: their callers gave up on the requests"
+            };
+            let mut summary = format!(
+                "{who} saw {cancels} HTTP/2 streams cancelled with RST_STREAM(CANCEL) within {w} ({sent} sent, {} received): {by} (deadlines, client aborts).",
+                cancels - sent
+            );
+            let churn = self
+                .groups
+                .iter()
+                .any(|(k, g)| k.tgid == tgid && g.findings.contains(&Pattern::ProxyUpstreamChurn));
+            if churn {
+                summary.push_str(" This process also churns its upstream connections (proxy-upstream-churn): a proxy that tears down an upstream connection for every cancelled stream.");
+            }
+            let f = self.finding(
+                Pattern::StreamCancelStorm,
+                &key,
+                json!({
+                    "connections": cancel_ids.iter().collect::<BTreeSet<_>>().len(),
+                    "cancelled_streams": cancels, "sent": sent, "received": cancels - sent,
+                }),
+                0.9,
+                cancel_ids,
+                summary,
+            );
+            self.emit(Pattern::StreamCancelStorm, &key, f, out);
         }
     }
 

@@ -93,6 +93,13 @@ pub struct Losses {
     /// ctnetlink messages that did not decode.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_malformed: u64,
+    /// HTTP/2 connections whose parse state the kernel could not store: no frames seen.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub http2_untracked: u64,
+    /// HTTP/2 directions that lost frame boundaries (their later frames were not seen; the
+    /// connection record says which, under `http2.desync`).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub http2_desync: u64,
 }
 
 impl Losses {
@@ -106,6 +113,8 @@ impl Losses {
             + self.filter_overflow
             + self.conntrack_overruns
             + self.conntrack_malformed
+            + self.http2_untracked
+            + self.http2_desync
     }
 }
 
@@ -951,6 +960,13 @@ impl<W: Write> Sink for Ndjson<W> {
             if let Some((start, end)) = p.window {
                 v["h2trace"]["peer"]["window"] = json!({ "start_ns": start, "end_ns": end });
             }
+            if p.http2_connections > 0 {
+                v["h2trace"]["peer"]["http2"] = json!({
+                    "connections": p.http2_connections,
+                    "requests": p.http2_requests,
+                    "requests_per_connection": p.http2_requests as f64 / p.http2_connections as f64,
+                });
+            }
             self.line(&v)?;
         }
         Ok(())
@@ -1263,11 +1279,12 @@ impl<W: Write> Sink for Text<W> {
         }
         writeln!(
             self.out,
-            "\nPer peer:\n{:>7} {:<15} {:<45} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:<28} {:<28} FINDINGS",
+            "\nPer peer:\n{:>7} {:<15} {:<45} {:>6} {:>8} {:>8} {:>5} {:>10} {:>10} {:>10} {:<28} {:<28} FINDINGS",
             "PID",
             "COMM",
             "PEER",
             "CONNS",
+            "REQ/CONN",
             "RATE/s",
             "CONC",
             "LIFE p50",
@@ -1285,11 +1302,20 @@ impl<W: Write> Sink for Text<W> {
         for p in peers {
             writeln!(
                 self.out,
-                "{:>7} {:<15} {:<45} {:>6} {:>8.1} {:>5} {:>10} {:>10} {:>10} {:<28} {:<28} {}",
+                "{:>7} {:<15} {:<45} {:>6} {:>8} {:>8.1} {:>5} {:>10} {:>10} {:>10} {:<28} {:<28} {}",
                 p.tgid,
                 p.comm,
                 p.peer.to_string(),
                 p.connections,
+                // HTTP/2 streams per connection: the reuse figure (1.0 = none).
+                if p.http2_connections > 0 {
+                    format!(
+                        "{:.1}",
+                        p.http2_requests as f64 / p.http2_connections as f64
+                    )
+                } else {
+                    "-".to_string()
+                },
                 p.rate_per_s,
                 p.concurrent_max,
                 ms(p.lifetime_p50_ns),

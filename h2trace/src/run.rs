@@ -155,6 +155,8 @@ fn apply_counters(l: &mut Losses, c: &CounterValues, perf_lost: u64) {
     l.perf_lost = perf_lost;
     l.sockets_untracked = c.track_failed;
     l.listeners_untracked = c.listener_failed;
+    l.http2_untracked = c.h2_track_failed;
+    l.http2_desync = c.h2_desync;
 }
 
 fn drain_conntrack(cts: &mut [Listener], stamp: u64, o: &mut Ordered) {

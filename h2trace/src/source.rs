@@ -131,6 +131,8 @@ pub struct CounterValues {
     pub ended: u64,
     pub transitions_truncated: u64,
     pub listener_failed: u64,
+    pub h2_track_failed: u64,
+    pub h2_desync: u64,
 }
 
 impl Counters {
@@ -153,6 +155,8 @@ impl Counters {
             ended: get(counter::SOCK_ENDED),
             transitions_truncated: get(counter::TRANSITIONS_TRUNCATED),
             listener_failed: get(counter::LISTENER_TRACK_FAIL),
+            h2_track_failed: get(counter::H2_TRACK_FAIL),
+            h2_desync: get(counter::H2_DESYNC),
         }
     }
 }

@@ -373,6 +373,49 @@ fn grpc_cancelled_calls_reset_their_streams() {
     let c = h2_conns(&recs, &net.client);
     assert_eq!(c[0]["sent"]["rst_stream"]["CANCEL"], 3, "{c:#?}");
     assert_eq!(requests(&c), [3]);
+    assert!(findings(&recs, "stream-cancel-storm").is_empty());
+}
+
+#[test]
+fn grpc_callers_giving_up_is_a_stream_cancel_storm() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(py) = python() else { return };
+    let net = NetPair::new("e2e-grpc-storm", 92);
+    let target = format!("{}:50051", net.server_v4);
+    let mut client = 0;
+    let recs = traced("e2e-grpc-cancel-storm", &["--cancel-storm", "20"], || {
+        let s = py_server(
+            &py,
+            &net.server,
+            &["grpc-server", &target, "--delay-ms", "1000"],
+        );
+        client = py_client(
+            &py,
+            &net.client,
+            &[
+                "grpc-client",
+                &target,
+                "--calls",
+                "25",
+                "--cancel-after-ms",
+                "20",
+            ],
+        );
+        vec![s]
+    });
+    let f = finding_for(&recs, "stream-cancel-storm", Some(client), None);
+    let n = &f["h2trace"]["finding"]["numbers"];
+    assert!(n["sent"].as_u64().unwrap() >= 20, "{n}");
+    assert_eq!(n["received"], 0, "{n}");
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("cancelled them itself"), "{msg}");
+    // The server saw the same cancellations arrive.
+    let s = findings(&recs, "stream-cancel-storm");
+    assert!(
+        s.iter()
+            .any(|f| f["h2trace"]["finding"]["numbers"]["received"].as_u64() >= Some(20)),
+        "{s:#?}"
+    );
 }
 
 #[test]

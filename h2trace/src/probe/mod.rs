@@ -589,25 +589,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
             detail: "attached (--follow-forks)".into(),
         });
     }
-    let send = (opts.peek || opts.h2c).then_some(SEND_SYSCALLS.iter());
-    let recv = opts.h2c.then_some(RECV_SYSCALLS.iter());
-    let what = match (opts.peek, opts.h2c) {
-        (true, true) => "--peek and --http2",
-        (true, false) => "--peek",
-        _ => "--http2",
-    };
-    for name in send.into_iter().flatten().chain(recv.into_iter().flatten()) {
-        let result =
-            attach_tracepoint(&mut ebpf, name, "syscalls", name).map_err(|e| error_chain(&e));
-        hooks.push(HookStatus {
-            hook: format!("tracepoint syscalls:{name}"),
-            ok: result.is_ok(),
-            detail: result.map_or_else(
-                |why| format!("{why}; {what} miss the data of these calls"),
-                |()| format!("attached ({what})"),
-            ),
-        });
-    }
+    hooks.extend(attach_syscalls(&mut ebpf, opts, "attached"));
     Ok(Probes {
         ebpf,
         state_hook,
@@ -867,6 +849,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     }
     let mut ebpf = loader_for(&facts, opts, transport)?;
     out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
+    out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
     if let Some(e) = &facts.sock_offsets_error {
         out.push(HookStatus {
             hook: "BTF struct offsets".into(),
@@ -875,6 +858,33 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
         });
     }
     Ok(out)
+}
+
+/// `--peek` and `--http2 h2c`: the syscall entry tracepoints that stash the buffers.
+fn attach_syscalls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus> {
+    let send = (opts.peek || opts.h2c).then_some(SEND_SYSCALLS.iter());
+    let recv = opts.h2c.then_some(RECV_SYSCALLS.iter());
+    let what = match (opts.peek, opts.h2c) {
+        (true, true) => "--peek and --http2",
+        (true, false) => "--peek",
+        _ => "--http2",
+    };
+    send.into_iter()
+        .flatten()
+        .chain(recv.into_iter().flatten())
+        .map(|name| {
+            let result =
+                attach_tracepoint(ebpf, name, "syscalls", name).map_err(|e| error_chain(&e));
+            HookStatus {
+                hook: format!("tracepoint syscalls:{name}"),
+                ok: result.is_ok(),
+                detail: result.map_or_else(
+                    |why| format!("{why}; {what} miss the data of these calls"),
+                    |()| format!("{ok} ({what})"),
+                ),
+            }
+        })
+        .collect()
 }
 
 /// Load one kprobe program (no attach): proves it passes this kernel's verifier.
