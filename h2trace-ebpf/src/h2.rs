@@ -373,7 +373,7 @@ fn step(
             }
             let n = (9 - have).min(avail);
             let dst = unsafe { st.hdr.as_mut_ptr().add((have & 15) as usize) };
-            read_user(dst, n & 15, seg)?;
+            read_user(dst, masked(n, 15), seg)?;
             st.have = (have + n) as u8;
             if have + n == 9 {
                 frame_start(ctx, life, c, st, d);
@@ -383,7 +383,7 @@ fn step(
         CAPTURE => {
             let n = st.need.min(avail);
             let dst = unsafe { st.payload.as_mut_ptr().add((have & 63) as usize) };
-            read_user(dst, n & 63, seg)?;
+            read_user(dst, masked(n, 63), seg)?;
             st.have = (have + n) as u8;
             st.need -= n;
             if st.need == 0 {
@@ -401,6 +401,15 @@ fn step(
             Some(n)
         }
     }
+}
+
+/// `n & mask`, with the mask kept: LLVM drops a mask it can prove redundant (n came from a
+/// `min`), and verifiers before 6.x cannot bound a size from a register-register comparison.
+/// A volatile round trip hides what LLVM knows.
+#[inline(always)]
+fn masked(n: u32, mask: u32) -> u32 {
+    let n = n;
+    unsafe { core::ptr::read_volatile(&n) & mask }
 }
 
 #[inline(always)]
