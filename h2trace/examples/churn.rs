@@ -1,12 +1,14 @@
 //! Connection-churn load for `cargo xtask bench`: a server and client threads in one process,
 //! on one address (loopback inside the bench's private namespace), for a bounded time.
 //!
-//!   churn ADDR --threads T --seconds S --mode close|rst|keep
+//!   churn ADDR --threads T --seconds S --mode close|rst|keep|h2
 //!   churn ADDR --mode hold --conns N --seconds S
 //!
 //! close: connect, one request/response, the client closes (FIN). rst: the same, closed with
 //! SO_LINGER 0 (RST). keep: one connection per thread doing request/response for the whole
-//! run (the no-churn control). Prints `exchanges=N connections=M seconds=S` at the end.
+//! run (the no-churn control). h2: keep, framed as HTTP/2 (the client preface and SETTINGS,
+//! then per exchange HEADERS + DATA on a new stream each way): what h2trace's frame walk costs
+//! per request. Prints `exchanges=N connections=M seconds=S` at the end.
 //! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
 //! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
 use std::{
@@ -23,13 +25,60 @@ use std::{
 const REQ: &[u8; 64] = &[b'q'; 64];
 const RESP: &[u8; 64] = &[b'r'; 64];
 
-fn serve(mut s: TcpStream) {
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+/// HEADERS (3 bytes of header block) + DATA (64 bytes) on one stream.
+const H2_EXCHANGE: usize = 9 + 3 + 9 + 64;
+
+/// One HTTP/2 request or response: HEADERS and DATA on `stream`.
+fn h2_message(stream: u32, body: &[u8; 64]) -> [u8; H2_EXCHANGE] {
+    let mut m = [0u8; H2_EXCHANGE];
+    let sid = stream.to_be_bytes();
+    m[..9].copy_from_slice(&[0, 0, 3, 1, 4, sid[0], sid[1], sid[2], sid[3]]);
+    m[9..12].copy_from_slice(&[0x82, 0x86, 0x84]);
+    m[12..21].copy_from_slice(&[0, 0, 64, 0, 1, sid[0], sid[1], sid[2], sid[3]]);
+    m[21..].copy_from_slice(body);
+    m
+}
+
+fn serve(mut s: TcpStream, h2: bool) {
+    if h2 {
+        let mut hello = [0u8; 24 + 9];
+        if s.read_exact(&mut hello).is_err() || s.write_all(&SETTINGS).is_err() {
+            return;
+        }
+        let mut buf = [0u8; H2_EXCHANGE];
+        while s.read_exact(&mut buf).is_ok() {
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+            if s.write_all(&h2_message(stream, RESP)).is_err() {
+                break;
+            }
+        }
+        return;
+    }
     let mut buf = [0u8; 64];
     while s.read_exact(&mut buf).is_ok() {
         if s.write_all(RESP).is_err() {
             break;
         }
     }
+}
+
+/// Open an HTTP/2 connection: the preface and SETTINGS, then the server's SETTINGS.
+fn h2_connect(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut hello = PREFACE.to_vec();
+    hello.extend_from_slice(&SETTINGS);
+    s.write_all(&hello).expect("preface");
+    let mut settings = [0u8; 9];
+    s.read_exact(&mut settings).expect("server SETTINGS");
+    s
+}
+
+fn h2_exchange(s: &mut TcpStream, stream: u32) -> bool {
+    let mut buf = [0u8; H2_EXCHANGE];
+    s.write_all(&h2_message(stream, REQ)).is_ok() && s.read_exact(&mut buf).is_ok()
 }
 
 fn linger0(s: &TcpStream) {
@@ -111,7 +160,7 @@ fn main() {
     let addr: SocketAddr = args
         .first()
         .and_then(|a| a.parse().ok())
-        .expect("usage: churn ADDR [--threads T] [--seconds S] [--mode close|rst|keep]");
+        .expect("usage: churn ADDR [--threads T] [--seconds S] [--mode close|rst|keep|h2]");
     let threads: usize = get("--threads", "2").parse().expect("--threads");
     let seconds: f64 = get("--seconds", "5").parse().expect("--seconds");
     let mode = get("--mode", "close");
@@ -125,11 +174,12 @@ fn main() {
     let addr = listener.local_addr().unwrap();
     // Each client thread has at most one connection open: as many acceptors, each serving its
     // connection to the end, keep up without a thread per connection.
+    let h2 = mode == "h2";
     for _ in 0..threads + 1 {
         let l = listener.clone();
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
-                serve(s);
+                serve(s, h2);
             }
         });
     }
@@ -148,7 +198,19 @@ fn main() {
             );
             std::thread::spawn(move || {
                 let mut kept: Option<TcpStream> = None;
+                let mut stream = 1u32;
                 while !stop.load(Ordering::Relaxed) {
+                    if mode == "h2" {
+                        let s = kept.get_or_insert_with(|| {
+                            connections.fetch_add(1, Ordering::Relaxed);
+                            h2_connect(addr)
+                        });
+                        if h2_exchange(s, stream) {
+                            exchanges.fetch_add(1, Ordering::Relaxed);
+                        }
+                        stream += 2;
+                        continue;
+                    }
                     if mode == "keep" {
                         let s = kept.get_or_insert_with(|| {
                             connections.fetch_add(1, Ordering::Relaxed);

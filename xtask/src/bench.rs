@@ -73,6 +73,12 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
             counts: Unit::Lives,
         },
         Tool {
+            name: "h2trace --http2 off",
+            argv: s(&[&h, "-f", "ndjson", "--http2", "off", "-o", "{out}"]),
+            warmup: 1.0,
+            counts: Unit::Lives,
+        },
+        Tool {
             name: "h2trace perf ndjson",
             argv: s(&[&h, "-f", "ndjson", "--transport", "perf", "-o", "{out}"]),
             warmup: 1.0,
@@ -387,7 +393,7 @@ fn run_once(
     let _ = fs::remove_file(&out);
     Ok(Sample {
         // The no-churn control is measured by its request/response rate.
-        rate: if mode == "keep" {
+        rate: if mode == "keep" || mode == "h2" {
             exchanges
         } else {
             connections
@@ -474,7 +480,7 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             eprintln!();
             let mut base: Vec<f64> = samples[0].iter().map(|s| s.rate).collect();
             let base = median(&mut base);
-            let unit = if mode == "keep" {
+            let unit = if mode == "keep" || mode == "h2" {
                 "exchanges"
             } else {
                 "connections"

@@ -54,8 +54,9 @@ enum Cmd {
         /// Client threads of the churn load.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Load modes: close (FIN), rst (abortive), keep (one connection per thread).
-        #[arg(long, value_delimiter = ',', default_value = "close,rst")]
+        /// Load modes: close (FIN), rst (abortive), keep (one connection per thread), h2 (keep,
+        /// framed as HTTP/2: the frame walk's cost per request).
+        #[arg(long, value_delimiter = ',', default_value = "close,rst,keep,h2")]
         modes: Vec<String>,
         /// Live sockets for the memory run (connections held idle while h2trace runs, both
         /// ends counted); 0 skips it.
