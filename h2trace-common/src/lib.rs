@@ -123,6 +123,9 @@ pub mod flags {
     pub const LENGTH_USUAL: u32 = 128;
     /// `--http2 h2c`: parse the HTTP/2 frames of sockets that spoke the preface in cleartext.
     pub const H2C: u32 = 256;
+    /// `--http2 all`: also the plaintext of TLS connections, from OpenSSL's `SSL_write` and
+    /// `SSL_read` (uprobes).
+    pub const H2_TLS: u32 = 512;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -225,7 +228,20 @@ pub struct SockLife {
     /// Bit 0: the send direction's frames were lost track of (the walk ran out of steps or
     /// could not read the buffer); bit 1: the receive direction's. Counts are lower bounds.
     pub h2_desync: u8,
-    pub _pad3: [u8; 6],
+    /// [`h2_tls`] bits: the socket's plaintext comes from a TLS library's calls.
+    pub h2_tls: u8,
+    pub _pad3: [u8; 5],
+}
+
+/// `SockLife::h2_tls` bits (`--http2 all`).
+pub mod h2_tls {
+    /// A TLS library (OpenSSL) read or wrote this socket's plaintext: its syscalls carry
+    /// ciphertext and are not walked.
+    pub const TLS: u8 = 1;
+    /// Plaintext was sent (the first send is where the preface is looked for).
+    pub const SENT: u8 = 2;
+    /// Plaintext was received.
+    pub const RECEIVED: u8 = 4;
 }
 const _: () = assert!(core::mem::size_of::<SockLife>() == 328);
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
-use h2trace_common::{FRAME_CAPTURE, FrameRecord, SockLife, counter, h2_side, kind};
+use h2trace_common::{FRAME_CAPTURE, FrameRecord, SockLife, counter, h2_side, h2_tls, kind};
 
 use crate::{PEEK, UserBuf, count, emit_raw, header};
 
@@ -118,21 +118,25 @@ pub fn first_segment(b: &UserBuf) -> Option<(u64, u64, u64, u64)> {
     Some((v[0], v[1], iov, n))
 }
 
-/// Does this call need the syscall's buffer? Sockets already known to speak HTTP/2, and every
-/// socket's first send and first receive (to look for the preface).
+/// Does this syscall need its buffer? Not for sockets whose plaintext a TLS library hands
+/// over; for sockets already known to speak HTTP/2, and for every socket's first send and
+/// first receive (to look for the preface).
 #[inline(always)]
 pub fn wants(life: &SockLife, send: bool) -> bool {
-    life.h2_side != h2_side::NONE
-        || if send {
-            life.bytes_sent == 0
-        } else {
-            life.bytes_recv == 0
-        }
+    life.h2_tls & h2_tls::TLS == 0
+        && (life.h2_side != h2_side::NONE
+            || if send {
+                life.bytes_sent == 0
+            } else {
+                life.bytes_recv == 0
+            })
 }
 
-/// One send (`d` = 0) or receive (`d` = 1) of `ret` bytes on a tracked socket that [`wants`]
-/// it, before its byte counts include them.
+/// One send (`d` = 0) or receive (`d` = 1) of `ret` bytes of a socket's stream, before it is
+/// counted. `first`: the first this way (where a preface can be); `quiet_peer`: nothing
+/// received yet (when a server's early SETTINGS can be).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn on_io<C: EbpfContext>(
     ctx: &C,
     life: &mut SockLife,
@@ -140,10 +144,15 @@ pub fn on_io<C: EbpfContext>(
     b: &UserBuf,
     ret: u32,
     d: usize,
+    first: bool,
+    quiet_peer: bool,
 ) {
     let side = life.h2_side;
+    if side == h2_side::NONE && !first {
+        return;
+    }
     if (side == h2_side::NONE || side == h2_side::MAYBE_SERVER && d == 1)
-        && detect(ctx, life, sk, b, ret, d).is_none()
+        && detect(ctx, life, sk, b, ret, d, quiet_peer).is_none()
     {
         return;
     }
@@ -160,6 +169,7 @@ fn detect<C: EbpfContext>(
     b: &UserBuf,
     ret: u32,
     d: usize,
+    quiet_peer: bool,
 ) -> Option<()> {
     let (ptr, len, iov, iov_n) = first_segment(b)?;
     let side = life.h2_side;
@@ -191,7 +201,7 @@ fn detect<C: EbpfContext>(
         let _ = H2.remove(&sk);
         return None;
     }
-    if d == 0 && life.bytes_recv == 0 && len >= 9 {
+    if d == 0 && quiet_peer && len >= 9 {
         // A server may send its SETTINGS before the client's preface arrives: frame type 4,
         // no flags, stream 0, a whole number of 6-byte settings.
         let h = unsafe { bpf_probe_read_user(ptr as *const [u8; 9]).ok()? };

@@ -37,6 +37,7 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const MSG_PEEK: i32 = 2;
 
 mod h2;
+mod tls;
 
 /// Set by the agent at load time (tracepoint layouts, BTF offsets, mode flags).
 #[unsafe(no_mangle)]
@@ -729,7 +730,10 @@ fn on_io<C: EbpfContext>(ctx: &C, sk: u64, ret: i32, send: bool) -> Option<()> {
     };
     let life = unsafe { &mut *life };
     if ret > 0 {
-        let h2 = config!(flags) & flags::H2C != 0 && h2::wants(life, send);
+        // Inside an OpenSSL call the bytes are TLS records: the call's return walks the
+        // plaintext instead.
+        let in_tls = config!(flags) & flags::H2_TLS != 0 && tls::note_socket(sk);
+        let h2 = config!(flags) & flags::H2C != 0 && !in_tls && h2::wants(life, send);
         let peek = send && life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0;
         if (h2 || peek)
             && let Some(b) = h2::take_stash(send)
@@ -738,7 +742,14 @@ fn on_io<C: EbpfContext>(ctx: &C, sk: u64, ret: i32, send: bool) -> Option<()> {
                 peek_first_bytes(life, &b, ret);
             }
             if h2 {
-                h2::on_io(ctx, life, sk, &b, ret as u32, if send { 0 } else { 1 });
+                let first = if send {
+                    life.bytes_sent == 0
+                } else {
+                    life.bytes_recv == 0
+                };
+                let quiet = life.bytes_recv == 0;
+                let d = if send { 0 } else { 1 };
+                h2::on_io(ctx, life, sk, &b, ret as u32, d, first, quiet);
             }
         }
         if send {

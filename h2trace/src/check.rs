@@ -90,7 +90,14 @@ pub fn check(opts: &ProbeOptions) -> Report {
     );
     let _ = writeln!(
         t,
-        "  TLS  not read: encrypted connections show their TCP facts only"
+        "  {}",
+        match &opts.tls_lib {
+            Some(lib) => format!(
+                "TLS  plaintext of programs using {} (SSL_write/SSL_read uprobes above); Go, Java and statically linked TLS are not read",
+                lib.display()
+            ),
+            None => "TLS  not read (--http2 all reads OpenSSL's): encrypted connections show their TCP facts only".into(),
+        }
     );
     let _ = writeln!(t, "\nconntrack");
     let _ = writeln!(

@@ -122,6 +122,10 @@ pub enum Http2Choice {
     /// Cleartext HTTP/2 (gRPC without TLS, h2c with prior knowledge), read from the
     /// buffers of the read/write/send/recv syscalls.
     H2c,
+    /// h2c, and HTTP/2 over TLS where the program uses the system's OpenSSL (nginx, curl,
+    /// most C/C++ servers): uprobes on SSL_write/SSL_read, which cost every TLS read and
+    /// write on the host a trap into the kernel. Not Go, Java or statically linked TLS.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -192,9 +196,13 @@ pub struct TraceArgs {
     /// of each connection. h2c walks the frames of connections that began with the HTTP/2
     /// client preface in cleartext; it attaches to the read and write syscall families of
     /// the whole host, which every other socket, pipe and file pays a map update for.
-    /// TLS connections are not read.
+    /// all: TLS too, through OpenSSL (--tls-lib).
     #[arg(long, value_enum, default_value = "h2c", value_name = "MODE")]
     pub http2: Http2Choice,
+    /// With --http2 all: the OpenSSL library (libssl.so.3) to read TLS plaintext from
+    /// [default: the distribution's, e.g. /usr/lib/x86_64-linux-gnu/libssl.so.3].
+    #[arg(long, value_name = "PATH")]
+    pub tls_lib: Option<std::path::PathBuf>,
     /// How to observe TCP state changes (auto: tracepoint, else fentry, else kprobe).
     #[arg(long, value_enum, default_value = "auto")]
     pub probe: ProbeChoice,

@@ -2,7 +2,7 @@
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{ConntrackChoice, DetectArgs, Events, Format, TraceArgs},
+    cli::{ConntrackChoice, DetectArgs, Events, Format, Http2Choice, TraceArgs},
     detect::DetectConfig,
     filter::{CgroupSel, Filter},
     netns::NetnsSpec,
@@ -35,6 +35,8 @@ pub enum ConfigError {
     Cgroup(String, String),
     #[error("--netns {0}: no such network namespace ({1})")]
     NetnsFilter(String, String),
+    #[error("--http2 all: {0}")]
+    TlsLib(String),
 }
 
 /// Which conntrack tables to follow, and whether failing to is an error.
@@ -184,7 +186,8 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             transport: a.transport,
             emit_all_transitions: a.events == Events::All,
             peek: a.peek,
-            h2c: a.http2 == crate::cli::Http2Choice::H2c,
+            h2c: a.http2 != Http2Choice::Off,
+            tls_lib: tls_lib(a)?,
             ring_bytes,
             max_sockets: a.max_sockets,
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),
@@ -199,6 +202,32 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
         detect,
         conntrack,
     })
+}
+
+/// `--http2 all`: the OpenSSL library given, or the distribution's.
+fn tls_lib(a: &TraceArgs) -> Result<Option<PathBuf>, ConfigError> {
+    match (a.http2, &a.tls_lib) {
+        (Http2Choice::All, Some(p)) if p.is_file() => Ok(Some(p.clone())),
+        (Http2Choice::All, Some(p)) => Err(ConfigError::TlsLib(format!(
+            "{} is not a file",
+            p.display()
+        ))),
+        (Http2Choice::All, None) => crate::probe::TLS_LIB_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .map(Some)
+            .ok_or_else(|| {
+                ConfigError::TlsLib(format!(
+                    "no OpenSSL 3 libssl in {}: name it with --tls-lib",
+                    crate::probe::TLS_LIB_PATHS.join(", ")
+                ))
+            }),
+        (_, Some(_)) => Err(ConfigError::TlsLib(
+            "--tls-lib needs --http2 all".to_string(),
+        )),
+        (_, None) => Ok(None),
+    }
 }
 
 fn cgroup_sel(c: &str) -> Result<CgroupSel, ConfigError> {

@@ -490,6 +490,7 @@ fn life(l: &SockLife) -> Life {
             opened_local: l.h2_streams[0],
             opened_peer: l.h2_streams[1],
             desync: l.h2_desync,
+            tls: l.h2_tls & h2trace_common::h2_tls::TLS != 0,
         },
         frames: None,
     }

@@ -52,6 +52,8 @@ pub struct Streams {
     /// The walk lost frame boundaries sending (bit 0) or receiving (bit 1): counts are lower
     /// bounds and later frames of that direction were not seen.
     pub desync: u8,
+    /// The frames came from a TLS library's plaintext (`--http2 all`), not the syscalls.
+    pub tls: bool,
 }
 
 impl Streams {

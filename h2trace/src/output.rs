@@ -407,6 +407,9 @@ struct Http2Out<'a> {
     streams_opened_peer: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     desync: Vec<&'static str>,
+    /// Read from the TLS library's plaintext (`--http2 all`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tls: bool,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     frames: Option<&'a http2::Frames>,
 }
@@ -423,6 +426,7 @@ fn http2_out(l: &Life) -> Option<Http2Out<'_>> {
             .filter(|(bit, _)| h.desync & bit != 0)
             .map(|(_, d)| d)
             .collect(),
+        tls: h.tls,
         frames: l.frames.as_deref(),
     })
 }

@@ -349,6 +349,7 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
                 ),
                 opened_local: u64_at(h, &["streams_opened_local"], "streams_opened_local")? as u32,
                 opened_peer: u64_at(h, &["streams_opened_peer"], "streams_opened_peer")? as u32,
+                tls: h["tls"].as_bool().unwrap_or(false),
                 desync: h["desync"].as_array().map_or(0, |a| {
                     a.iter().fold(0, |acc, d| match d.as_str() {
                         Some("sent") => acc | 1,
@@ -723,6 +724,7 @@ mod tests {
                             opened_local: retr % 3 / 2 * rs as u32,
                             opened_peer: retr % 3 / 2 * rr as u32,
                             desync: (retr % 3 / 2 * (rs as u32 % 4)) as u8,
+                            tls: retr % 3 / 2 == 1 && rr % 2 == 1,
                         },
                         frames: None,
                     }

@@ -68,11 +68,25 @@ fn py_client(py: &PathBuf, ns: &str, args: &[&str]) -> u32 {
     pid
 }
 
-/// nginx in the server namespace with three servers: :8081 with a 1 s keep-alive timeout,
-/// :8083 a backend, :8082 a proxy to it without upstream keep-alive (nginx's default).
+/// nginx in the server namespace with these servers: :8081 with a 1 s keep-alive timeout,
+/// :8083 a backend, :8082 a proxy to it without upstream keep-alive (nginx's default), :8084
+/// static files, and :8443 HTTP/2 over TLS (a throwaway self-signed certificate) that ends a
+/// connection with GOAWAY after 2 requests.
 fn nginx(net: &NetPair, dir: &TempDir) -> KillOnDrop {
     let ip = &net.server_v4;
     let d = dir.0.display();
+    let cert = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=h2trace-test", "-keyout"])
+        .arg(dir.0.join("key.pem"))
+        .arg("-out")
+        .arg(dir.0.join("cert.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(cert.success(), "openssl req failed");
     let conf = format!(
         "worker_processes 1;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\nevents {{ worker_connections 256; }}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
@@ -81,7 +95,9 @@ fn nginx(net: &NetPair, dir: &TempDir) -> KillOnDrop {
          server {{ listen {ip}:8081; location / {{ return 200 \"ok\\n\"; }} }}\n\
          server {{ listen {ip}:8083; keepalive_timeout 0; location / {{ return 200 \"backend\\n\"; }} }}\n\
          server {{ listen {ip}:8082; keepalive_timeout 30s; location / {{ proxy_pass http://{ip}:8083; }} }}\n\
-         server {{ listen {ip}:8084; location / {{ root {d}/www; }} }}\n}}\n"
+         server {{ listen {ip}:8084; location / {{ root {d}/www; }} }}\n\
+         server {{ listen {ip}:8443 ssl http2; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n\
+         keepalive_requests 2; location / {{ return 200 \"tls\\n\"; }} }}\n}}\n"
     );
     // A large response for clients that give up on it.
     std::fs::create_dir_all(dir.0.join("www")).unwrap();
@@ -507,6 +523,62 @@ fn nginx_keepalive_timeout_is_idle_close_by_peer() {
     assert!(
         (800_000_000..1_400_000_000).contains(&idle),
         "nginx's 1 s timeout, measured {idle}"
+    );
+}
+
+/// HTTP/2 over TLS, read from OpenSSL's plaintext (`--http2 all`): curl fetches three URLs;
+/// nginx ends the connection after two requests with GOAWAY, and curl opens another.
+#[test]
+fn nginx_and_curl_over_tls_show_their_http2_frames() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(_py) = python() else { return };
+    if !std::path::Path::new("/usr/bin/curl").exists() {
+        assert!(
+            std::env::var_os("H2TRACE_REQUIRE_E2E").is_none(),
+            "curl missing: run scripts/install-toolchain.sh"
+        );
+        return;
+    }
+    let net = NetPair::new("e2e-nginx-tls", 93);
+    let dir = TempDir::new("e2e-nginx-tls");
+    let urls: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|p| format!("https://{}:8443/{p}", net.server_v4))
+        .collect();
+    let recs = traced("e2e-nginx-tls", &["--http2", "all"], || {
+        let nginx = nginx(&net, &dir);
+        let st = Command::new("ip")
+            .args(["netns", "exec", &net.client, "curl", "-sk", "--http2"])
+            .args(&urls)
+            .stdout(Stdio::null())
+            .status()
+            .expect("curl");
+        assert!(st.success(), "curl: {st}");
+        vec![nginx]
+    });
+    for (ns, side) in [(&net.client, "client"), (&net.server, "server")] {
+        let conns = h2_conns(&recs, ns);
+        let mut reqs = requests(&conns);
+        reqs.sort();
+        assert_eq!(reqs, [1, 2], "{side}: {conns:#?}");
+        assert!(conns.iter().all(|h| h["tls"] == true && h["side"] == side));
+    }
+    // nginx's GOAWAY after the second request (stream 3), as sent and as curl read it.
+    for (ns, side, dir) in [
+        (&net.server, "server", "sent"),
+        (&net.client, "client", "received"),
+    ] {
+        let g = frames_in(&recs, ns, side, dir, "GOAWAY");
+        assert!(!g.is_empty(), "{side}: no GOAWAY");
+        assert_eq!(g[0]["error"], "NO_ERROR");
+        assert_eq!(g[0]["last_stream_id"], 3, "{g:#?}");
+    }
+    let settings = frames_in(&recs, &net.client, "client", "received", "SETTINGS");
+    assert!(
+        settings
+            .iter()
+            .any(|f| f["settings"]["MAX_CONCURRENT_STREAMS"] == 128),
+        "{settings:#?}"
     );
 }
 

@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::MapType,
-    programs::{FEntry, KProbe, ProgramError, TracePoint},
+    programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use h2trace_common::{LengthLayout, ProgConfig, SockOffsets, flags};
 
@@ -157,6 +157,8 @@ pub struct ProbeOptions {
     /// `--http2 h2c`: walk the HTTP/2 frames of cleartext sockets that spoke the preface
     /// (syscall tracepoints on the send and receive families).
     pub h2c: bool,
+    /// `--http2 all`: also TLS plaintext, from this OpenSSL library's `SSL_write`/`SSL_read`.
+    pub tls_lib: Option<std::path::PathBuf>,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_bytes: u32,
     /// Socket lives tracked at once in the kernel.
@@ -394,6 +396,9 @@ fn loader_for(
     if opts.h2c {
         config.flags |= flags::H2C;
     }
+    if opts.tls_lib.is_some() {
+        config.flags |= flags::H2_TLS;
+    }
     // Kernel-side conntrack reports only the namespaces the agent follows (`CT_NETNS`).
     match opts.conntrack {
         None => config.flags &= !flags::CONNTRACK,
@@ -590,6 +595,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         });
     }
     hooks.extend(attach_syscalls(&mut ebpf, opts, "attached"));
+    hooks.extend(attach_tls(&mut ebpf, opts, "attached"));
     Ok(Probes {
         ebpf,
         state_hook,
@@ -850,6 +856,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     let mut ebpf = loader_for(&facts, opts, transport)?;
     out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
     out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
+    out.extend(attach_tls(&mut ebpf, opts, "loads and attaches"));
     if let Some(e) = &facts.sock_offsets_error {
         out.push(HookStatus {
             hook: "BTF struct offsets".into(),
@@ -881,6 +888,58 @@ fn attach_syscalls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookSt
                 detail: result.map_or_else(
                     |why| format!("{why}; {what} miss the data of these calls"),
                     |()| format!("{ok} ({what})"),
+                ),
+            }
+        })
+        .collect()
+}
+
+/// OpenSSL's calls that carry plaintext, and their entry programs (all return to
+/// `ssl_return`).
+const TLS_CALLS: [(&str, &str); 4] = [
+    ("SSL_write", "ssl_write"),
+    ("SSL_write_ex", "ssl_write_ex"),
+    ("SSL_read", "ssl_read"),
+    ("SSL_read_ex", "ssl_read_ex"),
+];
+
+/// Where OpenSSL 3's libssl usually is (one inode, whichever path a process mapped it by).
+pub const TLS_LIB_PATHS: [&str; 4] = [
+    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+    "/usr/lib64/libssl.so.3",
+    "/usr/lib/libssl.so.3",
+];
+
+/// `--http2 all`: uprobes at entry and return of `SSL_write` and `SSL_read` in every process
+/// that maps the library.
+fn attach_tls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus> {
+    let Some(lib) = &opts.tls_lib else {
+        return Vec::new();
+    };
+    TLS_CALLS
+        .iter()
+        .map(|(symbol, entry)| {
+            let hook = format!("uprobe {}:{symbol}", lib.display());
+            let result = [*entry, "ssl_return"]
+                .iter()
+                .try_for_each(|program| {
+                    let err = |e| program_error(&hook, e);
+                    let p: &mut UProbe = prog(ebpf, program)?.try_into().map_err(err)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(err)?;
+                    }
+                    p.attach(*symbol, lib, UProbeScope::AllProcesses)
+                        .map_err(err)?;
+                    Ok::<_, ProbeError>(())
+                })
+                .map_err(|e| why_not(&e));
+            HookStatus {
+                hook,
+                ok: result.is_ok(),
+                detail: result.map_or_else(
+                    |why| format!("{why}; --http2 all misses TLS plaintext through {symbol}"),
+                    |()| format!("{ok} (--http2 all)"),
                 ),
             }
         })
