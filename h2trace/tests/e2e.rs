@@ -580,6 +580,8 @@ fn nginx_and_curl_over_tls_show_their_http2_frames() {
             .any(|f| f["settings"]["MAX_CONCURRENT_STREAMS"] == 128),
         "{settings:#?}"
     );
+    // The uprobes went with h2trace.
+    assert_eq!(loaded_h2trace_programs(), 0);
 }
 
 #[test]

@@ -158,6 +158,7 @@ const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
         &["fixed-age-rotation", "dial-per-request"],
     ),
     ("e2e-grpc-cancel", None, &[]),
+    ("e2e-nginx-tls", None, &[]),
     (
         "e2e-grpc-blackhole",
         Some("black-hole"),

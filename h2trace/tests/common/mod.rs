@@ -94,7 +94,7 @@ pub fn tracepoint_has(event: &str, field: &str) -> bool {
 /// h2trace programs still loaded in the kernel (by name; the kernel keeps 15 characters),
 /// waiting up to 5 s for the count to drop to zero.
 pub fn loaded_h2trace_programs() -> usize {
-    const NAMES: [&str; 9] = [
+    const NAMES: [&str; 12] = [
         "inet_sock_set_",
         "tcp_set_state_k",
         "tcp_sendmsg_kpr",
@@ -104,6 +104,9 @@ pub fn loaded_h2trace_programs() -> usize {
         "ct_drop",
         "ct_refresh_kpro",
         "sched_process_f",
+        "sys_enter_write",
+        "sys_enter_read",
+        "ssl_return",
     ];
     let count = || {
         aya::programs::loaded_programs()
