@@ -52,13 +52,21 @@ pub struct DetectConfig {
     pub time_wait_pileup: usize,
     pub rst_storm: usize,
     /// HTTP/2 streams cancelled (RST_STREAM CANCEL, either way) per process within the window.
-    /// Recordings made before it existed replay with the default.
-    #[serde(default = "default_cancel_storm")]
+    /// Written only when not the default, so that recordings made before it existed replay to
+    /// themselves byte for byte (and read back with the default).
+    #[serde(
+        default = "default_cancel_storm",
+        skip_serializing_if = "is_default_cancel_storm"
+    )]
     pub cancel_storm: usize,
 }
 
 fn default_cancel_storm() -> usize {
     50
+}
+
+fn is_default_cancel_storm(n: &usize) -> bool {
+    *n == default_cancel_storm()
 }
 
 impl Default for DetectConfig {
