@@ -1,4 +1,5 @@
-//! HTTP/2 frames of cleartext (h2c) sockets, read from the buffers of the owner's syscalls.
+//! HTTP/2 frames of cleartext (h2c) sockets, read from the buffers of the owner's syscalls
+//! (and of TLS sockets, from the library's plaintext: see `tls`).
 //!
 //! `sock:sock_send_length`/`sock_recv_length` fire inside the send or receive syscall with the
 //! socket and the byte count, but without the data. The syscall's entry tracepoint
@@ -11,8 +12,8 @@
 //! Frames do not line up with calls: a header can be split across iovecs or calls, a DATA
 //! frame can span many. Each direction keeps where it is in the current frame (collecting the
 //! 9-byte header, capturing a control frame's payload, or skipping a payload), and the walk is
-//! a bounded loop. A walk that runs out of steps or cannot read the buffer gives the
-//! direction up (counted, and flagged in the life record).
+//! a `bpf_loop`. A walk that runs out of steps or cannot read the buffer gives the direction up
+//! (counted, and flagged in the life record).
 use core::ffi::c_void;
 
 use aya_ebpf::{

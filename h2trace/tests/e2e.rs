@@ -202,28 +202,48 @@ fn requests(conns: &[&Value]) -> Vec<u64> {
         .collect()
 }
 
+/// A grpcio server and client (tests/e2e/peers.py) between two fresh namespaces, traced with
+/// `trace` args and recorded as fixture `name`; `server` and `client` are the peers' options
+/// after the address. Returns the records, the namespaces and the client's pid.
+fn grpc(
+    name: &str,
+    subnet: u8,
+    trace: &[&str],
+    server: &[&str],
+    client: &[&str],
+) -> Option<(Vec<Value>, NetPair, u32)> {
+    let py = python()?;
+    let net = NetPair::new(name, subnet);
+    let target = format!("{}:50051", net.server_v4);
+    let mut pid = 0;
+    let recs = traced(name, trace, || {
+        let s = py_server(
+            &py,
+            &net.server,
+            &[&["grpc-server", &target], server].concat(),
+        );
+        pid = py_client(
+            &py,
+            &net.client,
+            &[&["grpc-client", &target], client].concat(),
+        );
+        vec![s]
+    });
+    Some((recs, net, pid))
+}
+
 #[test]
 fn grpc_channel_per_call_is_dial_per_request() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-dial", 81);
-    let target = format!("{}:50051", net.server_v4);
-    let mut client = 0;
-    let recs = traced("e2e-grpc-channel-per-call", &["--peek"], || {
-        let server = py_server(&py, &net.server, &["grpc-server", &target]);
-        client = py_client(
-            &py,
-            &net.client,
-            &[
-                "grpc-client",
-                &target,
-                "--calls",
-                "25",
-                "--channel-per-call",
-            ],
-        );
-        vec![server]
-    });
+    let Some((recs, net, client)) = grpc(
+        "e2e-grpc-channel-per-call",
+        81,
+        &["--peek"],
+        &[],
+        &["--calls", "25", "--channel-per-call"],
+    ) else {
+        return;
+    };
     let f = finding_for(&recs, "dial-per-request", Some(client), None);
     assert_eq!(f["destination"]["port"], 50051);
     // grpcio writes with sendmsg: the HTTP/2 client preface, read through msghdr and iovec.
@@ -246,29 +266,15 @@ fn grpc_channel_per_call_is_dial_per_request() {
 #[test]
 fn grpc_reusing_one_channel_has_no_finding() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-ok", 82);
-    let target = format!("{}:50051", net.server_v4);
-    let recs = traced("e2e-grpc-healthy", &[], || {
-        let server = py_server(
-            &py,
-            &net.server,
-            &["grpc-server", &target, "--max-concurrent-streams", "7"],
-        );
-        py_client(
-            &py,
-            &net.client,
-            &[
-                "grpc-client",
-                &target,
-                "--calls",
-                "40",
-                "--interval-ms",
-                "50",
-            ],
-        );
-        vec![server]
-    });
+    let Some((recs, net, _)) = grpc(
+        "e2e-grpc-healthy",
+        82,
+        &[],
+        &["--max-concurrent-streams", "7"],
+        &["--calls", "40", "--interval-ms", "50"],
+    ) else {
+        return;
+    };
     let found: Vec<_> = recs
         .iter()
         .filter(|r| action(r) == "finding")
@@ -298,33 +304,16 @@ fn grpc_reusing_one_channel_has_no_finding() {
 #[test]
 fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-ping", 90);
-    let target = format!("{}:50051", net.server_v4);
-    let mut client = 0;
-    let recs = traced("e2e-grpc-too-many-pings", &[], || {
-        // The server allows a ping every 2 s; the client pings every second (grpc's floor).
-        let server = py_server(
-            &py,
-            &net.server,
-            &["grpc-server", &target, "--min-ping-interval-ms", "2000"],
-        );
-        client = py_client(
-            &py,
-            &net.client,
-            &[
-                "grpc-client",
-                &target,
-                "--calls",
-                "1",
-                "--keepalive-ms",
-                "200",
-                "--hold-ms",
-                "4500",
-            ],
-        );
-        vec![server]
-    });
+    // The server allows a ping every 2 s; the client pings every second (grpc's floor).
+    let Some((recs, net, client)) = grpc(
+        "e2e-grpc-too-many-pings",
+        90,
+        &[],
+        &["--min-ping-interval-ms", "2000"],
+        &["--calls", "1", "--keepalive-ms", "200", "--hold-ms", "4500"],
+    ) else {
+        return;
+    };
     // The server's GOAWAY, as it sent it and as the client read it.
     for (ns, side, dir) in [
         (&net.server, "server", "sent"),
@@ -351,31 +340,22 @@ fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
 #[test]
 fn grpc_cancelled_calls_reset_their_streams() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-cancel", 91);
-    let target = format!("{}:50051", net.server_v4);
-    let recs = traced("e2e-grpc-cancel", &[], || {
-        let server = py_server(
-            &py,
-            &net.server,
-            &["grpc-server", &target, "--delay-ms", "1500"],
-        );
-        py_client(
-            &py,
-            &net.client,
-            &[
-                "grpc-client",
-                &target,
-                "--calls",
-                "3",
-                "--cancel-after-ms",
-                "300",
-                "--deadline-s",
-                "5",
-            ],
-        );
-        vec![server]
-    });
+    let Some((recs, net, _)) = grpc(
+        "e2e-grpc-cancel",
+        91,
+        &[],
+        &["--delay-ms", "1500"],
+        &[
+            "--calls",
+            "3",
+            "--cancel-after-ms",
+            "300",
+            "--deadline-s",
+            "5",
+        ],
+    ) else {
+        return;
+    };
     // Each cancelled call is one RST_STREAM(CANCEL) on its own stream, seen from both ends.
     for (ns, side, dir) in [
         (&net.client, "client", "sent"),
@@ -395,30 +375,15 @@ fn grpc_cancelled_calls_reset_their_streams() {
 #[test]
 fn grpc_callers_giving_up_is_a_stream_cancel_storm() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-storm", 92);
-    let target = format!("{}:50051", net.server_v4);
-    let mut client = 0;
-    let recs = traced("e2e-grpc-cancel-storm", &["--cancel-storm", "20"], || {
-        let s = py_server(
-            &py,
-            &net.server,
-            &["grpc-server", &target, "--delay-ms", "1000"],
-        );
-        client = py_client(
-            &py,
-            &net.client,
-            &[
-                "grpc-client",
-                &target,
-                "--calls",
-                "25",
-                "--cancel-after-ms",
-                "20",
-            ],
-        );
-        vec![s]
-    });
+    let Some((recs, _net, client)) = grpc(
+        "e2e-grpc-cancel-storm",
+        92,
+        &["--cancel-storm", "20"],
+        &["--delay-ms", "1000"],
+        &["--calls", "25", "--cancel-after-ms", "20"],
+    ) else {
+        return;
+    };
     let f = finding_for(&recs, "stream-cancel-storm", Some(client), None);
     let n = &f["h2trace"]["finding"]["numbers"];
     assert!(n["sent"].as_u64().unwrap() >= 20, "{n}");
@@ -437,30 +402,15 @@ fn grpc_callers_giving_up_is_a_stream_cancel_storm() {
 #[test]
 fn grpc_max_connection_age_is_fixed_age_rotation() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-age", 83);
-    let target = format!("{}:50051", net.server_v4);
-    let mut client = 0;
-    let recs = traced("e2e-grpc-max-age", &[], || {
-        let server = py_server(
-            &py,
-            &net.server,
-            &["grpc-server", &target, "--max-age-ms", "700"],
-        );
-        client = py_client(
-            &py,
-            &net.client,
-            &[
-                "grpc-client",
-                &target,
-                "--calls",
-                "90",
-                "--interval-ms",
-                "50",
-            ],
-        );
-        vec![server]
-    });
+    let Some((recs, net, client)) = grpc(
+        "e2e-grpc-max-age",
+        83,
+        &[],
+        &["--max-age-ms", "700"],
+        &["--calls", "90", "--interval-ms", "50"],
+    ) else {
+        return;
+    };
     let f = finding_for(&recs, "fixed-age-rotation", Some(client), None);
     let age = f["h2trace"]["finding"]["numbers"]["age_p50_ns"]
         .as_u64()
@@ -622,19 +572,15 @@ fn nginx_proxy_without_upstream_keepalive_is_upstream_churn() {
 #[test]
 fn grpc_tls_to_a_plaintext_server_is_a_handshake_failure_loop() {
     let Some(_lock) = kernel_test() else { return };
-    let Some(py) = python() else { return };
-    let net = NetPair::new("e2e-grpc-tls", 86);
-    let target = format!("{}:50051", net.server_v4);
-    let mut client = 0;
-    let recs = traced("e2e-grpc-tls-mismatch", &[], || {
-        let server = py_server(&py, &net.server, &["grpc-server", &target]);
-        client = py_client(
-            &py,
-            &net.client,
-            &["grpc-client", &target, "--tls", "--deadline-s", "3"],
-        );
-        vec![server]
-    });
+    let Some((recs, _net, client)) = grpc(
+        "e2e-grpc-tls-mismatch",
+        86,
+        &[],
+        &[],
+        &["--tls", "--deadline-s", "3"],
+    ) else {
+        return;
+    };
     let f = finding_for(&recs, "handshake-failure-loop", Some(client), None);
     assert!(
         f["h2trace"]["finding"]["numbers"]["connections"]
