@@ -36,15 +36,17 @@ apt_install() {
 
 # nftables: the middlebox in the diagnosis tests (black hole, forged reset). nginx-light: a
 # real HTTP server and proxy for the end-to-end tests (and HTTP/2 over TLS, with curl as the
-# client and a throwaway certificate from openssl). systemd: systemd-analyze verifies
-# deploy/h2trace.service (tests/deploy.rs). Keep apt from starting nginx as a
+# client and a throwaway certificate from openssl). Go with grpc-go and x/net: the grpc-go
+# peer (tests/e2e/grpcgo), built offline in GOPATH mode by the tests. systemd:
+# systemd-analyze verifies deploy/h2trace.service (tests/deploy.rs). Keep apt from starting nginx as a
 # service: the tests run their own instances inside private namespaces.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
 	printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
 	trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 apt_install rustc-web cargo-web libstd-rust-web-dev-bpf libllvm22 ca-certificates
-$build_only || apt_install iproute2 nftables nginx-light systemd curl openssl
+$build_only || apt_install iproute2 nftables nginx-light systemd curl openssl \
+	golang-go golang-google-grpc-dev golang-golang-x-net-dev
 
 # tracefs: the tracepoint format files and the tracepoints themselves live there.
 if [ ! -e /sys/kernel/tracing/events ]; then

@@ -292,7 +292,10 @@ impl GoAwaySeen {
     }
 
     fn describe(&self) -> String {
-        format!("GOAWAY({}, {:?})", http2::error_name(self.code), self.debug)
+        match self.debug.as_str() {
+            "" => format!("GOAWAY({})", http2::error_name(self.code)),
+            d => format!("GOAWAY({}, {d:?})", http2::error_name(self.code)),
+        }
     }
 }
 

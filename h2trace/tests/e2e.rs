@@ -48,14 +48,19 @@ fn py_cmd(py: &PathBuf, ns: &str, args: &[&str]) -> Command {
 
 /// Start a Python server in `ns`; returns once it printed `ready`.
 fn py_server(py: &PathBuf, ns: &str, args: &[&str]) -> KillOnDrop {
+    ready(py_cmd(py, ns, args))
+}
+
+/// Start a server; returns once it printed `ready`.
+fn ready(mut cmd: Command) -> KillOnDrop {
     use std::io::BufRead;
-    let mut child = py_cmd(py, ns, args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)
         .unwrap();
     let child = KillOnDrop(child);
-    assert_eq!(line.trim(), "ready", "{args:?} did not start");
+    assert_eq!(line.trim(), "ready", "{cmd:?} did not start");
     child
 }
 
@@ -202,31 +207,80 @@ fn requests(conns: &[&Value]) -> Vec<u64> {
         .collect()
 }
 
-/// A grpcio server and client (tests/e2e/peers.py) between two fresh namespaces, traced with
-/// `trace` args and recorded as fixture `name`; `server` and `client` are the peers' options
-/// after the address. Returns the records, the namespaces and the client's pid.
+/// The grpc-go peer (tests/e2e/grpcgo), built once per run with Debian's Go and grpc-go
+/// packages (GOPATH mode, offline).
+fn grpcgo() -> Option<PathBuf> {
+    static BIN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/grpcgo");
+        let bin = tmp.join("grpcgo");
+        let built = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&bin)
+            .arg(".")
+            .current_dir(&src)
+            .env("GO111MODULE", "off")
+            .env("GOPATH", format!("{}:/usr/share/gocode", tmp.join("gopath").display()))
+            .env("GOCACHE", tmp.join("gocache"))
+            .status();
+        match built {
+            Ok(st) if st.success() => Some(bin),
+            other => {
+                assert!(
+                    std::env::var_os("H2TRACE_REQUIRE_E2E").is_none(),
+                    "cannot build the grpc-go peer ({other:?}): run scripts/install-toolchain.sh"
+                );
+                eprintln!("skipped: grpc-go peer not buildable (run scripts/install-toolchain.sh)");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+/// Which gRPC implementation plays both ends.
+#[derive(Clone, Copy)]
+enum Grpc {
+    /// grpcio (Python, tests/e2e/peers.py).
+    Python,
+    /// grpc-go (tests/e2e/grpcgo).
+    Go,
+}
+
+/// A gRPC server and client of `imp` between two fresh namespaces, traced with `trace` args
+/// and recorded as fixture `name`; `server` and `client` are the peers' options after the
+/// address. Returns the records, the namespaces and the client's pid.
 fn grpc(
+    imp: Grpc,
     name: &str,
     subnet: u8,
     trace: &[&str],
     server: &[&str],
     client: &[&str],
 ) -> Option<(Vec<Value>, NetPair, u32)> {
-    let py = python()?;
+    // Both peers start as `ip netns exec NS PROGRAM MODE ADDR OPTIONS…`.
+    let (program, modes): (Vec<PathBuf>, [&str; 2]) = match imp {
+        Grpc::Python => (vec![python()?, peers_py()], ["grpc-server", "grpc-client"]),
+        Grpc::Go => (vec![grpcgo()?], ["server", "client"]),
+    };
     let net = NetPair::new(name, subnet);
     let target = format!("{}:50051", net.server_v4);
+    let cmd = |ns: &str, mode: &str, opts: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .args(&program)
+            .args([mode, &target])
+            .args(opts);
+        c
+    };
     let mut pid = 0;
     let recs = traced(name, trace, || {
-        let s = py_server(
-            &py,
-            &net.server,
-            &[&["grpc-server", &target], server].concat(),
-        );
-        pid = py_client(
-            &py,
-            &net.client,
-            &[&["grpc-client", &target], client].concat(),
-        );
+        let s = ready(cmd(&net.server, modes[0], server));
+        let mut c = KillOnDrop(cmd(&net.client, modes[1], client).spawn().unwrap());
+        pid = c.0.id();
+        let st = wait_timeout(&mut c.0, Duration::from_secs(60)).expect("client timed out");
+        assert!(st.success(), "{name} client failed: {st}");
         vec![s]
     });
     Some((recs, net, pid))
@@ -236,6 +290,7 @@ fn grpc(
 fn grpc_channel_per_call_is_dial_per_request() {
     let Some(_lock) = kernel_test() else { return };
     let Some((recs, net, client)) = grpc(
+        Grpc::Python,
         "e2e-grpc-channel-per-call",
         81,
         &["--peek"],
@@ -267,6 +322,7 @@ fn grpc_channel_per_call_is_dial_per_request() {
 fn grpc_reusing_one_channel_has_no_finding() {
     let Some(_lock) = kernel_test() else { return };
     let Some((recs, net, _)) = grpc(
+        Grpc::Python,
         "e2e-grpc-healthy",
         82,
         &[],
@@ -306,6 +362,7 @@ fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
     let Some(_lock) = kernel_test() else { return };
     // The server allows a ping every 2 s; the client pings every second (grpc's floor).
     let Some((recs, net, client)) = grpc(
+        Grpc::Python,
         "e2e-grpc-too-many-pings",
         90,
         &[],
@@ -341,6 +398,7 @@ fn grpc_client_pinging_faster_than_allowed_is_too_many_pings() {
 fn grpc_cancelled_calls_reset_their_streams() {
     let Some(_lock) = kernel_test() else { return };
     let Some((recs, net, _)) = grpc(
+        Grpc::Python,
         "e2e-grpc-cancel",
         91,
         &[],
@@ -376,6 +434,7 @@ fn grpc_cancelled_calls_reset_their_streams() {
 fn grpc_callers_giving_up_is_a_stream_cancel_storm() {
     let Some(_lock) = kernel_test() else { return };
     let Some((recs, _net, client)) = grpc(
+        Grpc::Python,
         "e2e-grpc-cancel-storm",
         92,
         &["--cancel-storm", "20"],
@@ -403,6 +462,7 @@ fn grpc_callers_giving_up_is_a_stream_cancel_storm() {
 fn grpc_max_connection_age_is_fixed_age_rotation() {
     let Some(_lock) = kernel_test() else { return };
     let Some((recs, net, client)) = grpc(
+        Grpc::Python,
         "e2e-grpc-max-age",
         83,
         &[],
@@ -438,6 +498,86 @@ fn grpc_max_connection_age_is_fixed_age_rotation() {
     let conns = h2_conns(&recs, &net.client);
     assert!(conns.len() >= 3, "{conns:#?}");
     assert_eq!(requests(&conns).iter().sum::<u64>(), 90, "{conns:#?}");
+}
+
+/// grpc-go's MaxConnectionAge: GOAWAY(NO_ERROR) with no debug text, from a server that
+/// writes with write(2) in 32 KiB batches, several frames per call.
+#[test]
+fn grpc_go_max_connection_age_is_fixed_age_rotation() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some((recs, net, client)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-max-age",
+        94,
+        &[],
+        &["--max-age-ms", "700"],
+        &["--calls", "90", "--interval-ms", "50"],
+    ) else {
+        return;
+    };
+    let f = finding_for(&recs, "fixed-age-rotation", Some(client), None);
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("GOAWAY(NO_ERROR)"), "{msg}");
+    assert!(findings(&recs, "dial-per-request").is_empty());
+    let goaways = frames_in(&recs, &net.client, "client", "received", "GOAWAY");
+    assert!(goaways.len() >= 3, "{goaways:#?}");
+    assert!(goaways.iter().all(|g| g["error"] == "NO_ERROR"));
+    let conns = h2_conns(&recs, &net.client);
+    assert_eq!(requests(&conns).iter().sum::<u64>(), 90, "{conns:#?}");
+    assert!(conns.iter().all(|h| h.get("desync").is_none()), "{conns:#?}");
+}
+
+/// grpc-go cancels a call with RST_STREAM(CANCEL) on its stream; its server sends nothing back.
+#[test]
+fn grpc_go_cancelled_calls_reset_their_streams() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some((recs, net, _)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-cancel",
+        95,
+        &[],
+        &["--delay-ms", "1500"],
+        &["--calls", "3", "--cancel-after-ms", "300"],
+    ) else {
+        return;
+    };
+    for (ns, side, dir) in [
+        (&net.client, "client", "sent"),
+        (&net.server, "server", "received"),
+    ] {
+        let r = frames_in(&recs, ns, side, dir, "RST_STREAM");
+        let ids: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [1, 3, 5], "{side}: {r:#?}");
+        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
+    }
+    // grpc-go's server announces its frame size limit, and nothing else.
+    let s = frames_in(&recs, &net.client, "client", "received", "SETTINGS");
+    assert!(
+        s.iter().any(|f| f["settings"]["MAX_FRAME_SIZE"] == 16384),
+        "{s:#?}"
+    );
+}
+
+/// A grpc-go connection per call: each carried exactly one stream, which the finding says.
+#[test]
+fn grpc_go_connection_per_call_carries_one_stream_each() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some((recs, net, client)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-conn-per-call",
+        96,
+        &[],
+        &[],
+        &["--calls", "25", "--conn-per-call"],
+    ) else {
+        return;
+    };
+    assert_eq!(requests(&h2_conns(&recs, &net.client)), [1; 25]);
+    let f = finding_for(&recs, "dial-per-request", Some(client), None);
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("single stream"), "{msg}");
+    let n = &f["h2trace"]["finding"]["numbers"];
+    assert_eq!(n["single_stream_connections"], n["http2_connections"], "{n}");
 }
 
 #[test]
@@ -573,6 +713,7 @@ fn nginx_proxy_without_upstream_keepalive_is_upstream_churn() {
 fn grpc_tls_to_a_plaintext_server_is_a_handshake_failure_loop() {
     let Some(_lock) = kernel_test() else { return };
     let Some((recs, _net, client)) = grpc(
+        Grpc::Python,
         "e2e-grpc-tls-mismatch",
         86,
         &[],
