@@ -159,6 +159,12 @@ const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
     ),
     ("e2e-grpc-cancel", None, &[]),
     ("e2e-nginx-tls", None, &[]),
+    // grpc-go (tests/e2e/grpcgo).
+    (
+        "e2e-grpcgo-max-age",
+        Some("fixed-age-rotation"),
+        &["dial-per-request"],
+    ),
     (
         "e2e-grpc-blackhole",
         Some("black-hole"),
