@@ -277,9 +277,12 @@ pub struct FrameRecord {
     pub side: u8,
     pub captured: u8,
     pub _pad: [u8; 3],
+    /// The socket's last send or receive before the call that carried this frame (or its
+    /// start): how long the connection had been idle when, say, a GOAWAY came.
+    pub prev_activity_ns: u64,
     pub payload: [u8; FRAME_CAPTURE],
 }
-const _: () = assert!(core::mem::size_of::<FrameRecord>() == 192);
+const _: () = assert!(core::mem::size_of::<FrameRecord>() == 200);
 
 /// All-zero values for the kernel's statics and scratch buffers.
 macro_rules! zeroed {

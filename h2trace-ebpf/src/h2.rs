@@ -495,6 +495,11 @@ fn emit_frame(ctx: *mut c_void, life: &SockLife, st: &Dir, received: u8) {
     rec.received = received;
     rec.side = life.h2_side;
     rec.captured = st.len.min(FRAME_CAPTURE as u32) as u8;
+    // Byte counts and activity are updated after the walk: these are the previous call's.
+    rec.prev_activity_ns = life
+        .last_send_ns
+        .max(life.last_recv_ns)
+        .max(life.meta.start_ns);
     rec.payload.copy_from_slice(&st.payload[..FRAME_CAPTURE]);
     emit_raw(ctx, rec as *const FrameRecord);
 }

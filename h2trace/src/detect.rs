@@ -274,6 +274,8 @@ struct GoAwaySeen {
     received: bool,
     code: u32,
     debug: String,
+    /// Silence on the connection before it.
+    idle_before_ns: u64,
 }
 
 impl GoAwaySeen {
@@ -288,6 +290,7 @@ impl GoAwaySeen {
             received,
             code: g.code,
             debug: g.debug.clone(),
+            idle_before_ns: g.idle_before_ns,
         })
     }
 
@@ -1180,17 +1183,19 @@ impl Detector {
             ));
         }
 
-        // Idle close by peer: the peer closes after a consistent idle period.
-        let by_peer: Vec<&Conn> = g
-            .recent
-            .iter()
-            .filter(|c| c.f.fin_first == FinFirst::Peer && c.f.idle_before_close_ns.is_some())
-            .collect();
+        // Idle close by peer: the peer closes after a consistent idle period. An HTTP/2 peer
+        // announces it with GOAWAY(NO_ERROR): the client then often closes first, and the
+        // GOAWAY is the last byte, so the silence that counts is the one before the GOAWAY.
+        let idle_of = |c: &Conn| -> Option<u64> {
+            match &c.goaway {
+                Some(g) if g.received && g.code == http2::NO_ERROR => Some(g.idle_before_ns),
+                _ if c.f.fin_first == FinFirst::Peer => c.f.idle_before_close_ns,
+                _ => None,
+            }
+        };
+        let by_peer: Vec<&Conn> = g.recent.iter().filter(|c| idle_of(c).is_some()).collect();
         if by_peer.len() >= cfg.min_idle_closes {
-            let idles: Vec<u64> = by_peer
-                .iter()
-                .filter_map(|c| c.f.idle_before_close_ns)
-                .collect();
+            let idles: Vec<u64> = by_peer.iter().filter_map(|c| idle_of(c)).collect();
             if let Some((idle, share)) = clustered(&idles, cfg.age_jitter)
                 && idle >= 100_000_000
             {
@@ -1200,16 +1205,44 @@ impl Detector {
                 } else {
                     percentile(&cw, 0.5)
                 };
-                let numbers = json!({
+                let mut numbers = json!({
                     "connections": by_peer.len(), "idle_before_close_p50_ns": idle,
                     "close_wait_p50_ns": cw50, "close_wait_max_ns": cw.iter().max().copied().unwrap_or(0),
                 });
-                let summary = format!(
-                    "{} closes connections of {who} after {} of inactivity (its idle timeout); {who} then stayed {} in CLOSE_WAIT. The client keeps connections idle longer than the peer allows.",
+                let then = if cw.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {who} then stayed {} in CLOSE_WAIT", ms(cw50))
+                };
+                let mut summary = format!(
+                    "{} closes connections of {who} after {} of inactivity (its idle timeout){then}. The client keeps connections idle longer than the peer allows.",
                     key.peer,
                     ms(idle),
-                    ms(cw50)
                 );
+                // HTTP/2 says who the timer belongs to: an HTTP/2 endpoint announces the close
+                // with GOAWAY; a bare FIN comes from below HTTP/2.
+                let h2: Vec<&&Conn> = by_peer.iter().filter(|c| c.requests.is_some()).collect();
+                let announced: Vec<&GoAwaySeen> = h2
+                    .iter()
+                    .filter_map(|c| c.goaway.as_ref().filter(|g| g.received))
+                    .collect();
+                if !h2.is_empty() {
+                    numbers["http2_connections"] = json!(h2.len());
+                    numbers["goaway_before_close"] = json!(announced.len());
+                    summary.push_str(&match announced.first() {
+                        Some(g) if announced.len() * 2 >= h2.len() => format!(
+                            " HTTP/2 confirms it: the peer announced {} of {} closes with {} (an HTTP/2 idle timeout: gRPC MaxConnectionIdle, nginx keepalive_timeout, Envoy idle_timeout).",
+                            announced.len(),
+                            h2.len(),
+                            g.describe()
+                        ),
+                        _ => format!(
+                            " {} of {} of these HTTP/2 connections were closed with a bare FIN, without GOAWAY: the timer is below HTTP/2 (a TCP proxy, load balancer or middlebox idle timeout), or a server that does not announce its closes.",
+                            h2.len() - announced.len(),
+                            h2.len()
+                        ),
+                    });
+                }
                 found.push((
                     Pattern::IdleCloseByPeer,
                     self.finding(

@@ -432,6 +432,7 @@ fn decode_socket(hdr: Header, bytes: &[u8]) -> Result<Event, DecodeError> {
                 stream_id: rec.stream_id,
                 length: rec.length,
                 flags: rec.frame_flags,
+                idle_ns: rec.hdr.ts_ns.saturating_sub(rec.prev_activity_ns),
                 body: FrameBody::decode(rec.frame_type, rec.frame_flags, captured)
                     .ok_or(DecodeError::Field("frame payload"))?,
             };

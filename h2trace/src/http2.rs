@@ -82,6 +82,9 @@ pub struct Frame {
     /// Payload length on the wire (the capture may hold less).
     pub length: u32,
     pub flags: u8,
+    /// How long the connection had been silent (no send or receive) before the call that
+    /// carried this frame.
+    pub idle_ns: u64,
     pub body: FrameBody,
 }
 
@@ -202,6 +205,8 @@ pub fn setting_id(name: &str) -> Option<u16> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GoAway {
     pub ktime_ns: u64,
+    /// How long the connection had been silent before it.
+    pub idle_before_ns: u64,
     pub last_stream_id: u32,
     pub code: u32,
     pub error: &'static str,
@@ -280,6 +285,7 @@ impl Frames {
                 // highest id, then the real last stream).
                 d.goaway = Some(GoAway {
                     ktime_ns: ts_ns,
+                    idle_before_ns: f.idle_ns,
                     last_stream_id: *last_stream_id,
                     code: *code,
                     error: error_name(*code),
@@ -333,6 +339,7 @@ mod tests {
             stream_id: 0,
             length: 8,
             flags: 0,
+            idle_ns: 0,
             body,
         };
         let mut f = Frames::default();

@@ -331,6 +331,8 @@ struct FrameOut<'a> {
     stream_id: u32,
     length: u32,
     flags: u8,
+    /// Silence on the connection before the call that carried the frame.
+    idle_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     ack: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -356,6 +358,7 @@ impl<'a> From<&'a Frame> for FrameOut<'a> {
             stream_id: f.stream_id,
             length: f.length,
             flags: f.flags,
+            idle_ns: f.idle_ns,
             ack: None,
             settings: None,
             opaque: None,

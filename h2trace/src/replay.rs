@@ -411,6 +411,7 @@ fn frame(v: &Value) -> Result<Frame, ParseError> {
         stream_id: field("stream_id")? as u32,
         length: field("length")? as u32,
         flags: field("flags")? as u8,
+        idle_ns: field("idle_ns")?,
         body,
     })
 }
@@ -758,25 +759,25 @@ mod tests {
             ),
         ];
         (
-            any::<bool>(),
-            any::<bool>(),
-            0u32..1 << 31,
-            0u32..1 << 24,
-            any::<u8>(),
+            (any::<bool>(), any::<bool>(), 0u32..1 << 31, 0u32..1 << 24),
+            (any::<u8>(), any::<u64>()),
             body,
         )
-            .prop_map(|(received, client, stream_id, length, flags, body)| Frame {
-                received,
-                side: if client {
-                    http2::Side::Client
-                } else {
-                    http2::Side::Server
+            .prop_map(
+                |((received, client, stream_id, length), (flags, idle_ns), body)| Frame {
+                    received,
+                    side: if client {
+                        http2::Side::Client
+                    } else {
+                        http2::Side::Server
+                    },
+                    stream_id,
+                    length,
+                    flags,
+                    idle_ns,
+                    body,
                 },
-                stream_id,
-                length,
-                flags,
-                body,
-            })
+            )
     }
 
     fn arb_event() -> impl Strategy<Value = Event> {

@@ -533,6 +533,37 @@ fn grpc_go_max_connection_age_is_fixed_age_rotation() {
     );
 }
 
+/// grpc-go's MaxConnectionIdle: the server announces its idle close with GOAWAY(NO_ERROR) and
+/// the client closes first. HTTP/2 says the close was the peer's, and the silence before the
+/// GOAWAY is the idle timeout.
+#[test]
+fn grpc_go_max_connection_idle_is_idle_close_by_peer() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some((recs, net, client)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-max-idle",
+        97,
+        &[],
+        &["--max-idle-ms", "500"],
+        &["--calls", "6", "--interval-ms", "1200"],
+    ) else {
+        return;
+    };
+    let f = finding_for(&recs, "idle-close-by-peer", Some(client), None);
+    let n = &f["h2trace"]["finding"]["numbers"];
+    let idle = n["idle_before_close_p50_ns"].as_u64().unwrap();
+    assert!((400_000_000..1_100_000_000).contains(&idle), "{n}");
+    assert!(n["goaway_before_close"].as_u64().unwrap() >= 3, "{n}");
+    let msg = f["message"].as_str().unwrap();
+    assert!(
+        msg.contains("HTTP/2 confirms it") && msg.contains("GOAWAY(NO_ERROR)"),
+        "{msg}"
+    );
+    let goaways = frames_in(&recs, &net.client, "client", "received", "GOAWAY");
+    assert!(goaways.len() >= 3, "{goaways:#?}");
+    assert!(findings(&recs, "fixed-age-rotation").is_empty());
+}
+
 /// grpc-go cancels a call with RST_STREAM(CANCEL) on its stream; its server sends nothing back.
 #[test]
 fn grpc_go_cancelled_calls_reset_their_streams() {

@@ -7,7 +7,7 @@
 //
 // Usage:
 //
-//	grpcgo server ADDR [--max-age-ms N] [--min-ping-interval-ms N] [--delay-ms N]
+//	grpcgo server ADDR [--max-age-ms N] [--max-idle-ms N] [--min-ping-interval-ms N] [--delay-ms N]
 //	grpcgo client ADDR --calls N [--interval-ms M] [--keepalive-ms K] [--hold-ms H]
 //	                   [--cancel-after-ms C] [--conn-per-call] [--size BYTES]
 //
@@ -76,10 +76,11 @@ func main() {
 	fs := flag.NewFlagSet(mode, flag.ExitOnError)
 	if mode == "server" {
 		maxAge := fs.Int("max-age-ms", 0, "MaxConnectionAge in ms (grace 200 ms); 0 = none")
+		maxIdle := fs.Int("max-idle-ms", 0, "MaxConnectionIdle in ms; 0 = none")
 		minPing := fs.Int("min-ping-interval-ms", 0, "EnforcementPolicy.MinTime in ms; 0 = default policy")
 		delay := fs.Int("delay-ms", 0, "handler delay before echoing")
 		fs.Parse(os.Args[3:])
-		os.Exit(server(addr, *maxAge, *minPing, *delay))
+		os.Exit(server(addr, *maxAge, *maxIdle, *minPing, *delay))
 	}
 	calls := fs.Int("calls", 1, "number of unary calls")
 	interval := fs.Int("interval-ms", 0, "pause between calls")
@@ -100,17 +101,25 @@ func main() {
 	os.Exit(client(addr, *calls, *interval, *ka, *hold, *cancelAfter, *size, *perCall))
 }
 
-func server(addr string, maxAge, minPing, delay int) int {
+func server(addr string, maxAge, maxIdle, minPing, delay int) int {
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
 		return 1
 	}
 	var opts []grpc.ServerOption
+	var params keepalive.ServerParameters
 	if maxAge > 0 {
 		// grpc-go adds +-10% jitter to MaxConnectionAge.
-		opts = append(opts, grpc.KeepaliveParams(keepalive.ServerParameters{
-			MaxConnectionAge: ms(maxAge), MaxConnectionAgeGrace: 200 * time.Millisecond}))
+		params.MaxConnectionAge = ms(maxAge)
+		params.MaxConnectionAgeGrace = 200 * time.Millisecond
+	}
+	if maxIdle > 0 {
+		// An idle connection gets GOAWAY(NO_ERROR) after this long without streams.
+		params.MaxConnectionIdle = ms(maxIdle)
+	}
+	if maxAge > 0 || maxIdle > 0 {
+		opts = append(opts, grpc.KeepaliveParams(params))
 	}
 	if minPing > 0 {
 		opts = append(opts, grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
