@@ -205,13 +205,18 @@ pub fn setting_id(name: &str) -> Option<u16> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GoAway {
     pub ktime_ns: u64,
-    /// How long the connection had been silent before it.
+    /// How long the connection had been silent before it (omitted when 0).
+    #[serde(skip_serializing_if = "is_zero")]
     pub idle_before_ns: u64,
     pub last_stream_id: u32,
     pub code: u32,
     pub error: &'static str,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub debug: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// PINGs one way: how many, and the spacing of those that were not acks.

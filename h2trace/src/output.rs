@@ -331,7 +331,9 @@ struct FrameOut<'a> {
     stream_id: u32,
     length: u32,
     flags: u8,
-    /// Silence on the connection before the call that carried the frame.
+    /// Silence on the connection before the call that carried the frame (omitted when 0, as
+    /// in recordings made before it existed).
+    #[serde(skip_serializing_if = "is_zero_u64")]
     idle_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     ack: Option<bool>,

@@ -411,7 +411,7 @@ fn frame(v: &Value) -> Result<Frame, ParseError> {
         stream_id: field("stream_id")? as u32,
         length: field("length")? as u32,
         flags: field("flags")? as u8,
-        idle_ns: field("idle_ns")?,
+        idle_ns: opt_u64(f, &["idle_ns"]).unwrap_or(0),
         body,
     })
 }
