@@ -701,8 +701,9 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
     if proto != IPPROTO_TCP {
         return None;
     }
-    // A MSG_PEEK receive leaves the data to be read again: its bytes are not walked twice.
-    if !send && flags_of(ctx, base) & MSG_PEEK != 0 {
+    // A MSG_PEEK receive leaves the data to be read again: its bytes are neither counted nor
+    // walked twice (only its owner is taken).
+    if !send && flags_of(base) & MSG_PEEK != 0 {
         return on_io(ctx, sk, ret.min(0), send);
     }
     on_io(ctx, sk, ret, send)
@@ -710,8 +711,7 @@ fn on_length(ctx: &TracePointContext, send: bool) -> Option<()> {
 
 /// The `flags` of a length record (at 24 in the usual layout; other layouts are not read).
 #[inline(always)]
-fn flags_of(ctx: &TracePointContext, base: *const u8) -> i32 {
-    let _ = ctx;
+fn flags_of(base: *const u8) -> i32 {
     if config!(flags) & flags::LENGTH_USUAL != 0 {
         // SAFETY: the usual layout has `flags` (i32) at 24, inside the record.
         unsafe { core::ptr::read(base.add(24) as *const i32) }

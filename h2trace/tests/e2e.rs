@@ -564,6 +564,41 @@ fn grpc_go_max_connection_idle_is_idle_close_by_peer() {
     assert!(findings(&recs, "fixed-age-rotation").is_empty());
 }
 
+/// grpc-go's keepalive enforcement: a client pinging every 10 s (grpc-go's floor) against a
+/// server that allows one a minute gets GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings") at the
+/// third ping, about 30 s in.
+#[test]
+fn grpc_go_client_pinging_faster_than_allowed_is_too_many_pings() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some((recs, net, client)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-too-many-pings",
+        98,
+        &[],
+        &["--min-ping-interval-ms", "60000"],
+        &[
+            "--calls",
+            "1",
+            "--keepalive-ms",
+            "10000",
+            "--hold-ms",
+            "33000",
+        ],
+    ) else {
+        return;
+    };
+    let g = frames_in(&recs, &net.client, "client", "received", "GOAWAY");
+    assert!(!g.is_empty(), "no GOAWAY");
+    assert_eq!(
+        (g[0]["error"].as_str(), g[0]["debug"].as_str()),
+        (Some("ENHANCE_YOUR_CALM"), Some("too_many_pings"))
+    );
+    let f = finding_for(&recs, "too-many-pings", Some(client), None);
+    let n = &f["h2trace"]["finding"]["numbers"];
+    let ping = n["client_ping_min_interval_ns"].as_u64().unwrap();
+    assert!((9_000_000_000..11_000_000_000).contains(&ping), "{n}");
+}
+
 /// grpc-go cancels a call with RST_STREAM(CANCEL) on its stream; its server sends nothing back.
 #[test]
 fn grpc_go_cancelled_calls_reset_their_streams() {
