@@ -742,6 +742,8 @@ impl<W: Write> Ndjson<W> {
                 action,
                 dataset: if connection.is_some() {
                     "h2trace.connection"
+                } else if http2_frame.is_some() {
+                    "h2trace.http2"
                 } else {
                     "h2trace.tcp"
                 },
