@@ -126,6 +126,9 @@ pub mod flags {
     /// `--http2 all`: also the plaintext of TLS connections, from OpenSSL's `SSL_write` and
     /// `SSL_read` (uprobes).
     pub const H2_TLS: u32 = 512;
+    /// `ProgConfig::fd` holds the offsets from a task to a socket through its file table
+    /// (Go's crypto/tls, `--go-binary`).
+    pub const HAVE_FD_OFFSETS: u32 = 1024;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -484,11 +487,27 @@ pub struct ProgConfig {
     pub length: LengthLayout,
     pub sock: SockOffsets,
     pub ct: CtOffsets,
+    pub fd: FdOffsets,
     /// Offset of `child_pid` in `sched:sched_process_fork`.
     pub fork_child_pid: u16,
     pub _pad: [u16; 3],
 }
-const _: () = assert!(core::mem::size_of::<ProgConfig>() == 136);
+
+/// From the current task to the socket behind one of its file descriptors:
+/// `task->files->fdt->fd[n]->private_data` (a `struct socket`) `->sk`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdOffsets {
+    pub task_files: u16,
+    pub files_fdt: u16,
+    pub fdt_max_fds: u16,
+    pub fdt_fd: u16,
+    pub file_private_data: u16,
+    pub socket_sk: u16,
+    pub _pad: [u16; 2],
+}
+const _: () = assert!(core::mem::size_of::<FdOffsets>() == 16);
+const _: () = assert!(core::mem::size_of::<ProgConfig>() == 152);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -36,9 +36,6 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const MSG_PEEK: i32 = 2;
 
-mod h2;
-mod tls;
-
 /// Set by the agent at load time (tracepoint layouts, BTF offsets, mode flags).
 #[unsafe(no_mangle)]
 static CONFIG: ProgConfig = ProgConfig::zeroed();
@@ -50,6 +47,9 @@ macro_rules! config {
         unsafe { core::ptr::read_volatile(&CONFIG.$($field)+) }
     };
 }
+
+mod h2;
+mod tls;
 
 /// Socket lives in progress, keyed by `struct sock *`. LRU so that a flood of sockets can
 /// never exhaust it; evictions are reconciled from the counters by the agent.

@@ -93,8 +93,13 @@ pub fn check(opts: &ProbeOptions) -> Report {
         "  {}",
         match &opts.tls_lib {
             Some(lib) => format!(
-                "TLS  plaintext of programs using {} (SSL_write/SSL_read uprobes above); Go, Java and statically linked TLS are not read",
-                lib.display()
+                "TLS  plaintext of programs using {} (SSL_write/SSL_read uprobes above){}; Java and statically linked TLS are not read",
+                lib.display(),
+                if opts.go_binaries.is_empty() {
+                    "; Go programs with --go-binary"
+                } else {
+                    " and of the --go-binary programs (crypto/tls)"
+                }
             ),
             None => "TLS  not read (--http2 all reads OpenSSL's): encrypted connections show their TCP facts only".into(),
         }

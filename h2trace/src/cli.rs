@@ -203,6 +203,10 @@ pub struct TraceArgs {
     /// [default: the distribution's, e.g. /usr/lib/x86_64-linux-gnu/libssl.so.3].
     #[arg(long, value_name = "PATH")]
     pub tls_lib: Option<std::path::PathBuf>,
+    /// With --http2 all: also read the TLS plaintext of this Go program (crypto/tls, x86-64,
+    /// not stripped), e.g. a grpc-go server or client. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub go_binary: Vec<std::path::PathBuf>,
     /// How to observe TCP state changes (auto: tracepoint, else fentry, else kprobe).
     #[arg(long, value_enum, default_value = "auto")]
     pub probe: ProbeChoice,

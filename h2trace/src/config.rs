@@ -35,8 +35,8 @@ pub enum ConfigError {
     Cgroup(String, String),
     #[error("--netns {0}: no such network namespace ({1})")]
     NetnsFilter(String, String),
-    #[error("--http2 all: {0}")]
-    TlsLib(String),
+    #[error("{0}")]
+    Http2(String),
 }
 
 /// Which conntrack tables to follow, and whether failing to is an error.
@@ -188,6 +188,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             peek: a.peek,
             h2c: a.http2 != Http2Choice::Off,
             tls_lib: tls_lib(a)?,
+            go_binaries: go_binaries(a)?,
             ring_bytes,
             max_sockets: a.max_sockets,
             wake_bytes: WAKE_BYTES.min(ring_bytes / 4),
@@ -208,8 +209,8 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
 fn tls_lib(a: &TraceArgs) -> Result<Option<PathBuf>, ConfigError> {
     match (a.http2, &a.tls_lib) {
         (Http2Choice::All, Some(p)) if p.is_file() => Ok(Some(p.clone())),
-        (Http2Choice::All, Some(p)) => Err(ConfigError::TlsLib(format!(
-            "{} is not a file",
+        (Http2Choice::All, Some(p)) => Err(ConfigError::Http2(format!(
+            "--tls-lib {}: not a file",
             p.display()
         ))),
         (Http2Choice::All, None) => crate::probe::TLS_LIB_PATHS
@@ -218,15 +219,29 @@ fn tls_lib(a: &TraceArgs) -> Result<Option<PathBuf>, ConfigError> {
             .find(|p| p.is_file())
             .map(Some)
             .ok_or_else(|| {
-                ConfigError::TlsLib(format!(
-                    "no OpenSSL 3 libssl in {}: name it with --tls-lib",
+                ConfigError::Http2(format!(
+                    "--http2 all: no OpenSSL 3 libssl in {}: name it with --tls-lib",
                     crate::probe::TLS_LIB_PATHS.join(", ")
                 ))
             }),
-        (_, Some(_)) => Err(ConfigError::TlsLib(
+        (_, Some(_)) => Err(ConfigError::Http2(
             "--tls-lib needs --http2 all".to_string(),
         )),
         (_, None) => Ok(None),
+    }
+}
+
+/// `--go-binary`: files, and only with `--http2 all`.
+fn go_binaries(a: &TraceArgs) -> Result<Vec<PathBuf>, ConfigError> {
+    if !a.go_binary.is_empty() && a.http2 != Http2Choice::All {
+        return Err(ConfigError::Http2("--go-binary needs --http2 all".into()));
+    }
+    match a.go_binary.iter().find(|p| !p.is_file()) {
+        Some(p) => Err(ConfigError::Http2(format!(
+            "--go-binary {}: not a file",
+            p.display()
+        ))),
+        None => Ok(a.go_binary.clone()),
     }
 }
 

@@ -533,6 +533,69 @@ fn grpc_go_max_connection_age_is_fixed_age_rotation() {
     );
 }
 
+/// grpc-go over TLS, read from Go's crypto/tls (`--http2 all --go-binary`): the rotation is
+/// proven by the GOAWAYs inside the encrypted connections, and every call is counted.
+#[test]
+fn grpc_go_over_tls_is_read_through_crypto_tls() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some(bin) = grpcgo() else { return };
+    let dir = TempDir::new("e2e-grpcgo-tls-cert");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=h2trace-test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let (bin, cert, key) = (
+        bin.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string(),
+    );
+    let Some((recs, net, client)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-tls",
+        99,
+        &["--http2", "all", "--go-binary", &bin],
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--max-age-ms",
+            "700",
+        ],
+        &["--tls", "--calls", "90", "--interval-ms", "50"],
+    ) else {
+        return;
+    };
+    for (ns, side) in [(&net.client, "client"), (&net.server, "server")] {
+        let conns = h2_conns(&recs, ns);
+        assert!(conns.len() >= 3, "{side}: {conns:#?}");
+        assert!(conns.iter().all(|h| h["tls"] == true && h["side"] == side));
+        assert_eq!(
+            requests(&conns).iter().sum::<u64>(),
+            90,
+            "{side}: {conns:#?}"
+        );
+    }
+    let g = frames_in(&recs, &net.client, "client", "received", "GOAWAY");
+    assert!(
+        g.len() >= 3 && g.iter().all(|g| g["error"] == "NO_ERROR"),
+        "{g:#?}"
+    );
+    let f = finding_for(&recs, "fixed-age-rotation", Some(client), None);
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("GOAWAY(NO_ERROR)"), "{msg}");
+    assert_eq!(loaded_h2trace_programs(), 0);
+}
+
 /// grpc-go's MaxConnectionIdle: the server announces its idle close with GOAWAY(NO_ERROR) and
 /// the client closes first. HTTP/2 says the close was the peer's, and the silence before the
 /// GOAWAY is the idle timeout.

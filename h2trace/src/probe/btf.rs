@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use h2trace_common::{ABSENT, CtOffsets, SockOffsets};
+use h2trace_common::{ABSENT, CtOffsets, FdOffsets, SockOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// The module's own (split) BTF, when conntrack is a module rather than built in.
@@ -141,6 +141,20 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
         skc_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
         skc_net: sc("skc_net")?,
         net_ns_inum: offset_of(&btf, "net", "ns.inum")?,
+        _pad: [0; 2],
+    })
+}
+
+/// Offsets from a task to the socket behind a file descriptor (Go's crypto/tls).
+pub fn fd_offsets(path: &Path) -> Result<FdOffsets, BtfError> {
+    let btf = read_btf(path, None)?;
+    Ok(FdOffsets {
+        task_files: offset_of(&btf, "task_struct", "files")?,
+        files_fdt: offset_of(&btf, "files_struct", "fdt")?,
+        fdt_max_fds: offset_of(&btf, "fdtable", "max_fds")?,
+        fdt_fd: offset_of(&btf, "fdtable", "fd")?,
+        file_private_data: offset_of(&btf, "file", "private_data")?,
+        socket_sk: offset_of(&btf, "socket", "sk")?,
         _pad: [0; 2],
     })
 }

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod caps;
 pub mod conntrack;
+pub mod gobin;
 pub mod tracefs;
 
 use std::{
@@ -159,6 +160,8 @@ pub struct ProbeOptions {
     pub h2c: bool,
     /// `--http2 all`: also TLS plaintext, from this OpenSSL library's `SSL_write`/`SSL_read`.
     pub tls_lib: Option<std::path::PathBuf>,
+    /// `--go-binary`: Go programs whose crypto/tls plaintext is read.
+    pub go_binaries: Vec<std::path::PathBuf>,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_bytes: u32,
     /// Socket lives tracked at once in the kernel.
@@ -399,6 +402,12 @@ fn loader_for(
     if opts.tls_lib.is_some() {
         config.flags |= flags::H2_TLS;
     }
+    if !opts.go_binaries.is_empty()
+        && let Ok(o) = btf::fd_offsets(Path::new(btf::VMLINUX_BTF))
+    {
+        config.fd = o;
+        config.flags |= flags::HAVE_FD_OFFSETS;
+    }
     // Kernel-side conntrack reports only the namespaces the agent follows (`CT_NETNS`).
     match opts.conntrack {
         None => config.flags &= !flags::CONNTRACK,
@@ -596,6 +605,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
     }
     hooks.extend(attach_syscalls(&mut ebpf, opts, "attached"));
     hooks.extend(attach_tls(&mut ebpf, opts, "attached"));
+    hooks.extend(attach_go_tls(&mut ebpf, opts, "attached"));
     Ok(Probes {
         ebpf,
         state_hook,
@@ -857,6 +867,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
     out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_tls(&mut ebpf, opts, "loads and attaches"));
+    out.extend(attach_go_tls(&mut ebpf, opts, "loads and attaches"));
     if let Some(e) = &facts.sock_offsets_error {
         out.push(HookStatus {
             hook: "BTF struct offsets".into(),
@@ -941,6 +952,49 @@ fn attach_tls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus>
                     |why| format!("{why}; --http2 all misses TLS plaintext through {symbol}"),
                     |()| format!("{ok} (--http2 all)"),
                 ),
+            }
+        })
+        .collect()
+}
+
+/// `--go-binary`: uprobes on crypto/tls in each Go program: `(*Conn).Write` at entry,
+/// `(*Conn).Read` at entry and at each of its RET instructions.
+fn attach_go_tls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus> {
+    const WRITE: &str = "crypto/tls.(*Conn).Write";
+    const READ: &str = "crypto/tls.(*Conn).Read";
+    opts.go_binaries
+        .iter()
+        .map(|bin| {
+            let hook = format!("uprobe {}:crypto/tls", bin.display());
+            let result = (|| -> Result<usize, String> {
+                btf::fd_offsets(Path::new(btf::VMLINUX_BTF))
+                    .map_err(|e| format!("no way from a file descriptor to its socket: {e}"))?;
+                let rets = gobin::ret_offsets(bin, READ).map_err(|e| e.to_string())?;
+                let mut attach = |program: &str, symbol: &str, offset: u64| {
+                    let err = |e| program_error(&hook, e);
+                    let p: &mut UProbe = prog(ebpf, program)?.try_into().map_err(err)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(err)?;
+                    }
+                    let at =
+                        aya::programs::uprobe::UProbeAttachLocation::SymbolOffset(symbol, offset);
+                    p.attach(at, bin, UProbeScope::AllProcesses).map_err(err)?;
+                    Ok::<_, ProbeError>(())
+                };
+                attach("go_tls_write", WRITE, 0).map_err(|e| why_not(&e))?;
+                attach("go_tls_read", READ, 0).map_err(|e| why_not(&e))?;
+                for off in &rets {
+                    attach("go_tls_read_ret", READ, *off).map_err(|e| why_not(&e))?;
+                }
+                Ok(rets.len())
+            })();
+            HookStatus {
+                hook,
+                ok: result.is_ok(),
+                detail: match result {
+                    Ok(n) => format!("{ok} (Write at entry, Read at entry and its {n} returns)"),
+                    Err(why) => format!("{why}; its TLS connections keep their TCP facts only"),
+                },
             }
         })
         .collect()

@@ -1,4 +1,5 @@
-// grpcgo: a real grpc-go peer (cleartext h2c) for h2trace's end-to-end tests.
+// grpcgo: a real grpc-go peer (cleartext h2c, or TLS on request) for
+// h2trace's end-to-end tests.
 //
 // Built offline from Debian 12 packages (golang-go, golang-google-grpc-dev,
 // golang-golang-x-net-dev) in GOPATH mode, no protobuf code generation:
@@ -8,8 +9,14 @@
 // Usage:
 //
 //	grpcgo server ADDR [--max-age-ms N] [--max-idle-ms N] [--min-ping-interval-ms N] [--delay-ms N]
+//	                   [--tls-cert FILE --tls-key FILE]
 //	grpcgo client ADDR --calls N [--interval-ms M] [--keepalive-ms K] [--hold-ms H]
-//	                   [--cancel-after-ms C] [--conn-per-call] [--size BYTES]
+//	                   [--cancel-after-ms C] [--conn-per-call] [--size BYTES] [--tls]
+//
+// Without TLS flags both sides speak cleartext h2c. With --tls-cert and
+// --tls-key (PEM files, both required) the server serves TLS; --tls makes the
+// client dial TLS without verifying the server certificate (self-signed test
+// certificates are fine).
 //
 // One unary method, /h2trace.Echo/Echo, echoes its request bytes. Messages are
 // raw bytes: the codec below replaces the "proto" codec for this binary, so the
@@ -20,6 +27,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -29,6 +37,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
@@ -79,8 +88,14 @@ func main() {
 		maxIdle := fs.Int("max-idle-ms", 0, "MaxConnectionIdle in ms; 0 = none")
 		minPing := fs.Int("min-ping-interval-ms", 0, "EnforcementPolicy.MinTime in ms; 0 = default policy")
 		delay := fs.Int("delay-ms", 0, "handler delay before echoing")
+		certFile := fs.String("tls-cert", "", "PEM certificate file; with --tls-key, serve TLS")
+		keyFile := fs.String("tls-key", "", "PEM private key file; with --tls-cert, serve TLS")
 		fs.Parse(os.Args[3:])
-		os.Exit(server(addr, *maxAge, *maxIdle, *minPing, *delay))
+		if (*certFile == "") != (*keyFile == "") {
+			fmt.Fprintln(os.Stderr, "--tls-cert and --tls-key must be given together")
+			os.Exit(2)
+		}
+		os.Exit(server(addr, *maxAge, *maxIdle, *minPing, *delay, *certFile, *keyFile))
 	}
 	calls := fs.Int("calls", 1, "number of unary calls")
 	interval := fs.Int("interval-ms", 0, "pause between calls")
@@ -89,6 +104,7 @@ func main() {
 	cancelAfter := fs.Int("cancel-after-ms", 0, "cancel each call's context after this many ms")
 	perCall := fs.Bool("conn-per-call", false, "dial a new connection for every call")
 	size := fs.Int("size", 0, "request payload size in bytes (0 = a short text)")
+	useTLS := fs.Bool("tls", false, "dial with TLS (server certificate not verified)")
 	fs.Parse(os.Args[3:])
 	if *calls < 0 || *calls > maxCalls {
 		fmt.Fprintf(os.Stderr, "--calls must be in 0..%d\n", maxCalls)
@@ -98,16 +114,24 @@ func main() {
 		fmt.Fprintln(os.Stderr, "--size must be in 0..4194240")
 		os.Exit(2)
 	}
-	os.Exit(client(addr, *calls, *interval, *ka, *hold, *cancelAfter, *size, *perCall))
+	os.Exit(client(addr, *calls, *interval, *ka, *hold, *cancelAfter, *size, *perCall, *useTLS))
 }
 
-func server(addr string, maxAge, maxIdle, minPing, delay int) int {
+func server(addr string, maxAge, maxIdle, minPing, delay int, certFile, keyFile string) int {
+	var opts []grpc.ServerOption
+	if certFile != "" {
+		creds, err := credentials.NewServerTLSFromFile(certFile, keyFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "tls:", err)
+			return 1
+		}
+		opts = append(opts, grpc.Creds(creds))
+	}
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
 		return 1
 	}
-	var opts []grpc.ServerOption
 	var params keepalive.ServerParameters
 	if maxAge > 0 {
 		// grpc-go adds +-10% jitter to MaxConnectionAge.
@@ -151,8 +175,12 @@ func server(addr string, maxAge, maxIdle, minPing, delay int) int {
 	return 0
 }
 
-func client(addr string, calls, interval, ka, hold, cancelAfter, size int, perCall bool) int {
-	opts := []grpc.DialOption{grpc.WithInsecure(), grpc.WithBlock(),
+func client(addr string, calls, interval, ka, hold, cancelAfter, size int, perCall, useTLS bool) int {
+	security := grpc.WithInsecure()
+	if useTLS {
+		security = grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{InsecureSkipVerify: true}))
+	}
+	opts := []grpc.DialOption{security, grpc.WithBlock(),
 		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}))}
 	if ka > 0 {
 		if ms(ka) < 10*time.Second {
