@@ -702,6 +702,32 @@ fn grpc_go_cancelled_calls_reset_their_streams() {
     );
 }
 
+/// A call whose deadline passes: grpc-go's client resets the stream with CANCEL (the server
+/// here waits out its delay, so nothing races the client).
+#[test]
+fn grpc_go_deadline_resets_the_stream() {
+    let Some(_lock) = kernel_test() else { return };
+    let Some((recs, net, _)) = grpc(
+        Grpc::Go,
+        "e2e-grpcgo-deadline",
+        100,
+        &[],
+        &["--delay-ms", "1000", "--ignore-deadline"],
+        &["--calls", "2", "--deadline-ms", "200", "--hold-ms", "300"],
+    ) else {
+        return;
+    };
+    for (ns, side, dir) in [
+        (&net.client, "client", "sent"),
+        (&net.server, "server", "received"),
+    ] {
+        let r = frames_in(&recs, ns, side, dir, "RST_STREAM");
+        let ids: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [1, 3], "{side}: {r:#?}");
+        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
+    }
+}
+
 /// A grpc-go connection per call: each carried exactly one stream, which the finding says.
 #[test]
 fn grpc_go_connection_per_call_carries_one_stream_each() {

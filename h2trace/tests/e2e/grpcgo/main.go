@@ -9,9 +9,10 @@
 // Usage:
 //
 //	grpcgo server ADDR [--max-age-ms N] [--max-idle-ms N] [--min-ping-interval-ms N] [--delay-ms N]
+//	                   [--ignore-deadline]
 //	                   [--tls-cert FILE --tls-key FILE]
 //	grpcgo client ADDR --calls N [--interval-ms M] [--keepalive-ms K] [--hold-ms H]
-//	                   [--cancel-after-ms C] [--conn-per-call] [--size BYTES] [--tls]
+//	                   [--cancel-after-ms C] [--deadline-ms D] [--conn-per-call] [--size BYTES] [--tls]
 //
 // Without TLS flags both sides speak cleartext h2c. With --tls-cert and
 // --tls-key (PEM files, both required) the server serves TLS; --tls makes the
@@ -88,6 +89,7 @@ func main() {
 		maxIdle := fs.Int("max-idle-ms", 0, "MaxConnectionIdle in ms; 0 = none")
 		minPing := fs.Int("min-ping-interval-ms", 0, "EnforcementPolicy.MinTime in ms; 0 = default policy")
 		delay := fs.Int("delay-ms", 0, "handler delay before echoing")
+		deaf := fs.Bool("ignore-deadline", false, "the handler waits out its delay even past the call's deadline")
 		certFile := fs.String("tls-cert", "", "PEM certificate file; with --tls-key, serve TLS")
 		keyFile := fs.String("tls-key", "", "PEM private key file; with --tls-cert, serve TLS")
 		fs.Parse(os.Args[3:])
@@ -95,13 +97,14 @@ func main() {
 			fmt.Fprintln(os.Stderr, "--tls-cert and --tls-key must be given together")
 			os.Exit(2)
 		}
-		os.Exit(server(addr, *maxAge, *maxIdle, *minPing, *delay, *certFile, *keyFile))
+		os.Exit(server(addr, *maxAge, *maxIdle, *minPing, *delay, *deaf, *certFile, *keyFile))
 	}
 	calls := fs.Int("calls", 1, "number of unary calls")
 	interval := fs.Int("interval-ms", 0, "pause between calls")
 	ka := fs.Int("keepalive-ms", 0, "client keepalive Time in ms (grpc-go raises it to >= 10000)")
 	hold := fs.Int("hold-ms", 0, "keep the connection open this long after the last call")
 	cancelAfter := fs.Int("cancel-after-ms", 0, "cancel each call's context after this many ms")
+	deadline := fs.Int("deadline-ms", 0, "give each call this deadline")
 	perCall := fs.Bool("conn-per-call", false, "dial a new connection for every call")
 	size := fs.Int("size", 0, "request payload size in bytes (0 = a short text)")
 	useTLS := fs.Bool("tls", false, "dial with TLS (server certificate not verified)")
@@ -114,10 +117,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "--size must be in 0..4194240")
 		os.Exit(2)
 	}
-	os.Exit(client(addr, *calls, *interval, *ka, *hold, *cancelAfter, *size, *perCall, *useTLS))
+	os.Exit(client(addr, *calls, *interval, *ka, *hold, *cancelAfter, *deadline, *size, *perCall, *useTLS))
 }
 
-func server(addr string, maxAge, maxIdle, minPing, delay int, certFile, keyFile string) int {
+func server(addr string, maxAge, maxIdle, minPing, delay int, deaf bool, certFile, keyFile string) int {
 	var opts []grpc.ServerOption
 	if certFile != "" {
 		creds, err := credentials.NewServerTLSFromFile(certFile, keyFile)
@@ -155,9 +158,14 @@ func server(addr string, maxAge, maxIdle, minPing, delay int, certFile, keyFile 
 		if err := dec(&in); err != nil {
 			return nil, err
 		}
+		done := ctx.Done()
+		if deaf {
+			// Answer nothing before the delay, so the client's deadline always fires first.
+			done = nil
+		}
 		select {
 		case <-time.After(ms(delay)):
-		case <-ctx.Done():
+		case <-done:
 			return nil, status.FromContextError(ctx.Err()).Err()
 		}
 		return &in, nil
@@ -175,7 +183,7 @@ func server(addr string, maxAge, maxIdle, minPing, delay int, certFile, keyFile 
 	return 0
 }
 
-func client(addr string, calls, interval, ka, hold, cancelAfter, size int, perCall, useTLS bool) int {
+func client(addr string, calls, interval, ka, hold, cancelAfter, deadline, size int, perCall, useTLS bool) int {
 	security := grpc.WithInsecure()
 	if useTLS {
 		security = grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{InsecureSkipVerify: true}))
@@ -216,6 +224,9 @@ func client(addr string, calls, interval, ka, hold, cancelAfter, size int, perCa
 			}
 		}
 		ctx, cancel := context.WithCancel(context.Background())
+		if deadline > 0 {
+			ctx, cancel = context.WithTimeout(context.Background(), ms(deadline))
+		}
 		if cancelAfter > 0 {
 			time.AfterFunc(ms(cancelAfter), cancel)
 		}
@@ -235,7 +246,7 @@ func client(addr string, calls, interval, ka, hold, cancelAfter, size int, perCa
 		case err == nil:
 			failed++
 			fmt.Fprintf(os.Stderr, "call %d: bad echo %q\n", i, resp)
-		case code == codes.Canceled || errors.Is(err, context.Canceled):
+		case code == codes.Canceled || code == codes.DeadlineExceeded || errors.Is(err, context.Canceled):
 			canceled++
 			fmt.Fprintf(os.Stderr, "call %d: expected: %v\n", i, err)
 		case code == codes.Unavailable: // e.g. GOAWAY / connection closed
