@@ -1721,6 +1721,105 @@ mod tests {
         assert_eq!(w[0].ends.get("fin"), Some(&10));
     }
 
+    /// Idle closes of HTTP/2 connections: announced with GOAWAY (the client then closes
+    /// first), or a bare FIN from the peer.
+    #[test]
+    fn http2_says_whose_idle_timeout_it_was() {
+        use crate::{
+            event::{Life, Origin, Socket, Transition},
+            http2::{Frames, GoAway, Side, Streams},
+        };
+        use h2trace_common::tcp_state::*;
+        let run = |goaway: bool| {
+            let mut d = Detector::new(DetectConfig::default());
+            let mut out = Vec::new();
+            for i in 0..4u64 {
+                let t = i * 2_000_000_000;
+                let (idle, close) = (t + 10_000_000, t + 510_000_000);
+                // With GOAWAY the client closes first, right after it; else the peer's FIN.
+                let states: &[(u64, u8)] = if goaway {
+                    &[
+                        (close, FIN_WAIT1),
+                        (close + 1_000, FIN_WAIT2),
+                        (close + 2_000, CLOSE),
+                    ]
+                } else {
+                    &[
+                        (close, CLOSE_WAIT),
+                        (close + 1_000, LAST_ACK),
+                        (close + 2_000, CLOSE),
+                    ]
+                };
+                let mut transitions = vec![(t, SYN_SENT), (t + 1_000, ESTABLISHED)];
+                transitions.extend_from_slice(states);
+                let frames = goaway.then(|| {
+                    let mut f = Frames::default();
+                    f.received.goaway = Some(GoAway {
+                        ktime_ns: close - 100_000,
+                        idle_before_ns: close - 100_000 - idle,
+                        last_stream_id: 1,
+                        code: http2::NO_ERROR,
+                        error: "NO_ERROR",
+                        debug: String::new(),
+                    });
+                    Box::new(f)
+                });
+                let ev = Event {
+                    ts_ns: close + 2_000,
+                    cpu: 0,
+                    socket: Socket {
+                        id: SocketId {
+                            skaddr: i,
+                            start_ns: t,
+                        },
+                        netns: 1,
+                        local: "10.0.0.1:40000".parse().unwrap(),
+                        remote: "10.0.0.2:443".parse().unwrap(),
+                        owner: None,
+                        origin: Origin::Active,
+                    },
+                    body: Body::Life(Box::new(Life {
+                        first_state: CLOSE,
+                        transitions: transitions
+                            .into_iter()
+                            .map(|(ts_ns, state)| Transition { ts_ns, state })
+                            .collect(),
+                        bytes_sent: 100,
+                        bytes_received: 100,
+                        last_send_ns: Some(idle),
+                        last_recv_ns: Some(if goaway { close - 100_000 } else { idle }),
+                        http2: Streams {
+                            side: Some(Side::Client),
+                            opened_local: 1,
+                            ..Streams::default()
+                        },
+                        frames,
+                        ..Life::default()
+                    })),
+                };
+                d.on_event(&ev, &mut out);
+            }
+            out.into_iter()
+                .find(|f| f.pattern == Pattern::IdleCloseByPeer)
+                .expect("idle close by peer")
+        };
+        // The finding is first written at the third close (`min_idle_closes`).
+        let announced = run(true);
+        assert!(
+            announced.summary.contains("HTTP/2 confirms it"),
+            "{}",
+            announced.summary
+        );
+        assert_eq!(announced.numbers["goaway_before_close"], 3);
+        let idle = announced.numbers["idle_before_close_p50_ns"]
+            .as_u64()
+            .unwrap();
+        assert!((480_000_000..520_000_000).contains(&idle), "{idle}");
+        let bare = run(false);
+        assert!(bare.summary.contains("bare FIN"), "{}", bare.summary);
+        assert_eq!(bare.numbers["goaway_before_close"], 0);
+    }
+
     #[test]
     fn clusters_need_four_fifths_within_the_jitter() {
         assert!(clustered(&[700, 720, 690, 710, 705], 0.2).is_some());
