@@ -200,6 +200,19 @@ fn h2_conns<'a>(recs: &'a [Value], ns: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The client reset exactly these streams with RST_STREAM(CANCEL), and the server saw each.
+fn assert_cancelled(recs: &[Value], net: &NetPair, ids: &[u64]) {
+    for (ns, side, dir) in [
+        (&net.client, "client", "sent"),
+        (&net.server, "server", "received"),
+    ] {
+        let r = frames_in(recs, ns, side, dir, "RST_STREAM");
+        let got: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
+        assert_eq!(got, ids, "{side}: {r:#?}");
+        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
+    }
+}
+
 fn requests(conns: &[&Value]) -> Vec<u64> {
     conns
         .iter()
@@ -418,15 +431,7 @@ fn grpc_cancelled_calls_reset_their_streams() {
         return;
     };
     // Each cancelled call is one RST_STREAM(CANCEL) on its own stream, seen from both ends.
-    for (ns, side, dir) in [
-        (&net.client, "client", "sent"),
-        (&net.server, "server", "received"),
-    ] {
-        let r = frames_in(&recs, ns, side, dir, "RST_STREAM");
-        let ids: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [1, 3, 5], "{side}: {r:#?}");
-        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
-    }
+    assert_cancelled(&recs, &net, &[1, 3, 5]);
     let c = h2_conns(&recs, &net.client);
     assert_eq!(c[0]["sent"]["rst_stream"]["CANCEL"], 3, "{c:#?}");
     assert_eq!(requests(&c), [3]);
@@ -685,15 +690,7 @@ fn grpc_go_cancelled_calls_reset_their_streams() {
     ) else {
         return;
     };
-    for (ns, side, dir) in [
-        (&net.client, "client", "sent"),
-        (&net.server, "server", "received"),
-    ] {
-        let r = frames_in(&recs, ns, side, dir, "RST_STREAM");
-        let ids: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [1, 3, 5], "{side}: {r:#?}");
-        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
-    }
+    assert_cancelled(&recs, &net, &[1, 3, 5]);
     // grpc-go's server announces its frame size limit, and nothing else.
     let s = frames_in(&recs, &net.client, "client", "received", "SETTINGS");
     assert!(
@@ -717,15 +714,7 @@ fn grpc_go_deadline_resets_the_stream() {
     ) else {
         return;
     };
-    for (ns, side, dir) in [
-        (&net.client, "client", "sent"),
-        (&net.server, "server", "received"),
-    ] {
-        let r = frames_in(&recs, ns, side, dir, "RST_STREAM");
-        let ids: Vec<_> = r.iter().map(|f| f["stream_id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [1, 3], "{side}: {r:#?}");
-        assert!(r.iter().all(|f| f["error"] == "CANCEL"), "{r:#?}");
-    }
+    assert_cancelled(&recs, &net, &[1, 3]);
 }
 
 /// A grpc-go connection per call: each carried exactly one stream, which the finding says.
