@@ -137,7 +137,9 @@ pub enum ConntrackChoice {
 
 #[derive(Debug, Args)]
 pub struct TraceArgs {
-    /// Only sockets owned by these processes (all their threads), comma-separated.
+    /// Only sockets owned by these processes (all their threads), comma-separated. When one
+    /// exits, its sockets are followed to their end; once all have exited and their sockets
+    /// have closed, the run ends (exit 0).
     #[arg(short, long, value_delimiter = ',', value_name = "PID")]
     pub pid: Vec<u32>,
     /// Stop after this long (e.g. 30s, 5m, 1h). Default: until Ctrl-C or SIGTERM.

@@ -286,6 +286,13 @@ pub enum Input {
         parent: u32,
         child: u32,
     },
+    /// A followed process has exited (`--pid`): noticed from /proc at `ts_ns`, when
+    /// `open_sockets` of its sockets were still open (inherited by another process, or closing).
+    Exit {
+        ts_ns: u64,
+        pid: u32,
+        open_sockets: u32,
+    },
 }
 
 impl crate::order::Stamped for Input {
@@ -293,7 +300,7 @@ impl crate::order::Stamped for Input {
         match self {
             Self::Socket(e) => e.ts_ns,
             Self::Conntrack(c) => c.ts_ns,
-            Self::Fork { ts_ns, .. } => *ts_ns,
+            Self::Fork { ts_ns, .. } | Self::Exit { ts_ns, .. } => *ts_ns,
         }
     }
 }

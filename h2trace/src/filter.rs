@@ -87,6 +87,11 @@ impl Selector {
         }
     }
 
+    /// `--pid`: the processes followed now.
+    pub fn pids(&self) -> Option<&HashSet<u32>> {
+        self.filter.pids.as_ref()
+    }
+
     /// Filters that need the owner: `--pid`, `--cgroup`.
     fn by_owner(&self) -> bool {
         self.filter.pids.is_some() || !self.filter.cgroups.is_empty()

@@ -181,6 +181,12 @@ pub enum Notice<'a> {
         parent: u32,
         child: u32,
     },
+    /// A followed process has exited (`--pid`); `open_sockets` of its sockets are still open.
+    Exit {
+        ktime_ns: u64,
+        pid: u32,
+        open_sockets: u32,
+    },
     /// A conntrack table h2trace follows.
     ConntrackSource {
         ktime_ns: u64,
@@ -900,6 +906,16 @@ impl<W: Write> Sink for Ndjson<W> {
                 "process-fork",
                 json!({ "fork": { "parent": parent, "child": child } }),
             ),
+            Notice::Exit {
+                ktime_ns,
+                pid,
+                open_sockets,
+            } => (
+                *ktime_ns,
+                "event",
+                "process-exited",
+                json!({ "exit": { "pid": pid, "open_sockets": open_sockets } }),
+            ),
         };
         let mut h2 = body;
         h2["ktime_ns"] = json!(ktime);
@@ -1227,6 +1243,15 @@ impl<W: Write> Sink for Text<W> {
                 self.out,
                 "h2trace: following {child}, forked by {parent} (--follow-forks)"
             ),
+            Notice::Exit {
+                pid, open_sockets, ..
+            } => match open_sockets {
+                0 => writeln!(self.out, "h2trace: process {pid} has exited"),
+                n => writeln!(
+                    self.out,
+                    "h2trace: process {pid} has exited; {n} of its sockets are still open and followed to their end"
+                ),
+            },
             Notice::ConntrackSource { ns, .. } => writeln!(
                 self.out,
                 "h2trace: following conntrack of {} (netns {}) via {}; established timeout {}",

@@ -66,7 +66,29 @@ impl Pipeline {
                 parent,
                 child,
             } => self.fork(ts_ns, parent, child),
+            Input::Exit {
+                ts_ns,
+                pid,
+                open_sockets,
+            } => self.exit(ts_ns, pid, open_sockets),
         }
+    }
+
+    /// A followed process has exited. Its sockets stay followed to their end (their owner
+    /// still matches): this only says so.
+    pub fn exit(&mut self, ktime_ns: u64, pid: u32, open_sockets: u32) {
+        self.write(|sink| {
+            sink.notice(&Notice::Exit {
+                ktime_ns,
+                pid,
+                open_sockets,
+            })
+        });
+    }
+
+    /// `--pid`: the processes followed now (with `--follow-forks`, their children too).
+    pub fn followed_pids(&self) -> Option<&std::collections::HashSet<u32>> {
+        self.selector.pids()
     }
 
     /// `--follow-forks`: `child` of a followed `parent` is followed from now on (replay: the

@@ -166,6 +166,11 @@ pub fn replay(
                 parent,
                 child,
             } => pipeline.fork(ktime_ns, parent, child),
+            Record::Exit {
+                ktime_ns,
+                pid,
+                open_sockets,
+            } => pipeline.exit(ktime_ns, pid, open_sockets),
             Record::Derived => {}
         }
     }
@@ -215,6 +220,11 @@ pub enum Record {
         ktime_ns: u64,
         parent: u32,
         child: u32,
+    },
+    Exit {
+        ktime_ns: u64,
+        pid: u32,
+        open_sockets: u32,
     },
     Snapshot {
         ktime_ns: u64,
@@ -514,6 +524,15 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
                 ktime_ns,
                 parent: pid("parent", "h2trace.fork.parent")?,
                 child: pid("child", "h2trace.fork.child")?,
+            });
+        }
+        "process-exited" => {
+            let n =
+                |k: &'static str, name| u64_at(&v, &["h2trace", "exit", k], name).map(|p| p as u32);
+            return Ok(Record::Exit {
+                ktime_ns,
+                pid: n("pid", "h2trace.exit.pid")?,
+                open_sockets: n("open_sockets", "h2trace.exit.open_sockets")?,
             });
         }
         "socket-snapshot" => {

@@ -1,6 +1,7 @@
 //! The tracing run: probes → source → order → filter → sink, until a signal, the end of
 //! `--duration`, or a closed output.
 use std::{
+    collections::{HashMap, HashSet},
     fs::File,
     io::{self, BufWriter, Write},
     time::{Duration, Instant},
@@ -17,7 +18,7 @@ use crate::{
     netns::{NetnsSpec, netns_inode},
     order::Reorder,
     output::{Clock, Losses, Ndjson, Notice, Sink, Text},
-    owner::{cgroup::Cgroups, snapshot},
+    owner::{cgroup::Cgroups, exits::Exits, snapshot},
     pipeline::Pipeline,
     probe::{self, Probes},
     source::{CounterValues, Counters, Reader, for_each_open_life},
@@ -94,6 +95,60 @@ fn is_thread(tid: u32) -> bool {
     procfs::process::Process::new(tid as i32)
         .and_then(|p| p.status())
         .is_ok_and(|s| s.tgid != tid as i32)
+}
+
+/// Open sockets per owning process, from the kernel's table of live sockets.
+fn open_sockets(ebpf: &aya::Ebpf, pids: &HashSet<u32>) -> HashMap<u32, u32> {
+    let mut n = HashMap::new();
+    for_each_open_life(ebpf, |l| {
+        if pids.contains(&l.meta.tgid) {
+            *n.entry(l.meta.tgid).or_default() += 1;
+        }
+    });
+    n
+}
+
+/// `--pid`: says when a followed process exits, and ends the run once all have and their
+/// sockets have ended too (nothing is left to follow).
+struct ExitWatch {
+    exits: Exits,
+    /// The table of live sockets is read at each exit, then, once every process has exited,
+    /// at growing intervals (it holds every socket of the host: 100,000 entries take ~0.1 s).
+    next_scan: Instant,
+    backoff: Duration,
+}
+
+impl ExitWatch {
+    /// True when the run should end.
+    fn check(&mut self, o: &mut Ordered, ebpf: &aya::Ebpf, now: u64) -> bool {
+        let Some(pids) = o.pipeline.followed_pids().cloned() else {
+            return false;
+        };
+        let gone = self.exits.poll(&pids);
+        if !gone.is_empty() {
+            let open = open_sockets(ebpf, &pids);
+            for pid in gone {
+                // In time order with everything else; its sockets stay followed.
+                o.reorder.push(Input::Exit {
+                    ts_ns: now,
+                    pid,
+                    open_sockets: open.get(&pid).copied().unwrap_or(0),
+                });
+            }
+            return false;
+        }
+        // A fork just before the last exit is still in the reorder window: it has been
+        // delivered (and its child is in `pids`) by the next check.
+        if !self.exits.all(&pids) || Instant::now() < self.next_scan {
+            return false;
+        }
+        if open_sockets(ebpf, &pids).is_empty() {
+            return true;
+        }
+        self.next_scan = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(16));
+        false
+    }
 }
 
 /// One listener per followed namespace (the same namespace named twice is followed once).
@@ -285,6 +340,11 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut last_loss_check = Instant::now();
     let mut reported = Losses::default();
     let mut perf_lost = 0u64;
+    let mut exit_watch = ExitWatch {
+        exits: Exits::default(),
+        next_scan: Instant::now(),
+        backoff: LOSS_EVERY,
+    };
 
     let outcome = loop {
         // Biased: signals first, so a flood that keeps the buffers readable cannot delay them.
@@ -303,8 +363,10 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         drain_conntrack(&mut cts, ct_stamp, &mut o);
         ct_stamp = now;
         o.release(now.saturating_sub(ORDER_SLACK_NS));
+        let periodic = last_loss_check.elapsed() >= LOSS_EVERY;
+        let traced_gone = periodic && exit_watch.check(&mut o, &probes.ebpf, now);
         let p = &mut o.pipeline;
-        if last_loss_check.elapsed() >= LOSS_EVERY {
+        if periodic {
             last_loss_check = Instant::now();
             // Let CLOSE_WAIT sockets become stuck even when nothing else happens.
             p.tick(now.saturating_sub(ORDER_SLACK_NS));
@@ -324,6 +386,12 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         }
         if let Some(o) = stop {
             break o;
+        }
+        if traced_gone {
+            eprintln!(
+                "h2trace: every traced process has exited and its sockets have closed: nothing left to follow"
+            );
+            break Outcome::Done;
         }
     };
 

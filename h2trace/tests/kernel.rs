@@ -333,7 +333,14 @@ fn pid_filter(transport: &str, subnet: u8) {
             .unwrap()
             .success()
     );
-    let recs = tracer.stop();
+    // The server has exited and its sockets have closed: h2trace ends the run by itself.
+    let (recs, _dir, _) = tracer.ended();
+    let exits: Vec<_> = recs
+        .iter()
+        .filter(|r| action(r) == "process-exited")
+        .collect();
+    assert_eq!(exits.len(), 1, "{exits:?}");
+    assert_eq!(exits[0]["h2trace"]["exit"]["pid"], server_pid);
     let sockets: Vec<_> = recs
         .iter()
         .filter(|r| r["h2trace"]["socket"].is_object())
@@ -365,6 +372,81 @@ fn pid_filter(transport: &str, subnet: u8) {
         );
     }
     assert!(recs.iter().all(|r| owner_pid(r) != Some(client_pid as u64)));
+}
+
+/// A traced process exits while one of its sockets is still closing: the socket is followed
+/// to its end, the exit is said in between, and then h2trace ends the run by itself.
+#[test]
+fn a_traced_process_that_exits_keeps_its_sockets_to_their_end() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("pid-exit", 43);
+    // Above the TIME_WAIT length, an orphaned FIN_WAIT2 socket stays a full socket for the
+    // difference (5 s) instead of turning into a timewait entry at once (tcp_rcv_state_process).
+    let st = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.server, "sysctl", "-qw"])
+        .arg("net.ipv4.tcp_fin_timeout=65")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let addr = format!("{}:8080", net.server_v4);
+    let reply = REPLY.to_string();
+    // The server answers once, closes first and exits; the client holds its end for 3 s.
+    let mut server = net.server(
+        &addr,
+        &["--conns", "1", "--reply", &reply, "--then", "close"],
+    );
+    let server_pid = server.0.id();
+    let tracer = Tracer::start("pid-exit", &["--pid", &server_pid.to_string()]);
+    let mut client = net.spawn_client(
+        &addr,
+        &[
+            "--send",
+            &SEND.to_string(),
+            "--reply",
+            &reply,
+            "--then",
+            "hold:3000",
+        ],
+    );
+    assert!(
+        wait_timeout(&mut server.0, std::time::Duration::from_secs(20))
+            .unwrap()
+            .success()
+    );
+    let (recs, _dir, path) = tracer.ended();
+    assert!(
+        wait_timeout(&mut client.0, std::time::Duration::from_secs(20))
+            .unwrap()
+            .success()
+    );
+    validate_all(&recs);
+    assert_replay_identical(&path);
+    let at = |act: &str| recs.iter().position(|r| action(r) == act);
+    let exit = at("process-exited").expect("no process-exited record");
+    assert_eq!(recs[exit]["h2trace"]["exit"]["pid"], server_pid);
+    assert_eq!(
+        recs[exit]["h2trace"]["exit"]["open_sockets"], 1,
+        "{:#}",
+        recs[exit]
+    );
+    // The connection's server end: closed after the exit was said, and recorded after it.
+    let life = recs
+        .iter()
+        .position(|r| action(r) == "connection-closed" && r["source"]["port"] == 8080)
+        .expect("the server's connection was not followed to its end");
+    assert!(life > exit);
+    let l = &recs[life];
+    assert_eq!(owner_pid(l), Some(u64::from(server_pid)));
+    assert!(
+        states(l).contains(&"FIN_WAIT2".to_string()),
+        "{:?}",
+        states(l)
+    );
+    assert!(
+        l["h2trace"]["connection"]["closed_ns"].as_u64()
+            > recs[exit]["h2trace"]["ktime_ns"].as_u64()
+    );
+    assert_eq!(action(recs.last().unwrap()), "summary");
 }
 
 #[test]

@@ -473,6 +473,25 @@ impl Tracer {
         (read_records(&out), dir, out)
     }
 
+    /// Wait for h2trace to end on its own (`--pid`: every traced process has exited and its
+    /// sockets have closed): exit 0, saying why. Returns the records like `stop_keep`.
+    pub fn ended(mut self) -> (Vec<Value>, TempDir, PathBuf) {
+        let st = wait_timeout(&mut self.child, scaled(Duration::from_secs(40)))
+            .expect("h2trace did not end when its processes had");
+        let mut err = String::new();
+        use std::io::Read;
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(st.code(), Some(0), "{err}");
+        assert!(err.contains("every traced process has exited"), "{err}");
+        let dir = std::mem::replace(&mut self._dir, TempDir(PathBuf::new()));
+        (read_records(&self.out), dir, self.out.clone())
+    }
+
     /// SIGINT, wait for exit (130), and return the recorded file unread (it lives as long as
     /// the returned guard).
     pub fn stop_file(mut self) -> (TempDir, PathBuf) {
