@@ -31,8 +31,9 @@ out while both sockets were still ESTABLISHED.",
   sudo h2trace check                      what this kernel supports, and what is missing
 
 Output: text on a terminal, NDJSON otherwise (one JSON object per line; see docs/ndjson.md).
-Exit status: 0 done (or --duration over, or SIGTERM), 130 interrupted (SIGINT), 1 cannot trace
-(privileges, kernel), 2 bad usage (flags, a pid that does not exist)."
+Exit status: 0 done (--duration over, SIGTERM, or every --pid process exited and its sockets
+closed), 130 interrupted (SIGINT), 1 cannot trace (privileges, kernel), 2 bad usage (flags, a pid
+that does not exist, an --output that cannot be written)."
 )]
 pub struct Cli {
     #[command(subcommand)]

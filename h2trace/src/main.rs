@@ -41,6 +41,8 @@ fn main() -> ExitCode {
     match rt.block_on(run::trace(cfg)) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Interrupted) => ExitCode::from(130),
+        // An --output that cannot be written is a usage error, found before anything loads.
+        Err(e @ run::RunError::Output(..)) => fail(&e, 2),
         Err(e) => fail(&e, 1),
     }
 }

@@ -41,12 +41,29 @@ fn bad_flags_are_usage_errors() {
         &["--transport", "pigeon"][..],
         &["-4", "-6"],
         &["--duration", "soon"],
+        &["--duration", "-5s"],
+        &["--local-port", "70000"],
+        &["--remote-port", "http"],
+        &["--pid", "12ab"],
+        &["--http2", "sometimes"],
         &["--ring-size", "1000"],
     ] {
         let o = h2trace(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(!stderr(&o).is_empty());
     }
+}
+
+#[test]
+fn an_unwritable_output_is_a_usage_error_at_start() {
+    let dir = TempDir::new("cli-output");
+    let path = dir.0.join("no-such-dir").join("out.ndjson");
+    let start = std::time::Instant::now();
+    let o = h2trace(&["--output", path.to_str().unwrap(), "--duration", "30s"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(path.to_str().unwrap()), "{}", stderr(&o));
+    // Before loading anything, not after the run.
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
 }
 
 #[test]
