@@ -36,38 +36,84 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// RFC 3339 in UTC with nanoseconds, as chrono's `to_rfc3339_opts(Nanos, true)` writes it.
+    /// Records come in bursts within the same second: the date and time of day are formatted
+    /// once per second (per thread) and reused.
     pub fn rfc3339(&self, ktime_ns: u64) -> String {
+        thread_local! {
+            static SECOND: std::cell::Cell<(i64, [u8; 19])> = const { std::cell::Cell::new((i64::MIN, [0; 19])) };
+        }
         let wall = ktime_ns as i128 + self.offset_ns;
         let secs = wall.div_euclid(1_000_000_000) as i64;
         let nanos = wall.rem_euclid(1_000_000_000) as u32;
-        chrono::DateTime::from_timestamp(secs, nanos)
-            .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        let prefix = SECOND.with(|c| {
+            let (at, p) = c.get();
+            if at == secs {
+                return Some(p);
+            }
+            let dt = chrono::DateTime::from_timestamp(secs, 0)?;
+            let p: [u8; 19] = dt
+                .format("%Y-%m-%dT%H:%M:%S")
+                .to_string()
+                .into_bytes()
+                .try_into()
+                .ok()?;
+            c.set((secs, p));
+            Some(p)
+        });
+        // Years outside 0..=9999 (never from a sane clock): chrono's own spelling.
+        let Some(prefix) = prefix else {
+            return chrono::DateTime::from_timestamp(secs, nanos)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        };
+        let mut s = String::with_capacity(30);
+        s.push_str(std::str::from_utf8(&prefix).unwrap_or_default());
+        s.push('.');
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(nanos);
+        s.extend(std::iter::repeat_n('0', 9 - n.len()));
+        s.push_str(n);
+        s.push('Z');
+        s
     }
 }
 
 /// Community ID v1 (seed 0) of a TCP flow: the same for both ends of a connection, so
 /// records from client and server (and from other tools) join on it.
 pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
+    // The hash input: seed, the lower (address, port) end first, then the other.
     let key = |s: &SocketAddr| match s.ip() {
-        IpAddr::V4(ip) => (ip.octets().to_vec(), s.port()),
-        IpAddr::V6(ip) => (ip.octets().to_vec(), s.port()),
+        IpAddr::V4(ip) => (ip.to_ipv6_mapped().octets(), 4, s.port()),
+        IpAddr::V6(ip) => (ip.octets(), 16, s.port()),
     };
     let (mut src, mut dst) = (key(&a), key(&b));
-    if src > dst {
+    fn addr(k: &([u8; 16], usize, u16)) -> (&[u8], u16) {
+        (&k.0[16 - k.1..], k.2)
+    }
+    if addr(&src) > addr(&dst) {
         std::mem::swap(&mut src, &mut dst);
     }
-    let mut h = Sha1::new();
-    h.update(0u16.to_be_bytes());
-    h.update(&src.0);
-    h.update(&dst.0);
-    h.update([6u8, 0]);
-    h.update(src.1.to_be_bytes());
-    h.update(dst.1.to_be_bytes());
-    format!(
-        "1:{}",
-        base64::engine::general_purpose::STANDARD.encode(h.finalize())
-    )
+    let mut input = [0u8; 2 + 16 + 16 + 2 + 4];
+    let mut n = 2;
+    for k in [&src, &dst] {
+        let (a, _) = addr(k);
+        input[n..n + a.len()].copy_from_slice(a);
+        n += a.len();
+    }
+    input[n] = 6;
+    n += 2;
+    input[n..n + 2].copy_from_slice(&src.2.to_be_bytes());
+    input[n + 2..n + 4].copy_from_slice(&dst.2.to_be_bytes());
+    let digest = Sha1::digest(&input[..n + 4]);
+    let mut out = [0u8; 28];
+    let len = base64::engine::general_purpose::STANDARD
+        .encode_slice(digest, &mut out)
+        .unwrap_or(0);
+    let mut s = String::with_capacity(30);
+    s.push_str("1:");
+    s.push_str(std::str::from_utf8(&out[..len]).unwrap_or_default());
+    s
 }
 
 /// Loss and health counters, cumulative since start.
@@ -1394,6 +1440,46 @@ pub(crate) mod tests {
         let b: SocketAddr = "66.35.250.204:80".parse().unwrap();
         assert_eq!(community_id(a, b), "1:LQU9qZlK+B5F3KDmev6m5PMibrg=");
         assert_eq!(community_id(b, a), community_id(a, b));
+        // IPv6, and one address at both ends (the ports decide the order): values computed
+        // with the reference implementation (PyPI `communityid`).
+        for (a, b, id) in [
+            (
+                "[fe80::1]:443",
+                "[fe80::2]:51000",
+                "1:QqxEIV8d68Z1AcZYUm6fl/VBTlQ=",
+            ),
+            (
+                "[2001:db8::9]:8080",
+                "[2001:db8::1]:40000",
+                "1:71MMypyD5ULFAHT9S/uE2g5aLHw=",
+            ),
+            (
+                "10.0.0.1:5000",
+                "10.0.0.1:4000",
+                "1:7/sC/6I25Kzn/NrOBdNZehxk0B8=",
+            ),
+        ] {
+            let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+            assert_eq!(community_id(a, b), id);
+            assert_eq!(community_id(b, a), id);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rfc3339_is_chronos(ktime in 0u64..u64::MAX / 2, offset in -(1i128 << 62)..(1i128 << 62)) {
+            let c = Clock { offset_ns: offset };
+            let wall = ktime as i128 + offset;
+            let chrono = chrono::DateTime::from_timestamp(
+                wall.div_euclid(1_000_000_000) as i64,
+                wall.rem_euclid(1_000_000_000) as u32,
+            )
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            // Twice: the second is served from the per-second cache.
+            proptest::prop_assert_eq!(c.rfc3339(ktime), chrono.clone());
+            proptest::prop_assert_eq!(c.rfc3339(ktime), chrono);
+        }
     }
 
     #[test]

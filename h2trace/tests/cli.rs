@@ -61,7 +61,11 @@ fn an_unwritable_output_is_a_usage_error_at_start() {
     let start = std::time::Instant::now();
     let o = h2trace(&["--output", path.to_str().unwrap(), "--duration", "30s"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains(path.to_str().unwrap()), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(path.to_str().unwrap()),
+        "{}",
+        stderr(&o)
+    );
     // Before loading anything, not after the run.
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
 }
