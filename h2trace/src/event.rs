@@ -64,8 +64,26 @@ pub struct SocketId {
 }
 
 impl std::fmt::Display for SocketId {
+    /// `SKADDR-START` in lowercase hex: written in every record, so without the formatting
+    /// machinery.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:x}-{:x}", self.skaddr, self.start_ns)
+        fn hex(v: u64, out: &mut [u8; 16]) -> &str {
+            let mut i = out.len();
+            let mut v = v;
+            loop {
+                i -= 1;
+                out[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+                v >>= 4;
+                if v == 0 {
+                    break;
+                }
+            }
+            std::str::from_utf8(&out[i..]).unwrap_or_default()
+        }
+        let (mut a, mut b) = ([0; 16], [0; 16]);
+        f.write_str(hex(self.skaddr, &mut a))?;
+        f.write_str("-")?;
+        f.write_str(hex(self.start_ns, &mut b))
     }
 }
 
@@ -547,6 +565,14 @@ fn comm(raw: &[u8; 16]) -> String {
 pub(crate) mod tests {
     use super::*;
     use h2trace_common::tcp_state::*;
+
+    #[test]
+    fn socket_ids_are_lowercase_hex() {
+        let id = |skaddr, start_ns| SocketId { skaddr, start_ns }.to_string();
+        assert_eq!(id(0xffff888102e5b780, 0x3d30cef3d5e), "ffff888102e5b780-3d30cef3d5e");
+        assert_eq!(id(0, 0), "0-0");
+        assert_eq!(id(u64::MAX, 1), format!("{:x}-1", u64::MAX));
+    }
 
     pub fn meta(family: u16) -> SockMeta {
         let mut m = SockMeta {
