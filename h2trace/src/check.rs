@@ -17,7 +17,12 @@ pub fn check(opts: &ProbeOptions) -> Report {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let _ = writeln!(t, "kernel        {release}");
-    let btf_line = match btf::sock_offsets(Path::new(btf::VMLINUX_BTF)) {
+    let vmlinux = btf::vmlinux().map_err(|e| e.to_string());
+    let btf_line = match vmlinux
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|b| btf::sock_offsets(b).map_err(|e| e.to_string()))
+    {
         Ok(_) => format!(
             "yes ({}; struct sock_common offsets resolved)",
             btf::VMLINUX_BTF
@@ -118,10 +123,9 @@ pub fn check(opts: &ProbeOptions) -> Report {
     let _ = writeln!(
         t,
         "  {}",
-        match btf::ct_offsets(
-            Path::new(btf::VMLINUX_BTF),
-            Path::new(btf::NF_CONNTRACK_BTF)
-        ) {
+        match vmlinux.as_ref().map_err(Clone::clone).and_then(|b| {
+            btf::ct_offsets(b, Path::new(btf::NF_CONNTRACK_BTF)).map_err(|e| e.to_string())
+        }) {
             Ok(_) => "ok  struct nf_conn offsets from BTF (kernel-side state changes, hooks above)"
                 .to_string(),
             Err(e) => format!("NO  struct nf_conn offsets from BTF: {e}"),

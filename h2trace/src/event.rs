@@ -569,7 +569,10 @@ pub(crate) mod tests {
     #[test]
     fn socket_ids_are_lowercase_hex() {
         let id = |skaddr, start_ns| SocketId { skaddr, start_ns }.to_string();
-        assert_eq!(id(0xffff888102e5b780, 0x3d30cef3d5e), "ffff888102e5b780-3d30cef3d5e");
+        assert_eq!(
+            id(0xffff888102e5b780, 0x3d30cef3d5e),
+            "ffff888102e5b780-3d30cef3d5e"
+        );
         assert_eq!(id(0, 0), "0-0");
         assert_eq!(id(u64::MAX, 1), format!("{:x}-1", u64::MAX));
     }

@@ -78,6 +78,11 @@ fn strip(btf: &Btf, mut ty: Type) -> Type {
     }
 }
 
+/// The kernel's BTF (`VMLINUX_BTF`), parsed once for all the offsets below.
+pub fn vmlinux() -> Result<Btf, BtfError> {
+    read_btf(Path::new(VMLINUX_BTF), None)
+}
+
 fn read_btf(path: &Path, base: Option<&Btf>) -> Result<Btf, BtfError> {
     match base {
         None => Btf::from_file(path),
@@ -91,13 +96,12 @@ fn read_btf(path: &Path, base: Option<&Btf>) -> Result<Btf, BtfError> {
 
 /// The `struct sk_buff` and `struct nf_conn` offsets the conntrack hooks need. `module`:
 /// the nf_conntrack module's split BTF when it exists (else nf_conn is in vmlinux).
-pub fn ct_offsets(vmlinux: &Path, module: &Path) -> Result<CtOffsets, BtfError> {
-    let base = read_btf(vmlinux, None)?;
+pub fn ct_offsets(base: &Btf, module: &Path) -> Result<CtOffsets, BtfError> {
     let split = module
         .exists()
-        .then(|| read_btf(module, Some(&base)))
+        .then(|| read_btf(module, Some(base)))
         .transpose()?;
-    let btf = split.as_ref().unwrap_or(&base);
+    let btf = split.as_ref().unwrap_or(base);
     let tuple_hash = match find_struct(btf, "nf_conntrack_tuple_hash")? {
         Type::Struct(s) => s.size() as u16,
         _ => unreachable!("find_struct returns structs"),
@@ -127,9 +131,8 @@ pub fn ct_offsets(vmlinux: &Path, module: &Path) -> Result<CtOffsets, BtfError> 
 }
 
 /// The `struct sock_common` and `struct net` offsets the programs need.
-pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
-    let btf = read_btf(path, None)?;
-    let sc = |m: &str| offset_of(&btf, "sock_common", m);
+pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
+    let sc = |m: &str| offset_of(btf, "sock_common", m);
     Ok(SockOffsets {
         skc_daddr: sc("skc_daddr")?,
         skc_rcv_saddr: sc("skc_rcv_saddr")?,
@@ -140,21 +143,20 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
         skc_v6_daddr: sc("skc_v6_daddr")?,
         skc_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
         skc_net: sc("skc_net")?,
-        net_ns_inum: offset_of(&btf, "net", "ns.inum")?,
+        net_ns_inum: offset_of(btf, "net", "ns.inum")?,
         _pad: [0; 2],
     })
 }
 
 /// Offsets from a task to the socket behind a file descriptor (Go's crypto/tls).
-pub fn fd_offsets(path: &Path) -> Result<FdOffsets, BtfError> {
-    let btf = read_btf(path, None)?;
+pub fn fd_offsets(btf: &Btf) -> Result<FdOffsets, BtfError> {
     Ok(FdOffsets {
-        task_files: offset_of(&btf, "task_struct", "files")?,
-        files_fdt: offset_of(&btf, "files_struct", "fdt")?,
-        fdt_max_fds: offset_of(&btf, "fdtable", "max_fds")?,
-        fdt_fd: offset_of(&btf, "fdtable", "fd")?,
-        file_private_data: offset_of(&btf, "file", "private_data")?,
-        socket_sk: offset_of(&btf, "socket", "sk")?,
+        task_files: offset_of(btf, "task_struct", "files")?,
+        files_fdt: offset_of(btf, "files_struct", "fdt")?,
+        fdt_max_fds: offset_of(btf, "fdtable", "max_fds")?,
+        fdt_fd: offset_of(btf, "fdtable", "fd")?,
+        file_private_data: offset_of(btf, "file", "private_data")?,
+        socket_sk: offset_of(btf, "socket", "sk")?,
         _pad: [0; 2],
     })
 }
@@ -172,7 +174,7 @@ mod tests {
             eprintln!("skipped: no {VMLINUX_BTF}");
             return;
         }
-        let o = sock_offsets(path).expect("sock offsets");
+        let o = sock_offsets(&vmlinux().unwrap()).expect("sock offsets");
         // skc_daddr opens sock_common (inside two anonymous aggregates); skc_rcv_saddr follows.
         assert_eq!(o.skc_daddr, 0);
         assert_eq!(o.skc_rcv_saddr, 4);
@@ -192,7 +194,7 @@ mod tests {
             eprintln!("skipped: no {VMLINUX_BTF}");
             return;
         }
-        let o = match ct_offsets(path, Path::new(NF_CONNTRACK_BTF)) {
+        let o = match ct_offsets(&vmlinux().unwrap(), Path::new(NF_CONNTRACK_BTF)) {
             Ok(o) => o,
             Err(BtfError::NoStruct(s)) => {
                 eprintln!("skipped: this kernel has no conntrack ({s})");

@@ -283,6 +283,8 @@ struct KernelFacts {
     sock_offsets_error: Option<String>,
     ct_offsets_error: Option<String>,
     fork_error: Option<String>,
+    /// Why Go's crypto/tls cannot be followed from a file descriptor to its socket.
+    fd_offsets_error: Option<String>,
     missing_tracepoints: HashMap<&'static str, String>,
     reset_reasons: BTreeMap<u32, String>,
 }
@@ -327,7 +329,15 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
     if missing.contains_key("tcp_destroy_sock") {
         config.flags |= flags::END_AT_CLOSE;
     }
-    let sock_offsets_error = match btf::sock_offsets(Path::new(btf::VMLINUX_BTF)) {
+    // Parsed once: it takes tens of MiB and milliseconds.
+    let vmlinux = btf::vmlinux().map_err(|e| e.to_string());
+    fn from_btf<T>(
+        btf: &Result<btf_rs::Btf, String>,
+        f: impl FnOnce(&btf_rs::Btf) -> Result<T, btf::BtfError>,
+    ) -> Result<T, String> {
+        f(btf.as_ref()?).map_err(|e| e.to_string())
+    }
+    let sock_offsets_error = match from_btf(&vmlinux, btf::sock_offsets) {
         Ok(o) => {
             config.sock = o;
             config.flags |= flags::HAVE_SOCK_OFFSETS;
@@ -335,19 +345,27 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
         }
         Err(e) => {
             config.sock = SockOffsets::default();
-            Some(e.to_string())
+            Some(e)
         }
     };
-    let ct_offsets_error = match btf::ct_offsets(
-        Path::new(btf::VMLINUX_BTF),
-        Path::new(btf::NF_CONNTRACK_BTF),
-    ) {
+    let ct_offsets_error = match from_btf(&vmlinux, |b| {
+        btf::ct_offsets(b, Path::new(btf::NF_CONNTRACK_BTF))
+    }) {
         Ok(o) => {
             config.ct = o;
             config.flags |= flags::CONNTRACK;
             None
         }
-        Err(e) => Some(e.to_string()),
+        Err(e) => Some(e),
+    };
+    // Only the Go programs read these; set whenever the kernel describes them.
+    let fd_offsets_error = match from_btf(&vmlinux, btf::fd_offsets) {
+        Ok(o) => {
+            config.fd = o;
+            config.flags |= flags::HAVE_FD_OFFSETS;
+            None
+        }
+        Err(e) => Some(e),
     };
     let fork_error = match tracefs
         .format("sched", "sched_process_fork")
@@ -365,6 +383,7 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
         sock_offsets_error,
         ct_offsets_error,
         fork_error,
+        fd_offsets_error,
         missing_tracepoints: missing,
         reset_reasons,
     }
@@ -401,12 +420,6 @@ fn loader_for(
     }
     if opts.tls_lib.is_some() {
         config.flags |= flags::H2_TLS;
-    }
-    if !opts.go_binaries.is_empty()
-        && let Ok(o) = btf::fd_offsets(Path::new(btf::VMLINUX_BTF))
-    {
-        config.fd = o;
-        config.flags |= flags::HAVE_FD_OFFSETS;
     }
     // Kernel-side conntrack reports only the namespaces the agent follows (`CT_NETNS`).
     match opts.conntrack {
@@ -605,7 +618,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
     }
     hooks.extend(attach_syscalls(&mut ebpf, opts, "attached"));
     hooks.extend(attach_tls(&mut ebpf, opts, "attached"));
-    hooks.extend(attach_go_tls(&mut ebpf, opts, "attached"));
+    hooks.extend(attach_go_tls(&mut ebpf, &facts, opts, "attached"));
     Ok(Probes {
         ebpf,
         state_hook,
@@ -867,7 +880,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
     out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
     out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_tls(&mut ebpf, opts, "loads and attaches"));
-    out.extend(attach_go_tls(&mut ebpf, opts, "loads and attaches"));
+    out.extend(attach_go_tls(&mut ebpf, &facts, opts, "loads and attaches"));
     if let Some(e) = &facts.sock_offsets_error {
         out.push(HookStatus {
             hook: "BTF struct offsets".into(),
@@ -959,7 +972,12 @@ fn attach_tls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus>
 
 /// `--go-binary`: uprobes on crypto/tls in each Go program: `(*Conn).Write` at entry,
 /// `(*Conn).Read` at entry and at each of its RET instructions.
-fn attach_go_tls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus> {
+fn attach_go_tls(
+    ebpf: &mut Ebpf,
+    facts: &KernelFacts,
+    opts: &ProbeOptions,
+    ok: &str,
+) -> Vec<HookStatus> {
     const WRITE: &str = "crypto/tls.(*Conn).Write";
     const READ: &str = "crypto/tls.(*Conn).Read";
     opts.go_binaries
@@ -967,8 +985,9 @@ fn attach_go_tls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStat
         .map(|bin| {
             let hook = format!("uprobe {}:crypto/tls", bin.display());
             let result = (|| -> Result<usize, String> {
-                btf::fd_offsets(Path::new(btf::VMLINUX_BTF))
-                    .map_err(|e| format!("no way from a file descriptor to its socket: {e}"))?;
+                if let Some(e) = &facts.fd_offsets_error {
+                    return Err(format!("no way from a file descriptor to its socket: {e}"));
+                }
                 let rets = gobin::ret_offsets(bin, READ).map_err(|e| e.to_string())?;
                 let mut attach = |program: &str, symbol: &str, offset: u64| {
                     let err = |e| program_error(&hook, e);
