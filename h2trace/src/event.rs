@@ -128,8 +128,9 @@ pub struct Owner {
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
-    /// The cgroup's path (relative to the v2 root), when the agent could resolve the id.
-    pub cgroup_path: Option<String>,
+    /// The cgroup's path (relative to the v2 root), when the agent could resolve the id;
+    /// shared with the agent's table of paths, not copied per event.
+    pub cgroup_path: Option<std::sync::Arc<str>>,
     pub source: OwnerSource,
 }
 

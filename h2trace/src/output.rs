@@ -875,7 +875,7 @@ impl<W: Write> Sink for Ndjson<W> {
             v["h2trace"]["owner_source"] = json!(o.source.as_str());
             v["h2trace"]["cgroup_id"] = json!(o.cgroup_id);
             if let Some(p) = &o.cgroup_path {
-                v["h2trace"]["cgroup_path"] = json!(p);
+                v["h2trace"]["cgroup_path"] = json!(&**p);
             }
             if let Some(c) = container(o) {
                 v["container"] = json!(c);

@@ -276,9 +276,7 @@ fn owner(v: &Value) -> Result<Option<Owner>, ParseError> {
         pid: u64_at(v, &["process", "thread", "id"], "process.thread.id")? as u32,
         comm: str_at(v, &["process", "name"], "process.name")?.to_string(),
         cgroup_id: u64_at(v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
-        cgroup_path: at(v, &["h2trace", "cgroup_path"])
-            .as_str()
-            .map(str::to_string),
+        cgroup_path: at(v, &["h2trace", "cgroup_path"]).as_str().map(Into::into),
         source: OwnerSource::from_name(src).ok_or(ParseError::Field("h2trace.owner_source"))?,
     }))
 }
@@ -656,7 +654,7 @@ mod tests {
                     comm,
                     cgroup_id,
                     cgroup_path: (cgroup_id % 3 == 0)
-                        .then(|| format!("/system.slice/x{tgid}.service")),
+                        .then(|| format!("/system.slice/x{tgid}.service").into()),
                     source: OwnerSource::ALL[s as usize],
                 }),
         )

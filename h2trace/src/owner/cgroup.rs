@@ -5,6 +5,7 @@ use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 /// Directories scanned at most per resolution (a host has a few thousand cgroups).
@@ -87,7 +88,7 @@ pub fn unit_of(path: &str) -> Option<&str> {
 #[derive(Default)]
 pub struct Cgroups {
     root: Option<PathBuf>,
-    paths: HashMap<u64, Option<String>>,
+    paths: HashMap<u64, Option<Arc<str>>>,
 }
 
 impl Cgroups {
@@ -99,7 +100,7 @@ impl Cgroups {
     }
 
     /// The path of cgroup `id` relative to the v2 root (`/` for the root), if it exists.
-    pub fn path(&mut self, id: u64) -> Option<String> {
+    pub fn path(&mut self, id: u64) -> Option<Arc<str>> {
         if id == 0 {
             return None;
         }
@@ -125,7 +126,7 @@ impl Cgroups {
             if let Ok(m) = std::fs::metadata(&dir) {
                 let rel = Path::new("/").join(dir.strip_prefix(&root).unwrap_or(Path::new("")));
                 self.paths
-                    .insert(m.ino(), Some(rel.to_string_lossy().into_owned()));
+                    .insert(m.ino(), Some(rel.to_string_lossy().into()));
             }
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 stack.extend(
