@@ -25,11 +25,16 @@ pub struct Opts {
     pub held: usize,
 }
 
+const STARTED: &str = "\"action\":\"started\"";
+
 struct Tool {
     name: &'static str,
     /// Command line, with `{out}` for the output file; empty for "no tracer".
     argv: Vec<String>,
-    /// Seconds to wait after starting before the load (compilation, attach).
+    /// Text the tool writes once it traces (h2trace's `started`): the load waits for it, so
+    /// the tool's start-up is neither counted in its CPU nor a time when records are lost.
+    ready: Option<&'static str>,
+    /// Seconds to wait after starting (after `ready`, if any) before the load.
     warmup: f64,
     /// What one written line is: a socket life, or a state change.
     counts: Unit,
@@ -63,54 +68,63 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
         Tool {
             name: "no tracer",
             argv: vec![],
+            ready: None,
             warmup: 0.0,
             counts: Unit::None,
         },
         Tool {
             name: "h2trace ringbuf ndjson",
             argv: s(&[&h, "-f", "ndjson", "--transport", "ringbuf", "-o", "{out}"]),
-            warmup: 1.0,
+            ready: Some(STARTED),
+            warmup: 0.3,
             counts: Unit::Lives,
         },
         Tool {
             name: "h2trace --http2 off",
             argv: s(&[&h, "-f", "ndjson", "--http2", "off", "-o", "{out}"]),
-            warmup: 1.0,
+            ready: Some(STARTED),
+            warmup: 0.3,
             counts: Unit::Lives,
         },
         Tool {
             name: "h2trace perf ndjson",
             argv: s(&[&h, "-f", "ndjson", "--transport", "perf", "-o", "{out}"]),
-            warmup: 1.0,
+            ready: Some(STARTED),
+            warmup: 0.3,
             counts: Unit::Lives,
         },
         Tool {
             name: "h2trace ringbuf text",
             argv: s(&[&h, "-f", "text", "-o", "{out}"]),
-            warmup: 1.0,
+            ready: Some("h2trace: tracing"),
+            warmup: 0.3,
             counts: Unit::Lives,
         },
         Tool {
             name: "h2trace --events all",
             argv: s(&[&h, "-f", "ndjson", "--events", "all", "-o", "{out}"]),
-            warmup: 1.0,
+            ready: Some(STARTED),
+            warmup: 0.3,
             counts: Unit::StateChanges,
         },
         Tool {
             name: "libbpf-tools tcpstates",
             argv: s(&["/usr/sbin/tcpstates"]),
+            ready: None,
             warmup: 1.0,
             counts: Unit::StateChanges,
         },
         Tool {
             name: "libbpf-tools tcplife",
             argv: s(&["/usr/sbin/tcplife"]),
+            ready: None,
             warmup: 1.0,
             counts: Unit::Lives,
         },
         Tool {
             name: "bpftrace tcpstates.bt",
             argv: s(&["/usr/bin/bpftrace", &script.display().to_string()]),
+            ready: None,
             warmup: 4.0,
             counts: Unit::StateChanges,
         },
@@ -331,10 +345,20 @@ fn run_once(
         } else {
             cmd.stdout(fs::File::create(&out)?);
         }
-        child = Some(
-            cmd.spawn()
-                .with_context(|| format!("starting {}", argv[0]))?,
-        );
+        let mut c = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", argv[0]))?;
+        if let Some(ready) = tool.ready {
+            let start = Instant::now();
+            while !fs::read_to_string(&out).unwrap_or_default().contains(ready) {
+                if c.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(60) {
+                    let _ = c.kill();
+                    bail!("{} did not start", tool.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        child = Some(c);
         std::thread::sleep(Duration::from_secs_f64(tool.warmup));
     }
     // The tracer's CPU while the load runs: its start-up (BTF, loading, attaching) is a fixed
@@ -480,16 +504,13 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             eprintln!();
             let mut base: Vec<f64> = samples[0].iter().map(|s| s.rate).collect();
             let base = median(&mut base);
-            let unit = if mode == "keep" || mode == "h2" {
-                "exchanges"
-            } else {
-                "connections"
-            };
+            let no_churn = mode == "keep" || mode == "h2";
+            let unit = if no_churn { "exchanges" } else { "connections" };
             println!("\nmode {mode}: no tracer {base:.0} {unit}/s (median)");
             println!(
                 "{:<26} {:>12} {:>17} {:>14} {:>9} {:>6} {:>20}",
                 "tracer",
-                "conn/s",
+                if no_churn { "exch/s" } else { "conn/s" },
                 "vs none (min-max)",
                 "CPU s/M chg",
                 "peak RSS",
@@ -507,6 +528,12 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                     .iter()
                     .map(|x| x.cpu_s / (x.state_changes as f64 / 1e6))
                     .collect();
+                // Without churn there are a handful of state changes: no meaningful ratio.
+                let cpu = if no_churn {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}", median(&mut cpu))
+                };
                 let rss = s.iter().map(|x| x.rss_kib).max().unwrap_or(0);
                 let lost = s
                     .iter()
@@ -517,13 +544,13 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                     .iter()
                     .fold((0, 0), |a, x| (a.0 + x.written, a.1 + x.expected));
                 println!(
-                    "{:<26} {:>12.0} {:>6.2} ({:.2}-{:.2}) {:>14.2} {:>6} MiB {:>6} {:>9}/{:<10}",
+                    "{:<26} {:>12.0} {:>6.2} ({:.2}-{:.2}) {:>14} {:>6} MiB {:>6} {:>9}/{:<10}",
                     t.name,
                     med,
                     med / base,
                     lo / base,
                     hi / base,
-                    median(&mut cpu),
+                    cpu,
                     rss / 1024,
                     lost,
                     w,
