@@ -421,6 +421,7 @@ fn a_traced_process_that_exits_keeps_its_sockets_to_their_end() {
     );
     validate_all(&recs);
     assert_replay_identical(&path);
+    keep_fixture(&path, "pid-exit");
     let at = |act: &str| recs.iter().position(|r| action(r) == act);
     let exit = at("process-exited").expect("no process-exited record");
     assert_eq!(recs[exit]["h2trace"]["exit"]["pid"], server_pid);

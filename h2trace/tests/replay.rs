@@ -79,6 +79,8 @@ fn assert_same_facts(name: &str, recorded: &str, replayed: &str) {
 
 /// (fixture, pattern that must be found, patterns that must not).
 const EXPECTED: &[(&str, Option<&str>, &[&str])] = &[
+    // `--pid` on a server that exits while its last socket closes (`process-exited`).
+    ("pid-exit", None, &["close-wait-stuck", "dial-per-request"]),
     (
         "healthy-reuse",
         None,
