@@ -161,3 +161,65 @@ fn sigint_during_a_flood_exits_with_a_summary_and_detaches() {
     let Some(_lock) = kernel_test() else { return };
     signal_during_flood("sigint", 88, nix::sys::signal::Signal::SIGINT, 130);
 }
+
+/// Loss forced with the smallest ring (4 KiB, a few records) under churn: it is counted, said
+/// in the stream before the summary, and accounts for every record that did not come.
+#[test]
+fn loss_forced_by_a_tiny_ring_is_counted_and_reported() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("tinyring", 45);
+    let tracer = Tracer::start("tinyring", &["--ring-size", "4KiB"]);
+    let mut load = churn(&net, 3);
+    assert!(
+        wait_timeout(&mut load.0, Duration::from_secs(30))
+            .expect("churn did not end")
+            .success()
+    );
+    let mut done = String::new();
+    use std::io::Read;
+    load.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut done)
+        .unwrap();
+    let connections: u64 = done
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("connections="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("churn said: {done}"));
+    let recs = tracer.stop();
+    let ns = NetPair::inode(&net.server);
+    // Both ends of each connection live in the server namespace (churn runs there).
+    let written = recs
+        .iter()
+        .filter(|r| action(r) == "connection-closed" && r["h2trace"]["netns"] == ns)
+        .count() as u64;
+    let full = |r: &Value| r["h2trace"]["loss"]["ringbuf_full"].as_u64().unwrap_or(0);
+    let losses: Vec<&Value> = recs.iter().filter(|r| action(r) == "loss").collect();
+    let summary = &recs.last().unwrap()["h2trace"]["summary"];
+    assert_eq!(action(recs.last().unwrap()), "summary");
+    let lost = summary["losses"]["ringbuf_full"].as_u64().unwrap();
+    eprintln!(
+        "tinyring: {connections} connections, {written} of {} lives written, {lost} records lost",
+        2 * connections
+    );
+    assert!(lost > 0, "a 4 KiB ring under churn lost nothing");
+    // Said as it happened, and the last loss record agrees with the summary.
+    assert!(!losses.is_empty());
+    assert_eq!(full(losses.last().unwrap()), lost);
+    assert!(losses.windows(2).all(|w| full(w[0]) <= full(w[1])));
+    // Every missing life is among the counted losses, and the count is not inflated beyond
+    // what this load emitted (two lives and one live CLOSE_WAIT per connection) plus the
+    // host's own sockets meanwhile.
+    let missing = 2 * connections - written.min(2 * connections);
+    let open = summary["open_at_exit"].as_u64().unwrap_or(0);
+    assert!(
+        missing <= lost + open,
+        "{missing} lives missing, {lost} counted lost, {open} open at exit"
+    );
+    assert!(
+        lost <= 3 * connections + 1_000,
+        "{lost} counted for {connections}"
+    );
+}

@@ -222,16 +222,25 @@ fn forked_workers_own_their_connections() {
         .unwrap()
         .read_to_string(&mut served)
         .unwrap();
-    // Peer port → the worker that served it.
-    let workers: std::collections::HashMap<u64, u64> = served
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.strip_prefix("served ")?.split(' ');
-            let pid = f.next()?.parse().ok()?;
-            Some((f.next()?.parse().ok()?, pid))
-        })
-        .collect();
-    assert_eq!(workers.len(), CLIENTS * CONNS, "{served}");
+    // Peer port → the workers that served it. A client port can come round again (the server
+    // closes first and keeps the TIME_WAIT), so a port may name more than one worker.
+    let mut workers: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let mut n = 0;
+    for l in served.lines() {
+        let mut f = l.strip_prefix("served ").unwrap_or_default().split(' ');
+        if let (Some(Ok(pid)), Some(Ok(port))) =
+            (f.next().map(str::parse), f.next().map(str::parse))
+        {
+            workers.entry(port).or_default().push(pid);
+            n += 1;
+        }
+    }
+    assert_eq!(n, CLIENTS * CONNS, "{served}");
+    let served_by = |r: &Value| {
+        workers
+            .get(&r["destination"]["port"].as_u64().unwrap())
+            .is_some_and(|w| owner_pid(r).is_some_and(|o| w.contains(&o)))
+    };
     let (recs, _d1, p1) = all.stop_keep();
     // The server and its workers have exited: the followed run ends by itself.
     let (mine, _d2, p2) = followed.ended();
@@ -244,18 +253,17 @@ fn forked_workers_own_their_connections() {
     let (ns_c, ns_s) = (NetPair::inode(&net.client), NetPair::inode(&net.server));
     let (mut right, mut checked) = (0, 0);
     for r in recs.iter().filter(|r| action(r) == "connection-closed") {
-        let expected = if r["h2trace"]["netns"] == ns_c && r["destination"]["port"] == 8080 {
+        let ok = if r["h2trace"]["netns"] == ns_c && r["destination"]["port"] == 8080 {
             let k = r["source"]["bytes"].as_u64().unwrap() - 104;
-            clients.get(k as usize).map(|c| c.0)
+            let expected = clients.get(k as usize).map(|c| c.0);
+            expected.is_some() && owner_pid(r) == expected
         } else if r["h2trace"]["netns"] == ns_s && r["source"]["port"] == 8080 {
-            workers
-                .get(&r["destination"]["port"].as_u64().unwrap())
-                .copied()
+            served_by(r)
         } else {
             continue;
         };
         checked += 1;
-        right += usize::from(expected.is_some() && owner_pid(r) == expected);
+        right += usize::from(ok);
     }
     let share = right as f64 / checked as f64;
     eprintln!(
@@ -278,8 +286,7 @@ fn forked_workers_own_their_connections() {
         .collect();
     assert_eq!(theirs.len(), CLIENTS * CONNS);
     for r in theirs {
-        let port = r["destination"]["port"].as_u64().unwrap();
-        assert_eq!(owner_pid(r), workers.get(&port).copied(), "{r:#}");
+        assert!(served_by(r), "{r:#}");
     }
 }
 
