@@ -190,6 +190,14 @@ pub struct TraceArgs {
     /// Which events to emit live.
     #[arg(long, value_enum, default_value = "default")]
     pub events: Events,
+    /// How long a live event (CLOSE_WAIT, a reset, a retransmission) waits for its
+    /// connection's end. A connection that ends within it gets one record that says what
+    /// happened (h2trace.connection.folded counts the events it stands for) instead of that
+    /// record and the events: under churn, half the output for the same facts. 0 writes every
+    /// live event at once. Must be shorter than --close-wait-stuck; nothing is held with
+    /// --events all.
+    #[arg(long, value_name = "DURATION", default_value = "250ms")]
+    pub live_hold: String,
     /// Read the first 8 bytes each connection sends, to tell HTTP/1.x, HTTP/2 (h2c) and TLS
     /// apart. Attaches to the write/sendto/writev/sendmsg syscalls of the whole host, which
     /// costs on write-heavy hosts: off by default.

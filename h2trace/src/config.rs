@@ -37,6 +37,8 @@ pub enum ConfigError {
     NetnsFilter(String, String),
     #[error("{0}")]
     Http2(String),
+    #[error("invalid --live-hold {0:?}: must be shorter than --close-wait-stuck ({1:?})")]
+    LiveHold(String, Duration),
 }
 
 /// Which conntrack tables to follow, and whether failing to is an error.
@@ -58,6 +60,8 @@ pub struct Config {
     pub probe: ProbeOptions,
     pub perf_pages: usize,
     pub detect: DetectConfig,
+    /// How long live events wait to be folded into their connection's record (0: never).
+    pub live_hold_ns: u64,
     pub conntrack: ConntrackConfig,
 }
 
@@ -151,6 +155,17 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
     }
     let format = default_format(a.format, a.output.is_some());
     let detect = detect_config(&a.detect, DetectConfig::default())?;
+    // A CLOSE_WAIT held past the stuck threshold would be found stuck late, or never.
+    let live_hold_ns = match (a.events, ns("live-hold", &a.live_hold)?) {
+        (Events::All, _) => 0,
+        (_, h) if h >= detect.close_wait_stuck_ns => {
+            return Err(ConfigError::LiveHold(
+                a.live_hold.clone(),
+                Duration::from_nanos(detect.close_wait_stuck_ns),
+            ));
+        }
+        (_, h) => h,
+    };
     let conntrack = conntrack_config(a)?;
     Ok(Config {
         filter: Filter {
@@ -201,6 +216,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
         },
         perf_pages: a.perf_pages,
         detect,
+        live_hold_ns,
         conntrack,
     })
 }

@@ -756,6 +756,21 @@ impl Detector {
             Body::Life(l) | Body::Open(l) => {
                 let f = Self::facts_of(ev).expect("a life");
                 self.close_wait.remove(&ev.socket.id);
+                // Resets whose live events were folded into this record count as if seen.
+                let folded = [
+                    (l.folded.resets_sent, l.first_reset_sent_ns),
+                    (l.folded.resets_received, l.first_reset_received_ns),
+                ];
+                if folded.iter().any(|&(n, _)| n > 0) {
+                    let p = self.process(&key, &comm);
+                    for (n, at) in folded {
+                        for _ in 0..n {
+                            p.resets.push_back((at.unwrap_or(ev.ts_ns), ev.socket.id));
+                        }
+                    }
+                    cap(&mut p.resets);
+                    self.check_process(key.tgid, out);
+                }
                 let conn = Conn {
                     id: ev.socket.id,
                     bytes_sent: l.bytes_sent,

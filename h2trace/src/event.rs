@@ -218,6 +218,48 @@ pub struct Life {
     pub http2: http2::Streams,
     /// HTTP/2 control frames of the connection (joined by the pipeline).
     pub frames: Option<Box<http2::Frames>>,
+    /// Live events of this socket that were not written on their own because the socket's
+    /// life ended while they were held (`Pipeline`'s live hold): this record says it all.
+    pub folded: Folded,
+}
+
+/// Counts of the live events folded into a life record, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Folded {
+    pub close_wait: u16,
+    pub resets_sent: u16,
+    pub resets_received: u16,
+    pub retransmits: u16,
+}
+
+impl Folded {
+    /// Counts `body` if it is one of the live events a life record can stand for (CLOSE_WAIT,
+    /// a reset, a retransmission); false for anything else.
+    pub fn add(&mut self, body: &Body) -> bool {
+        let n = match body {
+            Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
+                &mut self.close_wait
+            }
+            Body::ResetSent { .. } => &mut self.resets_sent,
+            Body::ResetReceived { .. } => &mut self.resets_received,
+            Body::Retransmit { .. } => &mut self.retransmits,
+            _ => return false,
+        };
+        *n = n.saturating_add(1);
+        true
+    }
+
+    pub fn total(&self) -> u64 {
+        [
+            self.close_wait,
+            self.resets_sent,
+            self.resets_received,
+            self.retransmits,
+        ]
+        .iter()
+        .map(|&n| u64::from(n))
+        .sum()
+    }
 }
 
 /// Which side sent the first FIN, read off the state sequence.
@@ -520,6 +562,7 @@ fn life(l: &SockLife) -> Life {
             tls: l.h2_tls & h2trace_common::h2_tls::TLS != 0,
         },
         frames: None,
+        folded: Folded::default(),
     }
 }
 

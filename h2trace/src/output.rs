@@ -193,6 +193,10 @@ pub struct Summary {
     /// Finding records emitted (new and updates).
     #[serde(default)]
     pub findings: u64,
+    /// Live events not written on their own: their socket's life record came while they
+    /// were held, and says what they would have (`h2trace.connection.folded`).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub folded: u64,
     /// Conntrack events written.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_events: u64,
@@ -208,6 +212,8 @@ pub enum Notice<'a> {
         ktime_ns: u64,
         probe: &'a serde_json::Value,
         detect: &'a DetectConfig,
+        /// How long live events wait to be folded into their socket's life record.
+        live_hold_ns: u64,
     },
     Loss {
         ktime_ns: u64,
@@ -563,8 +569,27 @@ struct Connection<'a> {
     /// HTTP/2 (replay reads the kernel's counts back and joins the frames again).
     #[serde(skip_serializing_if = "Option::is_none")]
     http2: Option<Http2Out<'a>>,
+    /// Live events this record stands for (not written on their own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    folded: Option<FoldedOut>,
     /// Derived (recomputed by replay, ignored on input).
     analysis: Analysis,
+}
+
+#[derive(Serialize)]
+struct FoldedOut {
+    #[serde(skip_serializing_if = "is_zero_u16")]
+    close_wait: u16,
+    #[serde(skip_serializing_if = "is_zero_u16")]
+    resets_sent: u16,
+    #[serde(skip_serializing_if = "is_zero_u16")]
+    resets_received: u16,
+    #[serde(skip_serializing_if = "is_zero_u16")]
+    retransmits: u16,
+}
+
+fn is_zero_u16(v: &u16) -> bool {
+    *v == 0
 }
 
 #[derive(Serialize)]
@@ -717,6 +742,12 @@ impl<W: Write> Ndjson<W> {
                         .then(|| l.first_bytes.iter().map(|b| format!("{b:02x}")).collect()),
                     conntrack: l.conntrack.as_deref().map(ct_join),
                     http2: http2_out(l),
+                    folded: (l.folded.total() > 0).then_some(FoldedOut {
+                        close_wait: l.folded.close_wait,
+                        resets_sent: l.folded.resets_sent,
+                        resets_received: l.folded.resets_received,
+                        retransmits: l.folded.retransmits,
+                    }),
                     analysis: Analysis::from(&facts),
                 };
                 let (action, ty) = match ev.body {
@@ -919,13 +950,16 @@ impl<W: Write> Sink for Ndjson<W> {
                 ktime_ns,
                 probe,
                 detect,
-            } => (
-                *ktime_ns,
-                "event",
-                "started",
+                live_hold_ns,
+            } => {
                 // What replay needs to decide and print as this run did.
-                json!({ "probe": probe, "detect": detect, "reset_reasons": self.reset_reasons }),
-            ),
+                let mut h = json!({ "probe": probe, "detect": detect, "reset_reasons": self.reset_reasons });
+                // Only when events were held: older recordings replay to themselves.
+                if *live_hold_ns > 0 {
+                    h["live_hold_ns"] = json!(live_hold_ns);
+                }
+                (*ktime_ns, "event", "started", h)
+            }
             Notice::Loss { ktime_ns, losses } => {
                 (*ktime_ns, "metric", "loss", json!({ "loss": losses }))
             }
@@ -1542,6 +1576,7 @@ pub(crate) mod tests {
                 conntrack: None,
                 http2: Default::default(),
                 frames: None,
+                folded: Default::default(),
             })),
         }
     }

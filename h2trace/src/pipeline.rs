@@ -8,7 +8,7 @@ use std::{
 use crate::{
     conntrack::{CtEvent, CtNamespace, CtSource, join::Joiner},
     detect::{DetectConfig, Detector, Finding},
-    event::{Body, Event, Input, Life, Origin, Socket, SocketId},
+    event::{Body, Event, Folded, Input, Life, Origin, Socket, SocketId},
     filter::{Filter, Selector},
     http2::Frames,
     output::{Notice, Sink, Summary},
@@ -17,6 +17,60 @@ use crate::{
 
 /// Connections whose HTTP/2 frames are summed while they are open.
 const MAX_FRAME_CONNS: usize = 65_536;
+/// Live events waiting for their socket's end, at most; past it the oldest is written at once.
+const MAX_HELD: usize = 65_536;
+
+/// Live events (CLOSE_WAIT, resets, retransmissions) wait here for `hold_ns` of event time.
+/// When the socket's life record comes first, they are folded into it: under churn nearly
+/// every such event is followed within microseconds by the record that already holds its
+/// facts, and writing both doubled the agent's work per connection. An event still held when
+/// time has moved `hold_ns` past it is written as usual, in time order.
+///
+/// Live and replay take the same decisions: an event is released only by a later event or
+/// tick (both written), and folded events never reach the stream, so a recording holds
+/// exactly the released ones, which replay releases at the same places.
+#[derive(Default)]
+struct Hold {
+    hold_ns: u64,
+    /// By (time, arrival): released in time order even when events arrive out of order.
+    queue: BTreeMap<(u64, u64), Event>,
+    by_socket: HashMap<SocketId, Vec<(u64, u64)>>,
+    arrivals: u64,
+}
+
+impl Hold {
+    fn push(&mut self, ev: Event) {
+        let key = (ev.ts_ns, self.arrivals);
+        self.arrivals += 1;
+        self.by_socket.entry(ev.socket.id).or_default().push(key);
+        self.queue.insert(key, ev);
+    }
+
+    /// The oldest event, if it is due at `now_ns` (or the queue is over its cap).
+    fn pop_due(&mut self, now_ns: u64) -> Option<Event> {
+        let (&key, _) = self.queue.first_key_value()?;
+        if key.0.saturating_add(self.hold_ns) > now_ns && self.queue.len() <= MAX_HELD {
+            return None;
+        }
+        let ev = self.queue.remove(&key)?;
+        if let Some(keys) = self.by_socket.get_mut(&ev.socket.id) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                self.by_socket.remove(&ev.socket.id);
+            }
+        }
+        Some(ev)
+    }
+
+    /// Takes the held events of a socket whose life record has come.
+    fn fold(&mut self, id: &SocketId, into: &mut Folded) {
+        for key in self.by_socket.remove(id).unwrap_or_default() {
+            if let Some(ev) = self.queue.remove(&key) {
+                into.add(&ev.body);
+            }
+        }
+    }
+}
 
 pub struct Pipeline {
     selector: Selector,
@@ -27,6 +81,7 @@ pub struct Pipeline {
     snapshot: BTreeMap<(u32, SocketAddr, SocketAddr), (SnapSocket, u64, bool)>,
     /// HTTP/2 control frames of connections still open, until their record joins them.
     frames: HashMap<SocketId, Frames>,
+    hold: Hold,
     sink: Box<dyn Sink>,
     findings: Vec<Finding>,
     pub summary: Summary,
@@ -42,6 +97,7 @@ impl Pipeline {
             joiner: Joiner::default(),
             snapshot: BTreeMap::new(),
             frames: HashMap::new(),
+            hold: Hold::default(),
             sink,
             findings: Vec::new(),
             summary: Summary::default(),
@@ -146,43 +202,79 @@ impl Pipeline {
                 self.summary.discarded_children += 1;
                 continue;
             }
-            match &mut ev.body {
-                Body::Life(l) | Body::Open(l) => {
-                    l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
-                    l.frames = self.frames.remove(&ev.socket.id).map(Box::new);
-                }
-                Body::Frame(f) => {
-                    // Bounded: a connection whose record never comes (evicted in the kernel)
-                    // must not hold its frames forever. Past the cap, frames of connections
-                    // not yet seen are written but not summed.
-                    if self.frames.len() < MAX_FRAME_CONNS
-                        || self.frames.contains_key(&ev.socket.id)
-                    {
-                        self.frames
-                            .entry(ev.socket.id)
-                            .or_default()
-                            .add(ev.ts_ns, f);
-                    }
-                }
-                _ => {}
+            self.release_held(ev.ts_ns);
+            if self.hold.hold_ns > 0 && Folded::default().add(&ev.body) {
+                self.hold.push(ev);
+                continue;
             }
-            let s = &mut self.summary;
-            match &ev.body {
-                Body::Life(_) => s.connections += 1,
-                Body::Open(_) => {}
-                Body::ResetSent { .. } => s.resets_sent += 1,
-                Body::ResetReceived { .. } => s.resets_received += 1,
-                Body::Retransmit { .. } => s.retransmits += 1,
-                Body::State { .. } => {}
-                Body::Frame(_) => s.http2_frames += 1,
+            if let Body::Life(l) = &mut ev.body {
+                self.hold.fold(&ev.socket.id, &mut l.folded);
             }
-            if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
-                s.events += 1;
-            }
-            self.write(|sink| sink.event(&ev));
-            self.detector.on_event(&ev, &mut self.findings);
-            self.drain_findings();
+            self.emit(ev);
         }
+    }
+
+    /// Live events whose hold has run out by `now_ns`, written in time order.
+    fn release_held(&mut self, now_ns: u64) {
+        while let Some(ev) = self.hold.pop_due(now_ns) {
+            self.emit(ev);
+        }
+    }
+
+    /// Write one selected event and let the detector see it.
+    fn emit(&mut self, mut ev: Event) {
+        match &mut ev.body {
+            Body::Life(l) | Body::Open(l) => {
+                l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
+                l.frames = self.frames.remove(&ev.socket.id).map(Box::new);
+            }
+            Body::Frame(f) => {
+                // Bounded: a connection whose record never comes (evicted in the kernel)
+                // must not hold its frames forever. Past the cap, frames of connections
+                // not yet seen are written but not summed.
+                if self.frames.len() < MAX_FRAME_CONNS || self.frames.contains_key(&ev.socket.id)
+                {
+                    self.frames
+                        .entry(ev.socket.id)
+                        .or_default()
+                        .add(ev.ts_ns, f);
+                }
+            }
+            _ => {}
+        }
+        let s = &mut self.summary;
+        match &ev.body {
+            Body::Life(l) => {
+                s.connections += 1;
+                // What the folded events would have counted.
+                s.resets_sent += u64::from(l.folded.resets_sent);
+                s.resets_received += u64::from(l.folded.resets_received);
+                s.retransmits += u64::from(l.folded.retransmits);
+                s.folded += l.folded.total();
+            }
+            Body::Open(_) => {}
+            Body::ResetSent { .. } => s.resets_sent += 1,
+            Body::ResetReceived { .. } => s.resets_received += 1,
+            Body::Retransmit { .. } => s.retransmits += 1,
+            Body::State { .. } => {}
+            Body::Frame(_) => s.http2_frames += 1,
+        }
+        if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
+            s.events += 1;
+        }
+        self.write(|sink| sink.event(&ev));
+        self.detector.on_event(&ev, &mut self.findings);
+        self.drain_findings();
+    }
+
+    /// How long live events wait for their socket's life record (0: written at once). Live:
+    /// from the options; replay: the recorded value. Before any event only.
+    pub fn set_live_hold(&mut self, hold_ns: u64) {
+        self.hold.hold_ns = hold_ns;
+    }
+
+    pub fn live_hold_ns(&self) -> u64 {
+        self.hold.hold_ns
     }
 
     /// A conntrack table followed from here on (live: at start; replay: its record).
@@ -223,14 +315,23 @@ impl Pipeline {
 
     /// Kernel time has reached `ktime_ns` without events. Written to the stream (so replay
     /// sees the same passage of time) only when the detector waits for time to pass.
-    pub fn tick(&mut self, ktime_ns: u64) {
-        if self.detector.wants_tick() {
+    /// `periodic`: the detector may be served (once a second); held live events that are due
+    /// are released at every tick, and the tick is written then too, so that replay releases
+    /// them at the same place.
+    pub fn tick(&mut self, ktime_ns: u64, periodic: bool) {
+        let held_due = self
+            .hold
+            .queue
+            .first_key_value()
+            .is_some_and(|(k, _)| k.0.saturating_add(self.hold.hold_ns) <= ktime_ns);
+        if held_due || periodic && self.detector.wants_tick() {
             self.tick_recorded(ktime_ns);
         }
     }
 
     /// A tick that is written (live) or was written (replay) to the stream.
     pub fn tick_recorded(&mut self, ktime_ns: u64) {
+        self.release_held(ktime_ns);
         self.write(|sink| sink.notice(&Notice::Tick { ktime_ns }));
         self.detector.advance(ktime_ns, &mut self.findings);
         self.drain_findings();
@@ -243,6 +344,7 @@ impl Pipeline {
     /// The stream ended at kernel time `end_ns`: sockets of the snapshot that did nothing
     /// while traced (still open, as found), last findings and the per-peer table.
     pub fn finish(&mut self, end_ns: u64) {
+        self.release_held(u64::MAX);
         let idle: Vec<(SnapSocket, u64)> = std::mem::take(&mut self.snapshot)
             .into_values()
             .filter(|(_, _, matched)| !matched)
@@ -303,5 +405,206 @@ impl Pipeline {
 
     pub fn flush(&mut self) {
         self.write(|sink| sink.flush());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, io::Write, rc::Rc};
+
+    use h2trace_common::tcp_state::*;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::{
+        event::{Owner, OwnerSource, Transition},
+        output::{Clock, Ndjson},
+    };
+
+    #[derive(Clone, Default)]
+    struct Shared(Rc<RefCell<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.borrow_mut().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pipeline(hold_ns: u64) -> (Pipeline, Shared) {
+        let out = Shared::default();
+        let sink = Ndjson::new(out.clone(), Clock { offset_ns: 0 }, BTreeMap::new());
+        let detect = DetectConfig {
+            rst_storm: 20,
+            ..DetectConfig::default()
+        };
+        let mut p = Pipeline::new(Filter::default(), detect.clone(), Box::new(sink));
+        p.set_live_hold(hold_ns);
+        p.notice(&Notice::Started {
+            ktime_ns: 1,
+            probe: &serde_json::json!({}),
+            detect: &detect,
+            live_hold_ns: hold_ns,
+        });
+        (p, out)
+    }
+
+    fn event(skaddr: u64, ts_ns: u64, body: Body) -> Event {
+        Event {
+            ts_ns,
+            cpu: 0,
+            socket: Socket {
+                id: SocketId {
+                    skaddr,
+                    start_ns: 1_000,
+                },
+                netns: 1,
+                local: format!("10.0.0.1:{}", 30_000 + skaddr).parse().unwrap(),
+                remote: "10.0.0.2:80".parse().unwrap(),
+                owner: Some(Owner {
+                    tgid: 7,
+                    pid: 7,
+                    comm: "client".into(),
+                    cgroup_id: 1,
+                    cgroup_path: None,
+                    source: OwnerSource::Connect,
+                }),
+                origin: Origin::Active,
+            },
+            body,
+        }
+    }
+
+    fn life(states: &[(u64, u8)], resets_sent: u16) -> Body {
+        Body::Life(Box::new(Life {
+            first_state: CLOSE,
+            transitions: states
+                .iter()
+                .map(|&(ts_ns, state)| Transition { ts_ns, state })
+                .collect(),
+            resets_sent,
+            first_reset_sent_ns: (resets_sent > 0).then(|| states.last().unwrap().0),
+            ..Life::default()
+        }))
+    }
+
+    /// 30 aborted connections (each reset, then ended 10 µs later), one that sits 1 s in
+    /// CLOSE_WAIT, and a reset of a socket whose life never comes.
+    fn run(hold_ns: u64) -> (String, Summary) {
+        let (mut p, out) = pipeline(hold_ns);
+        const MS: u64 = 1_000_000;
+        for i in 0..30u64 {
+            let t = 10 * MS + i * MS;
+            let rst = Body::ResetSent {
+                state: ESTABLISHED,
+                reason: None,
+            };
+            p.deliver(event(i, t, rst));
+            let states = [(t - 50_000, SYN_SENT), (t - 40_000, ESTABLISHED), (t, CLOSE)];
+            p.deliver(event(i, t + 10_000, life(&states, 1)));
+        }
+        let cw = Body::State {
+            old: ESTABLISHED,
+            new: CLOSE_WAIT,
+        };
+        p.deliver(event(100, 50 * MS, cw));
+        let orphan = Body::ResetSent {
+            state: ESTABLISHED,
+            reason: None,
+        };
+        p.deliver(event(101, 60 * MS, orphan));
+        p.tick(400 * MS, false);
+        let states = [
+            (2 * MS, SYN_SENT),
+            (3 * MS, ESTABLISHED),
+            (50 * MS, CLOSE_WAIT),
+            (1_050 * MS, LAST_ACK),
+            (1_051 * MS, CLOSE),
+        ];
+        p.deliver(event(100, 1_051 * MS, life(&states, 0)));
+        p.finish(2_000 * MS);
+        let summary = p.summary.clone();
+        p.notice(&Notice::Summary {
+            ktime_ns: 2_000 * MS,
+            summary: &summary,
+        });
+        p.flush();
+        let text = String::from_utf8(out.0.borrow().clone()).unwrap();
+        (text, summary)
+    }
+
+    fn actions(ndjson: &str) -> Vec<(String, u64)> {
+        ndjson
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| {
+                let skaddr = v["h2trace"]["socket"]["id"]
+                    .as_str()
+                    .and_then(|id| u64::from_str_radix(id.split('-').next()?, 16).ok())
+                    .unwrap_or(u64::MAX);
+                (v["event"]["action"].as_str().unwrap().to_string(), skaddr)
+            })
+            .collect()
+    }
+
+    fn count(a: &[(String, u64)], what: &str) -> usize {
+        a.iter().filter(|(x, _)| x == what).count()
+    }
+
+    #[test]
+    fn live_events_of_sockets_that_end_within_the_hold_are_folded() {
+        let (held, hs) = run(250_000_000);
+        let (live, ls) = run(0);
+        let (a, b) = (actions(&held), actions(&live));
+        // Without a hold: every event written. With it: the 30 resets are in their lives.
+        assert_eq!(count(&b, "reset-sent"), 31);
+        assert_eq!(count(&a, "reset-sent"), 1, "{held}");
+        assert_eq!(count(&a, "connection-closed"), 31);
+        let lives: Vec<Value> = held
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["event"]["action"] == "connection-closed")
+            .collect();
+        assert!(
+            lives[..30]
+                .iter()
+                .all(|v| v["h2trace"]["connection"]["folded"] == serde_json::json!({"resets_sent": 1}))
+        );
+        // The CLOSE_WAIT lasted 1 s, longer than the hold: written, before its life, in time
+        // order with the orphan reset (which no life claims: written once due, at the tick).
+        let pos = |what: &str, sk: u64| a.iter().position(|x| x.0 == what && x.1 == sk).unwrap();
+        assert!(pos("state-change", 100) < pos("reset-sent", 101));
+        assert!(pos("reset-sent", 101) < pos("tick", u64::MAX));
+        assert!(pos("tick", u64::MAX) < pos("connection-closed", 100));
+        // The diagnosis and the counts do not change: the same RST storm, the same totals.
+        assert_eq!(count(&a, "finding"), count(&b, "finding"));
+        assert!(held.contains("\"rst-storm\""));
+        assert_eq!(
+            (hs.resets_sent, hs.connections, hs.findings),
+            (ls.resets_sent, ls.connections, ls.findings)
+        );
+        assert_eq!((hs.events, hs.folded), (2, 30));
+        assert_eq!((ls.events, ls.folded), (32, 0));
+    }
+
+    #[test]
+    fn a_held_run_replays_to_itself() {
+        for hold in [0, 250_000_000] {
+            let (recorded, _) = run(hold);
+            let replayed = Shared::default();
+            let sink = Ndjson::new(replayed.clone(), Clock { offset_ns: 0 }, BTreeMap::new());
+            let mut p = Pipeline::new(Filter::default(), DetectConfig::default(), Box::new(sink));
+            let mut errors = Vec::new();
+            crate::replay::replay(recorded.as_bytes(), &mut p, true, &mut errors).unwrap();
+            assert!(errors.is_empty());
+            let replayed = String::from_utf8(replayed.0.borrow().clone()).unwrap();
+            for (i, (a, b)) in recorded.lines().zip(replayed.lines()).enumerate() {
+                assert_eq!(a, b, "hold {hold}: line {}", i + 1);
+            }
+            assert_eq!(recorded.lines().count(), replayed.lines().count(), "hold {hold}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     conntrack::{CtEvent, CtKind, CtNamespace, CtSource, Tuple},
     detect::DetectConfig,
     event::{
-        Body, Event, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
+        Body, Event, Folded, Life, Origin, Owner, OwnerSource, Socket, SocketId, Transition,
         state_from_name,
     },
     http2::{self, Frame, FrameBody},
@@ -125,14 +125,18 @@ pub fn replay(
                 probe,
                 detect,
                 reset_reasons,
+                live_hold_ns,
                 ..
             } => {
                 if let (Some(d), true) = (detect, recorded_thresholds) {
                     pipeline.set_detect(d);
                 }
                 pipeline.set_reset_reasons(reset_reasons);
+                // Always as recorded: which events the recording holds depends on it.
+                pipeline.set_live_hold(live_hold_ns);
                 let detect = pipeline.detect_config().clone();
                 pipeline.notice(&Notice::Started {
+                    live_hold_ns,
                     ktime_ns,
                     probe: &probe,
                     detect: &detect,
@@ -200,6 +204,8 @@ pub enum Record {
         probe: Value,
         /// The thresholds the recorded run decided with.
         detect: Option<DetectConfig>,
+        /// How long the recorded run held live events (absent: not at all).
+        live_hold_ns: u64,
         reset_reasons: BTreeMap<u32, String>,
     },
     Event(Event),
@@ -369,6 +375,15 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         },
         // Joined again by the pipeline from the recorded frames.
         frames: None,
+        folded: {
+            let n = |k| opt_u64(c, &["folded", k]).unwrap_or(0) as u16;
+            Folded {
+                close_wait: n("close_wait"),
+                resets_sent: n("resets_sent"),
+                resets_received: n("resets_received"),
+                retransmits: n("retransmits"),
+            }
+        },
     })
 }
 
@@ -499,6 +514,7 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
                 clock_offset_ns: h["clock_offset_ns"].as_i64().map(i128::from),
                 probe: h["probe"].clone(),
                 detect: serde_json::from_value(h["detect"].clone()).ok(),
+                live_hold_ns: h["live_hold_ns"].as_u64().unwrap_or(0),
                 reset_reasons: h["reset_reasons"]
                     .as_object()
                     .map(|m| {
@@ -745,6 +761,12 @@ mod tests {
                             tls: retr % 3 / 2 == 1 && rr % 2 == 1,
                         },
                         frames: None,
+                        folded: Folded {
+                            close_wait: (retr % 2) as u16,
+                            resets_sent: rs % 3,
+                            resets_received: rr % 3,
+                            retransmits: (retr % 5) as u16,
+                        },
                     }
                 },
             )

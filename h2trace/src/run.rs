@@ -317,7 +317,9 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let started = monotonic();
     let describe = probes.describe();
+    o.pipeline.set_live_hold(cfg.live_hold_ns);
     o.pipeline.notice(&Notice::Started {
+        live_hold_ns: cfg.live_hold_ns,
         detect: &cfg.detect,
         ktime_ns: started,
         probe: &describe,
@@ -366,10 +368,11 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         let periodic = last_loss_check.elapsed() >= LOSS_EVERY;
         let traced_gone = periodic && exit_watch.check(&mut o, &probes.ebpf, now);
         let p = &mut o.pipeline;
+        // Held live events are written once due, and CLOSE_WAIT sockets become stuck, even
+        // when nothing else happens.
+        p.tick(now.saturating_sub(ORDER_SLACK_NS), periodic);
         if periodic {
             last_loss_check = Instant::now();
-            // Let CLOSE_WAIT sockets become stuck even when nothing else happens.
-            p.tick(now.saturating_sub(ORDER_SLACK_NS));
             apply_counters(&mut p.summary.losses, &counters.read(), perf_lost);
             apply_conntrack(&mut p.summary.losses, &cts);
             if p.summary.losses != reported {

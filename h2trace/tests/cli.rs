@@ -47,6 +47,9 @@ fn bad_flags_are_usage_errors() {
         &["--pid", "12ab"],
         &["--http2", "sometimes"],
         &["--ring-size", "1000"],
+        &["--live-hold", "a while"],
+        &["--live-hold", "5s"],
+        &["--live-hold", "2s", "--close-wait-stuck", "1s"],
     ] {
         let o = h2trace(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));

@@ -181,15 +181,17 @@ fn graceful_close_ipv6_perf() {
     graceful("perf", 14, true);
 }
 
-fn abortive(transport: &str, subnet: u8) {
+/// `hold`: `--live-hold`. With the default, the resets' live events are folded into the
+/// lives (the sockets end microseconds later); with 0 they are written as they happen.
+fn abortive(transport: &str, subnet: u8, hold: &str) {
     let Some(_lock) = kernel_test() else { return };
     let r = exchange(
-        &format!("rst-{transport}"),
+        &format!("rst-{transport}-{}", if hold == "0" { "live" } else { "held" }),
         subnet,
         false,
         "wait-peer",
         "rst",
-        &["--transport", transport],
+        &["--transport", transport, "--live-hold", hold],
     );
     let (c, s) = (r.client_life(), r.server_life());
     assert_eq!(states(c), ["CLOSE", "SYN_SENT", "ESTABLISHED", "CLOSE"]);
@@ -214,8 +216,20 @@ fn abortive(transport: &str, subnet: u8) {
     // Resets are live events even without --events all, and no transitions are.
     let sent = in_netns(&r.recs, &r.net.client, "reset-sent");
     let received = in_netns(&r.recs, &r.net.server, "reset-received");
-    assert_eq!((sent.len(), received.len()), (1, 1));
-    assert_eq!(sent[0]["h2trace"]["reset"]["direction"], "sent");
+    if hold == "0" {
+        assert_eq!((sent.len(), received.len()), (1, 1));
+        assert_eq!(sent[0]["h2trace"]["reset"]["direction"], "sent");
+        assert!(cc["folded"].is_null() && sc["folded"].is_null());
+    } else {
+        // Each socket ended right after its reset: its record stands for the event.
+        assert_eq!((sent.len(), received.len()), (0, 0));
+        assert_eq!(cc["folded"], serde_json::json!({"resets_sent": 1}));
+        assert_eq!(sc["folded"], serde_json::json!({"resets_received": 1}));
+    }
+    // Counted the same either way.
+    let summary = &r.recs.last().unwrap()["h2trace"]["summary"];
+    assert!(summary["resets_sent"].as_u64() >= Some(1), "{summary:#}");
+    assert!(summary["resets_received"].as_u64() >= Some(1), "{summary:#}");
     assert!(in_netns(&r.recs, &r.net.client, "state-change").is_empty());
     assert_owned(c, r.client_pid, "client");
     assert_owned(s, r.server_pid, "server");
@@ -224,12 +238,17 @@ fn abortive(transport: &str, subnet: u8) {
 
 #[test]
 fn abortive_close_ringbuf() {
-    abortive("ringbuf", 21);
+    abortive("ringbuf", 21, "250ms");
 }
 
 #[test]
 fn abortive_close_perf() {
-    abortive("perf", 22);
+    abortive("perf", 22, "250ms");
+}
+
+#[test]
+fn abortive_close_resets_written_live_without_hold() {
+    abortive("ringbuf", 23, "0");
 }
 
 fn close_wait(transport: &str, subnet: u8) {
