@@ -232,8 +232,7 @@ impl Pipeline {
                 // Bounded: a connection whose record never comes (evicted in the kernel)
                 // must not hold its frames forever. Past the cap, frames of connections
                 // not yet seen are written but not summed.
-                if self.frames.len() < MAX_FRAME_CONNS || self.frames.contains_key(&ev.socket.id)
-                {
+                if self.frames.len() < MAX_FRAME_CONNS || self.frames.contains_key(&ev.socket.id) {
                     self.frames
                         .entry(ev.socket.id)
                         .or_default()
@@ -503,7 +502,11 @@ mod tests {
                 reason: None,
             };
             p.deliver(event(i, t, rst));
-            let states = [(t - 50_000, SYN_SENT), (t - 40_000, ESTABLISHED), (t, CLOSE)];
+            let states = [
+                (t - 50_000, SYN_SENT),
+                (t - 40_000, ESTABLISHED),
+                (t, CLOSE),
+            ];
             p.deliver(event(i, t + 10_000, life(&states, 1)));
         }
         let cw = Body::State {
@@ -571,7 +574,8 @@ mod tests {
         assert!(
             lives[..30]
                 .iter()
-                .all(|v| v["h2trace"]["connection"]["folded"] == serde_json::json!({"resets_sent": 1}))
+                .all(|v| v["h2trace"]["connection"]["folded"]
+                    == serde_json::json!({"resets_sent": 1}))
         );
         // The CLOSE_WAIT lasted 1 s, longer than the hold: written, before its life, in time
         // order with the orphan reset (which no life claims: written once due, at the tick).
@@ -604,7 +608,11 @@ mod tests {
             for (i, (a, b)) in recorded.lines().zip(replayed.lines()).enumerate() {
                 assert_eq!(a, b, "hold {hold}: line {}", i + 1);
             }
-            assert_eq!(recorded.lines().count(), replayed.lines().count(), "hold {hold}");
+            assert_eq!(
+                recorded.lines().count(),
+                replayed.lines().count(),
+                "hold {hold}"
+            );
         }
     }
 }

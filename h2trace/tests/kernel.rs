@@ -186,7 +186,10 @@ fn graceful_close_ipv6_perf() {
 fn abortive(transport: &str, subnet: u8, hold: &str) {
     let Some(_lock) = kernel_test() else { return };
     let r = exchange(
-        &format!("rst-{transport}-{}", if hold == "0" { "live" } else { "held" }),
+        &format!(
+            "rst-{transport}-{}",
+            if hold == "0" { "live" } else { "held" }
+        ),
         subnet,
         false,
         "wait-peer",
@@ -229,7 +232,10 @@ fn abortive(transport: &str, subnet: u8, hold: &str) {
     // Counted the same either way.
     let summary = &r.recs.last().unwrap()["h2trace"]["summary"];
     assert!(summary["resets_sent"].as_u64() >= Some(1), "{summary:#}");
-    assert!(summary["resets_received"].as_u64() >= Some(1), "{summary:#}");
+    assert!(
+        summary["resets_received"].as_u64() >= Some(1),
+        "{summary:#}"
+    );
     assert!(in_netns(&r.recs, &r.net.client, "state-change").is_empty());
     assert_owned(c, r.client_pid, "client");
     assert_owned(s, r.server_pid, "server");

@@ -23,6 +23,8 @@ pub struct Opts {
     pub modes: Vec<String>,
     /// Live sockets for the memory run (0: skip it).
     pub held: usize,
+    /// Only the tracers whose name contains one of these (no tracer always runs); empty: all.
+    pub tools: Vec<String>,
 }
 
 const STARTED: &str = "\"action\":\"started\"";
@@ -75,6 +77,13 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
         Tool {
             name: "h2trace ringbuf ndjson",
             argv: s(&[&h, "-f", "ndjson", "--transport", "ringbuf", "-o", "{out}"]),
+            ready: Some(STARTED),
+            warmup: 0.3,
+            counts: Unit::Lives,
+        },
+        Tool {
+            name: "h2trace --live-hold 0",
+            argv: s(&[&h, "-f", "ndjson", "--live-hold", "0", "-o", "{out}"]),
             ready: Some(STARTED),
             warmup: 0.3,
             counts: Unit::Lives,
@@ -472,7 +481,14 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
     netns(&ns)?;
     let dir: PathBuf = root.join("target/bench");
     fs::create_dir_all(&dir)?;
-    let tools = tools(root, &h2trace);
+    let tools: Vec<Tool> = tools(root, &h2trace)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, t)| {
+            *i == 0 || o.tools.is_empty() || o.tools.iter().any(|w| t.name.contains(w.as_str()))
+        })
+        .map(|(_, t)| t)
+        .collect();
     let machine = fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()

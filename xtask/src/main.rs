@@ -62,6 +62,10 @@ enum Cmd {
         /// ends counted); 0 skips it.
         #[arg(long, default_value_t = 100_000)]
         held: usize,
+        /// Only the tracers whose name contains one of these, comma-separated (e.g.
+        /// `h2trace,tcplife`); the run without a tracer always comes first. [default: all]
+        #[arg(long, value_delimiter = ',')]
+        tools: Vec<String>,
     },
     /// Build everything and run h2trace with the given arguments (as root).
     Run {
@@ -109,6 +113,7 @@ fn main() -> Result<()> {
             threads,
             modes,
             held,
+            tools,
         } => {
             if !is_root() {
                 bail!(
@@ -136,6 +141,7 @@ fn main() -> Result<()> {
                     threads,
                     modes,
                     held,
+                    tools,
                 },
             )
         }
