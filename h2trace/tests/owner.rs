@@ -46,7 +46,10 @@ fn connections_opened_before_the_start_have_their_owners() {
         (8080, id(&busy_client), id(&busy_server)),
         (8081, id(&idle_client), id(&idle_server)),
     ];
-    std::thread::sleep(Duration::from_millis(700));
+    // Both connections exist before either tracer starts, however slow the machine.
+    NetPair::wait_established(&net.client, 2);
+    NetPair::wait_established(&net.server, 2);
+    std::thread::sleep(Duration::from_millis(300));
     let all = Tracer::start("snapshot-all", &[]);
     let only = Tracer::start("snapshot-pid", &["--pid", &busy_server.0.id().to_string()]);
     std::thread::sleep(Duration::from_millis(2000));

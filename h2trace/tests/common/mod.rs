@@ -335,6 +335,27 @@ impl NetPair {
         )
     }
 
+    /// Wait (at most 30 s) until namespace `ns` holds at least `n` established TCP sockets: a
+    /// fixed sleep is too short on a loaded machine.
+    pub fn wait_established(ns: &str, n: usize) {
+        let start = std::time::Instant::now();
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+                .output()
+                .unwrap();
+            let have = String::from_utf8_lossy(&out.stdout).lines().count();
+            if have >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{ns}: {have} established sockets, expected {n}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Run `tcp_peer client ADDR ARGS…` to completion (at most 60 s); returns its pid.
     pub fn client(&self, addr: &str, args: &[&str]) -> u32 {
         let mut c = self.spawn_client(addr, args);
