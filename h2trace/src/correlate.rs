@@ -88,6 +88,9 @@ impl Protocol {
         const METHODS: [&[u8]; 8] = [
             b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN",
         ];
+        if first.is_empty() {
+            return None; // not captured (no --peek): the usual case, asked for every record
+        }
         if first.starts_with(b"HTTP/1.") || METHODS.iter().any(|m| first.starts_with(m)) {
             Some(Self::Http1)
         } else if first.starts_with(b"PRI * HT")
@@ -195,12 +198,10 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
             let next = l.transitions.get(i + 1).map_or(end, |t| t.ts_ns);
             next.saturating_sub(l.transitions[i].ts_ns)
         });
-    let states: Vec<u8> = l.states().collect();
+    // Consecutive states, without collecting them: this runs for every record written.
+    let steps = || l.states().zip(l.transitions.iter().map(|t| t.state));
     let no_rst = l.resets_sent == 0 && l.resets_received == 0;
-    let time_wait = no_rst
-        && states
-            .windows(2)
-            .any(|w| matches!((w[0], w[1]), (FIN_WAIT2, CLOSE) | (CLOSING, CLOSE)));
+    let time_wait = no_rst && steps().any(|w| matches!(w, (FIN_WAIT2, CLOSE) | (CLOSING, CLOSE)));
     let local_closed_first = matches!(l.fin_first(), FinFirst::Local | FinFirst::Simultaneous);
     let kind = if open {
         EndKind::Open
@@ -218,7 +219,7 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         EndKind::ResetReceived
     } else if l.resets_sent > 0 {
         EndKind::ResetSent
-    } else if l.retransmits > 0 && states.windows(2).any(|w| w == [ESTABLISHED, CLOSE]) {
+    } else if l.retransmits > 0 && steps().any(|w| w == (ESTABLISHED, CLOSE)) {
         EndKind::Timeout
     } else {
         EndKind::Fin

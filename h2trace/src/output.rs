@@ -19,12 +19,13 @@ use crate::{
         self as ct, CtEvent, CtKind, CtNamespace, Tuple,
         join::{CtJoin, CtVerdict},
     },
-    correlate::{self, Facts},
     detect::{DetectConfig, Finding, Peer, PeerSummary},
     event::{Body, Event, Life, Origin, Owner, Socket, state_name},
     http2::{self, Frame, FrameBody},
     owner::snapshot::SnapSocket,
 };
+
+mod record;
 
 pub const SCHEMA: &str = "h2trace/1";
 
@@ -40,6 +41,13 @@ impl Clock {
     /// Records come in bursts within the same second: the date and time of day are formatted
     /// once per second (per thread) and reused.
     pub fn rfc3339(&self, ktime_ns: u64) -> String {
+        let mut out = Vec::with_capacity(30);
+        self.write_rfc3339(ktime_ns, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The same, appended to a line being written.
+    pub fn write_rfc3339(&self, ktime_ns: u64, out: &mut Vec<u8>) {
         thread_local! {
             static SECOND: std::cell::Cell<(i64, [u8; 19])> = const { std::cell::Cell::new((i64::MIN, [0; 19])) };
         }
@@ -63,19 +71,19 @@ impl Clock {
         });
         // Years outside 0..=9999 (never from a sane clock): chrono's own spelling.
         let Some(prefix) = prefix else {
-            return chrono::DateTime::from_timestamp(secs, nanos)
+            let s = chrono::DateTime::from_timestamp(secs, nanos)
                 .unwrap_or_default()
                 .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            out.extend_from_slice(s.as_bytes());
+            return;
         };
-        let mut s = String::with_capacity(30);
-        s.push_str(std::str::from_utf8(&prefix).unwrap_or_default());
-        s.push('.');
+        out.extend_from_slice(&prefix);
+        out.push(b'.');
         let mut digits = itoa::Buffer::new();
         let n = digits.format(nanos);
-        s.extend(std::iter::repeat_n('0', 9 - n.len()));
-        s.push_str(n);
-        s.push('Z');
-        s
+        out.extend(std::iter::repeat_n(b'0', 9 - n.len()));
+        out.extend_from_slice(n.as_bytes());
+        out.push(b'Z');
     }
 }
 
@@ -267,6 +275,8 @@ pub struct Ndjson<W: Write> {
     out: W,
     clock: Clock,
     reset_reasons: BTreeMap<u32, String>,
+    /// The line being written (kept: one allocation for the run).
+    line: Vec<u8>,
 }
 
 impl<W: Write> Ndjson<W> {
@@ -275,28 +285,13 @@ impl<W: Write> Ndjson<W> {
             out,
             clock,
             reset_reasons,
+            line: Vec::with_capacity(4096),
         }
     }
 
     pub fn into_inner(self) -> W {
         self.out
     }
-}
-
-#[derive(Serialize)]
-struct Record<'a> {
-    #[serde(rename = "@timestamp")]
-    timestamp: String,
-    schema: &'static str,
-    event: EcsEvent,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    process: Option<Process<'a>>,
-    source: Endpoint,
-    destination: Endpoint,
-    network: Network,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    container: Option<ContainerInfo>,
-    h2trace: H2<'a>,
 }
 
 /// ECS `container.*`, from the owner's cgroup path.
@@ -312,71 +307,6 @@ fn container(o: &Owner) -> Option<ContainerInfo> {
         id: c.id,
         runtime: c.runtime,
     })
-}
-
-#[derive(Serialize)]
-struct EcsEvent {
-    kind: &'static str,
-    category: [&'static str; 1],
-    #[serde(rename = "type")]
-    ty: [&'static str; 1],
-    action: &'static str,
-    dataset: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duration: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct Process<'a> {
-    pid: u32,
-    name: &'a str,
-    thread: Thread,
-}
-
-#[derive(Serialize)]
-struct Thread {
-    id: u32,
-}
-
-#[derive(Serialize)]
-struct Endpoint {
-    ip: IpAddr,
-    port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bytes: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct Network {
-    transport: &'static str,
-    #[serde(rename = "type")]
-    ty: &'static str,
-    iana_number: &'static str,
-    community_id: String,
-}
-
-#[derive(Serialize)]
-struct H2<'a> {
-    ktime_ns: u64,
-    cpu: u32,
-    socket: SocketInfo,
-    netns: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cgroup_id: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cgroup_path: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    owner_source: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<StateChange>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reset: Option<Reset<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retransmit: Option<Retransmit>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    connection: Option<Connection<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http2_frame: Option<FrameOut<'a>>,
 }
 
 /// An HTTP/2 control frame (`http2-frame`).
@@ -494,149 +424,9 @@ fn http2_out(l: &Life) -> Option<Http2Out<'_>> {
     })
 }
 
-#[derive(Serialize)]
-struct SocketInfo {
-    id: String,
-    seen_from: &'static str,
-    role: &'static str,
-}
-
-#[derive(Serialize)]
-struct StateChange {
-    old: &'static str,
-    new: &'static str,
-}
-
-#[derive(Serialize)]
-struct Reset<'a> {
-    direction: &'static str,
-    state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason_code: Option<u32>,
-}
-
-#[derive(Serialize)]
-struct Retransmit {
-    state: &'static str,
-    err: i32,
-}
-
-#[derive(Serialize)]
-struct Connection<'a> {
-    start_ns: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    closed_ns: Option<u64>,
-    first_state: &'static str,
-    states: Vec<StateAt>,
-    fin_first: &'static str,
-    #[serde(skip_serializing_if = "is_zero")]
-    transitions_dropped: u32,
-    bytes_sent: u64,
-    bytes_received: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_send_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_recv_ns: Option<u64>,
-    resets_sent: u16,
-    resets_received: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reset_sent_reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reset_sent_reason_code: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    first_reset_sent_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    first_reset_received_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reset_received_state: Option<&'static str>,
-    retransmits: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_retransmit_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    active_before_close_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    longest_request_gap_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    longest_request_gap_end_ns: Option<u64>,
-    /// Hex of the first bytes sent (`--peek`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    first_bytes: Option<String>,
-    /// The conntrack entry of the connection (joined again by replay, ignored on input).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conntrack: Option<serde_json::Value>,
-    /// HTTP/2 (replay reads the kernel's counts back and joins the frames again).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http2: Option<Http2Out<'a>>,
-    /// Live events this record stands for (not written on their own).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    folded: Option<FoldedOut>,
-    /// Derived (recomputed by replay, ignored on input).
-    analysis: Analysis,
-}
-
-#[derive(Serialize)]
-struct FoldedOut {
-    #[serde(skip_serializing_if = "is_zero_u16")]
-    close_wait: u16,
-    #[serde(skip_serializing_if = "is_zero_u16")]
-    resets_sent: u16,
-    #[serde(skip_serializing_if = "is_zero_u16")]
-    resets_received: u16,
-    #[serde(skip_serializing_if = "is_zero_u16")]
-    retransmits: u16,
-}
-
-fn is_zero_u16(v: &u16) -> bool {
-    *v == 0
-}
-
-#[derive(Serialize)]
-struct Analysis {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    established_ns: Option<u64>,
-    lifetime_ns: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    idle_before_close_ns: Option<u64>,
-    end: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    close_wait_ns: Option<u64>,
-    time_wait: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    silent_gap_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    protocol: Option<&'static str>,
-}
-
-impl From<&Facts> for Analysis {
-    fn from(f: &Facts) -> Self {
-        Self {
-            established_ns: f.established_ns,
-            lifetime_ns: f.lifetime_ns,
-            idle_before_close_ns: f.idle_before_close_ns,
-            end: f.end.as_str(),
-            close_wait_ns: f.close_wait_ns,
-            time_wait: f.time_wait,
-            silent_gap_ns: f.silent_gap_ns,
-            protocol: f.protocol.map(|p| p.as_str()),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct StateAt {
-    state: &'static str,
-    offset_ns: u64,
-}
-
 /// Counters added after `h2trace/1` first shipped are written only when non-zero, so older
 /// recordings replay to themselves byte for byte.
 fn is_zero_u64(v: &u64) -> bool {
-    *v == 0
-}
-
-fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
@@ -702,179 +492,6 @@ fn ct_join(j: &CtJoin) -> serde_json::Value {
 }
 
 impl<W: Write> Ndjson<W> {
-    fn record<'a>(clock: &Clock, reasons: &'a BTreeMap<u32, String>, ev: &'a Event) -> Record<'a> {
-        let s = &ev.socket;
-        let (action, ty, state, reset, retransmit, connection) = match &ev.body {
-            Body::Life(l) | Body::Open(l) => {
-                let start = s.id.start_ns;
-                let facts = correlate::facts(s, l, matches!(ev.body, Body::Open(_)), ev.ts_ns);
-                let conn = Connection {
-                    start_ns: start,
-                    closed_ns: closed_ns(l),
-                    first_state: state_name(l.first_state),
-                    states: l
-                        .transitions
-                        .iter()
-                        .map(|t| StateAt {
-                            state: state_name(t.state),
-                            offset_ns: t.ts_ns.saturating_sub(start),
-                        })
-                        .collect(),
-                    fin_first: l.fin_first().as_str(),
-                    transitions_dropped: l.transitions_dropped,
-                    bytes_sent: l.bytes_sent,
-                    bytes_received: l.bytes_received,
-                    last_send_ns: l.last_send_ns,
-                    last_recv_ns: l.last_recv_ns,
-                    resets_sent: l.resets_sent,
-                    resets_received: l.resets_received,
-                    reset_sent_reason: l.reset_sent_reason.map(|r| reason_name(reasons, r)),
-                    reset_sent_reason_code: l.reset_sent_reason,
-                    first_reset_sent_ns: l.first_reset_sent_ns,
-                    first_reset_received_ns: l.first_reset_received_ns,
-                    reset_received_state: l.reset_received_state.map(state_name),
-                    retransmits: l.retransmits,
-                    last_retransmit_ns: l.last_retransmit_ns,
-                    active_before_close_ns: l.active_before_close_ns,
-                    longest_request_gap_ns: l.longest_request_gap.map(|g| g.0),
-                    longest_request_gap_end_ns: l.longest_request_gap.map(|g| g.1),
-                    first_bytes: (!l.first_bytes.is_empty())
-                        .then(|| l.first_bytes.iter().map(|b| format!("{b:02x}")).collect()),
-                    conntrack: l.conntrack.as_deref().map(ct_join),
-                    http2: http2_out(l),
-                    folded: (l.folded.total() > 0).then_some(FoldedOut {
-                        close_wait: l.folded.close_wait,
-                        resets_sent: l.folded.resets_sent,
-                        resets_received: l.folded.resets_received,
-                        retransmits: l.folded.retransmits,
-                    }),
-                    analysis: Analysis::from(&facts),
-                };
-                let (action, ty) = match ev.body {
-                    Body::Life(_) => ("connection-closed", "end"),
-                    _ => ("connection-open", "info"),
-                };
-                (action, ty, None, None, None, Some(conn))
-            }
-            Body::State { old, new } => (
-                "state-change",
-                "change",
-                Some(StateChange {
-                    old: state_name(*old),
-                    new: state_name(*new),
-                }),
-                None,
-                None,
-                None,
-            ),
-            Body::ResetSent { state, reason } => (
-                "reset-sent",
-                "info",
-                None,
-                Some(Reset {
-                    direction: "sent",
-                    state: state_name(*state),
-                    reason: reason.map(|r| reason_name(reasons, r)),
-                    reason_code: *reason,
-                }),
-                None,
-                None,
-            ),
-            Body::ResetReceived { state } => (
-                "reset-received",
-                "info",
-                None,
-                Some(Reset {
-                    direction: "received",
-                    state: state_name(*state),
-                    reason: None,
-                    reason_code: None,
-                }),
-                None,
-                None,
-            ),
-            Body::Retransmit { state, err } => (
-                "retransmit",
-                "info",
-                None,
-                None,
-                Some(Retransmit {
-                    state: state_name(*state),
-                    err: *err,
-                }),
-                None,
-            ),
-            Body::Frame(_) => ("http2-frame", "info", None, None, None, None),
-        };
-        let http2_frame = match &ev.body {
-            Body::Frame(f) => Some(FrameOut::from(&**f)),
-            _ => None,
-        };
-        let (sent, received) = match &ev.body {
-            Body::Life(l) | Body::Open(l) => (Some(l.bytes_sent), Some(l.bytes_received)),
-            _ => (None, None),
-        };
-        let duration = connection.as_ref().map(|c| c.analysis.lifetime_ns);
-        Record {
-            timestamp: clock.rfc3339(ev.ts_ns),
-            schema: SCHEMA,
-            event: EcsEvent {
-                kind: "event",
-                category: ["network"],
-                ty: [ty],
-                action,
-                dataset: if connection.is_some() {
-                    "h2trace.connection"
-                } else if http2_frame.is_some() {
-                    "h2trace.http2"
-                } else {
-                    "h2trace.tcp"
-                },
-                duration,
-            },
-            process: s.owner.as_ref().map(|o| Process {
-                pid: o.tgid,
-                name: &o.comm,
-                thread: Thread { id: o.pid },
-            }),
-            source: Endpoint {
-                ip: s.local.ip(),
-                port: s.local.port(),
-                bytes: sent,
-            },
-            destination: Endpoint {
-                ip: s.remote.ip(),
-                port: s.remote.port(),
-                bytes: received,
-            },
-            network: Network {
-                transport: "tcp",
-                ty: if s.is_ipv6() { "ipv6" } else { "ipv4" },
-                iana_number: "6",
-                community_id: community_id(s.local, s.remote),
-            },
-            container: s.owner.as_ref().and_then(container),
-            h2trace: H2 {
-                ktime_ns: ev.ts_ns,
-                cpu: ev.cpu,
-                socket: SocketInfo {
-                    id: s.id.to_string(),
-                    seen_from: s.origin.as_str(),
-                    role: role(s),
-                },
-                netns: s.netns,
-                cgroup_id: s.owner.as_ref().map(|o| o.cgroup_id),
-                cgroup_path: s.owner.as_ref().and_then(|o| o.cgroup_path.as_deref()),
-                owner_source: s.owner.as_ref().map(|o| o.source.as_str()),
-                state,
-                reset,
-                retransmit,
-                connection,
-                http2_frame,
-            },
-        }
-    }
-
     fn line(&mut self, v: &impl Serialize) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
         self.out.write_all(b"\n")
@@ -883,9 +500,9 @@ impl<W: Write> Ndjson<W> {
 
 impl<W: Write> Sink for Ndjson<W> {
     fn event(&mut self, ev: &Event) -> io::Result<()> {
-        let rec = Self::record(&self.clock, &self.reset_reasons, ev);
-        serde_json::to_writer(&mut self.out, &rec)?;
-        self.out.write_all(b"\n")
+        self.line.clear();
+        record::write(&mut self.line, &self.clock, &self.reset_reasons, ev);
+        self.out.write_all(&self.line)
     }
 
     fn snapshot(&mut self, ktime_ns: u64, s: &SnapSocket) -> io::Result<()> {
