@@ -730,25 +730,21 @@ impl Detector {
         // stuck before it closes.
         self.advance(ev.ts_ns, out);
         let key = group_key(ev);
-        let comm = ev
-            .socket
-            .owner
-            .as_ref()
-            .map(|o| o.comm.clone())
-            .unwrap_or_default();
+        // Borrowed: copied only into a group or process seen for the first time.
+        let comm = ev.socket.owner.as_ref().map_or("", |o| o.comm.as_str());
         match &ev.body {
             Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
                 self.close_wait.insert(ev.socket.id, (ev.ts_ns, key));
             }
             Body::Frame(f) if matches!(f.body, http2::FrameBody::RstStream { code } if code == http2::CANCEL) =>
             {
-                let p = self.process(&key, &comm);
+                let p = self.process(&key, comm);
                 p.cancels.push_back((ev.ts_ns, ev.socket.id, !f.received));
                 cap(&mut p.cancels);
                 self.check_process(key.tgid, out);
             }
             Body::ResetSent { .. } | Body::ResetReceived { .. } => {
-                let p = self.process(&key, &comm);
+                let p = self.process(&key, comm);
                 p.resets.push_back((ev.ts_ns, ev.socket.id));
                 cap(&mut p.resets);
                 self.check_process(key.tgid, out);
@@ -762,7 +758,7 @@ impl Detector {
                     (l.folded.resets_received, l.first_reset_received_ns),
                 ];
                 if folded.iter().any(|&(n, _)| n > 0) {
-                    let p = self.process(&key, &comm);
+                    let p = self.process(&key, comm);
                     for (n, at) in folded {
                         for _ in 0..n {
                             p.resets.push_back((at.unwrap_or(ev.ts_ns), ev.socket.id));
@@ -803,10 +799,10 @@ impl Detector {
         p
     }
 
-    fn add(&mut self, key: GroupKey, comm: String, c: Conn, out: &mut Vec<Finding>) {
+    fn add(&mut self, key: GroupKey, comm: &str, c: Conn, out: &mut Vec<Finding>) {
         let window_from = self.now.saturating_sub(self.cfg.window_ns);
         {
-            let p = self.process(&key, &comm);
+            let p = self.process(&key, comm);
             if c.f.time_wait {
                 p.time_waits.push_back((c.f.end_ns, c.id));
             }
@@ -818,7 +814,7 @@ impl Detector {
         }
         let g = self.groups.entry(key.clone()).or_default();
         if g.comm.is_empty() {
-            g.comm = comm;
+            g.comm = comm.to_string();
             g.first_ns = c.f.start_ns;
         }
         g.total += 1;
