@@ -129,6 +129,9 @@ pub mod flags {
     /// `ProgConfig::fd` holds the offsets from a task to a socket through its file table
     /// (Go's crypto/tls, `--go-binary`).
     pub const HAVE_FD_OFFSETS: u32 = 1024;
+    /// `sock:inet_sock_set_state` has [`SetStateLayout::USUAL`]: read with plain loads at
+    /// constant offsets instead of ten helper calls (it runs ten times per connection).
+    pub const SET_STATE_USUAL: u32 = 2048;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -345,6 +348,27 @@ pub struct SetStateLayout {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
+
+impl SetStateLayout {
+    /// The layout of every kernel with the tracepoint seen so far (6.1, 6.12, 6.18; `protocol`
+    /// grew from `__u8` to `__u16` in place): `void *skaddr`, `int oldstate`, `int newstate`,
+    /// `__u16 sport, dport, family, protocol`, `__u8 saddr[4], daddr[4], saddr_v6[16],
+    /// daddr_v6[16]`.
+    pub const USUAL: Self = Self {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        sport: 24,
+        dport: 26,
+        family: 28,
+        protocol: 30,
+        saddr: 32,
+        daddr: 36,
+        saddr_v6: 40,
+        daddr_v6: 56,
+        _pad: 0,
+    };
+}
 
 /// Offsets in the trace records of the `tcp:*` events that name a socket.
 #[repr(C)]

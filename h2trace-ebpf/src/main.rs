@@ -455,8 +455,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_set_state_tp(ctx: &TracePointContext) -> Option<()> {
-    let l = config!(set_state);
     let base = ctx.as_ptr() as *const u8;
+    if config!(flags) & flags::SET_STATE_USUAL != 0 {
+        return set_state_usual(ctx, base);
+    }
+    let l = config!(set_state);
     // The width of `protocol` changed between kernels (u8 → u16); little-endian, so the first
     // byte is the protocol either way.
     let proto: u8 = unsafe { read(base, l.protocol)? };
@@ -486,6 +489,48 @@ fn try_set_state_tp(ctx: &TracePointContext) -> Option<()> {
     let old: i32 = unsafe { read(base, l.oldstate)? };
     let new: i32 = unsafe { read(base, l.newstate)? };
     on_state(ctx, sk, old as u8, new as u8, &t);
+    Some(())
+}
+
+/// [`try_set_state_tp`] for [`SetStateLayout::USUAL`]: plain loads at constant offsets (the
+/// verifier allows them into a tracepoint's record), where the generic path makes a helper
+/// call per field.
+#[inline(always)]
+fn set_state_usual(ctx: &TracePointContext, base: *const u8) -> Option<()> {
+    // SAFETY: the agent checked the format (SET_STATE_USUAL): every offset below is a field of
+    // that size inside the record, naturally aligned.
+    unsafe {
+        let at = |off: usize| base.add(off);
+        if core::ptr::read(at(30)) != IPPROTO_TCP {
+            return None;
+        }
+        let family: u16 = core::ptr::read(at(28) as *const u16);
+        let mut t = Tuple {
+            family,
+            sport: core::ptr::read(at(24) as *const u16),
+            dport: core::ptr::read(at(26) as *const u16),
+            saddr: [0; 16],
+            daddr: [0; 16],
+        };
+        // Whole words: a byte array read from the context would be copied through a moving
+        // pointer, which the verifier refuses for a context.
+        let word = |off: usize| core::ptr::read(at(off) as *const u64).to_ne_bytes();
+        if family == AF_INET {
+            t.saddr[..4].copy_from_slice(&core::ptr::read(at(32) as *const u32).to_ne_bytes());
+            t.daddr[..4].copy_from_slice(&core::ptr::read(at(36) as *const u32).to_ne_bytes());
+        } else if family == AF_INET6 {
+            t.saddr[..8].copy_from_slice(&word(40));
+            t.saddr[8..].copy_from_slice(&word(48));
+            t.daddr[..8].copy_from_slice(&word(56));
+            t.daddr[8..].copy_from_slice(&word(64));
+        } else {
+            return None;
+        }
+        let sk = core::ptr::read(at(8) as *const u64);
+        let old = core::ptr::read(at(16) as *const i32);
+        let new = core::ptr::read(at(20) as *const i32);
+        on_state(ctx, sk, old as u8, new as u8, &t);
+    }
     Some(())
 }
 

@@ -20,7 +20,7 @@ use aya::{
     maps::MapType,
     programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
-use h2trace_common::{LengthLayout, ProgConfig, SockOffsets, flags};
+use h2trace_common::{LengthLayout, ProgConfig, SetStateLayout, SockOffsets, flags};
 
 use self::{
     conntrack::{CtHook, CtHookChoice},
@@ -298,6 +298,9 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
     {
         Ok(l) => {
             config.set_state = l;
+            if l == SetStateLayout::USUAL {
+                config.flags |= flags::SET_STATE_USUAL;
+            }
             None
         }
         Err(e) => Some(e.to_string()),
