@@ -89,9 +89,15 @@ static FRAME_SCRATCH: PerCpuArray<FrameRecord> = PerCpuArray::with_max_entries(1
 #[inline(always)]
 pub fn take_stash(send: bool) -> Option<UserBuf> {
     let key = bpf_get_current_pid_tgid();
-    let b = unsafe { PEEK.get(&key) }.copied()?;
-    let _ = PEEK.remove(&key);
-    (b.send == send as u32).then_some(b)
+    let p = PEEK.get_ptr_mut(&key)?;
+    // Marked taken in place rather than removed: the thread's next syscall then overwrites
+    // the entry instead of inserting one (an LRU insert costs several lookups' worth).
+    // SAFETY: the entry is this thread's own; only this thread writes or reads it.
+    unsafe {
+        let b = *p;
+        (*p).send = crate::STASH_TAKEN;
+        (b.send == send as u32).then_some(b)
+    }
 }
 
 /// The first segment of a stashed buffer as (pointer, length), and the iovec array with its

@@ -100,6 +100,9 @@ static CT_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 static IO_SOCK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
+/// [`UserBuf::send`] once a length hook has taken the stash.
+const STASH_TAKEN: u32 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct UserBuf {
@@ -109,7 +112,7 @@ struct UserBuf {
     /// `h2::BUF`: the data, `h2::IOVEC`: a `struct iovec *`, `h2::MSGHDR`: a
     /// `struct user_msghdr *`.
     kind: u32,
-    /// 1 for the send family, 0 for the receive family.
+    /// 1 for the send family, 0 for the receive family, [`STASH_TAKEN`] once used.
     send: u32,
 }
 
@@ -866,14 +869,25 @@ fn stash(ctx: &TracePointContext, kind: u32, send: u32) -> u32 {
         return 0;
     }
     let base = ctx.as_ptr() as *const u8;
-    if let (Some(ptr), Some(count)) = unsafe { (read::<u64>(base, 24), read::<u64>(base, 32)) } {
-        let b = UserBuf {
-            ptr,
-            count,
+    // SAFETY: every `syscalls:sys_enter_*` record holds `__syscall_nr` at 8 and the arguments
+    // as 8-byte fields from 16; these syscalls have at least three, so 24 and 32 are inside.
+    let b = unsafe {
+        UserBuf {
+            ptr: core::ptr::read(base.add(24) as *const u64),
+            count: core::ptr::read(base.add(32) as *const u64),
             kind,
             send,
-        };
-        let _ = PEEK.insert(&bpf_get_current_pid_tgid(), &b, 0);
+        }
+    };
+    // Runs at every read and write on the host: overwrite the thread's entry in place when it
+    // has one (the usual case), insert only for a thread's first syscall.
+    let key = bpf_get_current_pid_tgid();
+    match PEEK.get_ptr_mut(&key) {
+        // SAFETY: the entry is this thread's own.
+        Some(p) => unsafe { *p = b },
+        None => {
+            let _ = PEEK.insert(&key, &b, 0);
+        }
     }
     0
 }
