@@ -99,7 +99,10 @@ pub mod counter {
     pub const H2_TRACK_FAIL: u32 = 8;
     /// A direction of an HTTP/2 socket lost track of frame boundaries (see `h2_desync`).
     pub const H2_DESYNC: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Of the records lost to a full ring or a failed perf output, those that were socket
+    /// lives: the agent can then account for every life exactly (ended = written + lost).
+    pub const LIFE_LOST: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Flags in [`ProgConfig::flags`].

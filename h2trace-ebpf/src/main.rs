@@ -150,15 +150,15 @@ unsafe fn read<T>(base: *const u8, off: u16) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T).ok() }
 }
 
-/// Deliver one record through the transport the agent chose.
+/// Deliver one record through the transport the agent chose; false if it was lost (counted).
 #[inline(always)]
-fn emit<C: EbpfContext, T>(ctx: &C, data: *const T) {
+fn emit<C: EbpfContext, T>(ctx: &C, data: *const T) -> bool {
     emit_raw(ctx.as_ptr(), data)
 }
 
 /// [`emit`] with the program's context as a pointer (for `bpf_loop` callbacks).
 #[inline(always)]
-fn emit_raw<T>(ctx: *mut c_void, data: *const T) {
+fn emit_raw<T>(ctx: *mut c_void, data: *const T) -> bool {
     let len = core::mem::size_of::<T>() as u64;
     if config!(flags) & flags::USE_PERF != 0 {
         let map = addr_of!(EVENTS) as *mut c_void;
@@ -167,6 +167,7 @@ fn emit_raw<T>(ctx: *mut c_void, data: *const T) {
         if r < 0 {
             count(counter::PERF_OUTPUT_FAIL);
         }
+        r >= 0
     } else {
         let map = addr_of!(RING) as *mut c_void;
         // Batch wake-ups: the agent also drains on a short timer, so it only needs a wake-up
@@ -184,6 +185,7 @@ fn emit_raw<T>(ctx: *mut c_void, data: *const T) {
         if r < 0 {
             count(counter::RINGBUF_FULL);
         }
+        r >= 0
     }
 }
 
@@ -289,7 +291,9 @@ fn end_life<C: EbpfContext>(ctx: &C, life: *const SockLife, now: u64) {
         (*rec).hdr = header(kind::LIFE, now);
         (*rec).life = *life;
     }
-    emit(ctx, rec as *const LifeRecord);
+    if !emit(ctx, rec as *const LifeRecord) {
+        count(counter::LIFE_LOST);
+    }
 }
 
 /// Start tracking a socket life; returns the map entry.
@@ -340,10 +344,12 @@ fn start_life(sk: u64, old: u8, new: u8, t: &Tuple, netns: u32, now: u64) -> Opt
 fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
     let now = unsafe { bpf_ktime_get_ns() };
     let emit_all = config!(flags) & flags::EMIT_ALL_TRANSITIONS != 0;
-    let netns = netns_of(sk as *const u8);
+    // Two kernel reads: only where a life or a listener starts, not at every transition.
+    let netns = || netns_of(sk as *const u8);
 
     // Listening sockets have no connection life; remember who listens, for the children.
     if new == tcp_state::LISTEN || old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        let netns = netns();
         let key = listener_key(netns, t.family, t.sport);
         if new == tcp_state::LISTEN {
             remember_listener(key);
@@ -368,10 +374,10 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         // CLOSE → SYN_SENT on a socket we know: connect() after a disconnect; a new life.
         Some(p) if old == tcp_state::CLOSE => {
             end_life(ctx, p, now);
-            (start_life(sk, old, new, t, netns, now), true)
+            (start_life(sk, old, new, t, netns(), now), true)
         }
         Some(p) => (Some(p), false),
-        None => (start_life(sk, old, new, t, netns, now), true),
+        None => (start_life(sk, old, new, t, netns(), now), true),
     };
     let Some(life) = life else { return };
     let life = unsafe { &mut *life };

@@ -154,6 +154,11 @@ pub struct Losses {
     /// connection record says which, under `http2.desync`).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub http2_desync: u64,
+    /// Of `ringbuf_full` and `perf_output_failed`, the records that were socket lives (so
+    /// every life the kernel ended is either written or here). Not added to the total: it
+    /// is a part of those two.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub lives_lost: u64,
 }
 
 impl Losses {

@@ -133,6 +133,7 @@ pub struct CounterValues {
     pub listener_failed: u64,
     pub h2_track_failed: u64,
     pub h2_desync: u64,
+    pub lives_lost: u64,
 }
 
 impl Counters {
@@ -157,6 +158,7 @@ impl Counters {
             listener_failed: get(counter::LISTENER_TRACK_FAIL),
             h2_track_failed: get(counter::H2_TRACK_FAIL),
             h2_desync: get(counter::H2_DESYNC),
+            lives_lost: get(counter::LIFE_LOST),
         }
     }
 }
