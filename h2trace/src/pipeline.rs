@@ -79,9 +79,13 @@ pub struct Pipeline {
     /// Sockets found at start, by (netns, local, remote), with the snapshot's time; `true`
     /// once a record matched one.
     snapshot: BTreeMap<(u32, SocketAddr, SocketAddr), (SnapSocket, u64, bool)>,
+    /// When the snapshot was taken (the latest of its records).
+    snapshot_until: u64,
     /// HTTP/2 control frames of connections still open, until their record joins them.
     frames: HashMap<SocketId, Frames>,
     hold: Hold,
+    /// What the selector let through for the event being delivered.
+    selected: Vec<Event>,
     sink: Box<dyn Sink>,
     findings: Vec<Finding>,
     pub summary: Summary,
@@ -96,8 +100,10 @@ impl Pipeline {
             detector: Detector::new(detect),
             joiner: Joiner::default(),
             snapshot: BTreeMap::new(),
+            snapshot_until: 0,
             frames: HashMap::new(),
             hold: Hold::default(),
+            selected: Vec::new(),
             sink,
             findings: Vec::new(),
             summary: Summary::default(),
@@ -166,6 +172,7 @@ impl Pipeline {
             return;
         }
         self.write(|sink| sink.snapshot(ktime_ns, &s));
+        self.snapshot_until = self.snapshot_until.max(ktime_ns);
         self.snapshot
             .insert((s.netns, s.local, s.remote), (s, ktime_ns, false));
     }
@@ -189,13 +196,20 @@ impl Pipeline {
 
     /// One event, in kernel-time order.
     pub fn deliver(&mut self, mut ev: Event) {
-        if !self.snapshot.is_empty() {
+        // Only a socket seen mid-life, or born before the snapshot was taken, can be in it:
+        // a connection opened since (every one, under churn) skips the lookup.
+        let s = &ev.socket;
+        if !self.snapshot.is_empty()
+            && (matches!(s.origin, Origin::MidLife | Origin::Snapshot)
+                || s.id.start_ns <= self.snapshot_until)
+        {
             self.enrich(&mut ev);
         }
-        let mut selected = Vec::new();
+        // Reused: one allocation for the run, not one per event.
+        let mut selected = std::mem::take(&mut self.selected);
         self.selector.offer(ev, &mut |e| selected.push(e));
         self.summary.losses.filter_overflow = self.selector.overflowed;
-        for mut ev in selected {
+        for mut ev in selected.drain(..) {
             if let Body::Life(l) = &ev.body
                 && crate::correlate::discarded_child(&ev.socket, l)
             {
@@ -212,6 +226,7 @@ impl Pipeline {
             }
             self.emit(ev);
         }
+        self.selected = selected;
     }
 
     /// Live events whose hold has run out by `now_ns`, written in time order.
