@@ -263,6 +263,10 @@ pub mod h2_side {
     pub const SERVER: u8 = 2;
     /// Its first send looked like a server's SETTINGS; waiting for the preface to confirm.
     pub const MAYBE_SERVER: u8 = 3;
+    /// Before it sent anything, it received what looked like a server's SETTINGS (a client
+    /// whose reader ran before its preface was written, as grpc-go's may); waiting for its
+    /// own preface to confirm.
+    pub const MAYBE_CLIENT: u8 = 4;
 }
 
 /// Payload bytes kept of a captured frame: GOAWAY's 8 bytes plus its debug text, PING's 8,

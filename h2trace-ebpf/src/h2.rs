@@ -140,8 +140,8 @@ pub fn wants(life: &SockLife, send: bool) -> bool {
 }
 
 /// One send (`d` = 0) or receive (`d` = 1) of `ret` bytes of a socket's stream, before it is
-/// counted. `first`: the first this way (where a preface can be); `quiet_peer`: nothing
-/// received yet (when a server's early SETTINGS can be).
+/// counted. `first`: the first this way (where a preface can be); `other_quiet`: nothing yet
+/// the other way (when a server's SETTINGS can come before the preface).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn on_io<C: EbpfContext>(
@@ -152,14 +152,16 @@ pub fn on_io<C: EbpfContext>(
     ret: u32,
     d: usize,
     first: bool,
-    quiet_peer: bool,
+    other_quiet: bool,
 ) {
     let side = life.h2_side;
     if side == h2_side::NONE && !first {
         return;
     }
-    if (side == h2_side::NONE || side == h2_side::MAYBE_SERVER && d == 1)
-        && detect(ctx, life, sk, b, ret, d, quiet_peer).is_none()
+    if (side == h2_side::NONE
+        || side == h2_side::MAYBE_SERVER && d == 1
+        || side == h2_side::MAYBE_CLIENT && d == 0)
+        && detect(ctx, life, sk, b, ret, d, other_quiet).is_none()
     {
         return;
     }
@@ -176,7 +178,7 @@ fn detect<C: EbpfContext>(
     b: &UserBuf,
     ret: u32,
     d: usize,
-    quiet_peer: bool,
+    other_quiet: bool,
 ) -> Option<()> {
     let (ptr, len, iov, iov_n) = first_segment(b)?;
     let side = life.h2_side;
@@ -184,10 +186,13 @@ fn detect<C: EbpfContext>(
         if head == PREFACE {
             if d == 0 && side == h2_side::NONE {
                 start(life, sk, h2_side::CLIENT)?;
+            } else if d == 0 && side == h2_side::MAYBE_CLIENT {
+                life.h2_side = h2_side::CLIENT;
+                confirm(ctx, life, sk, 1);
             } else if d == 1 {
                 if side == h2_side::MAYBE_SERVER {
                     life.h2_side = h2_side::SERVER;
-                    confirm(ctx, life, sk);
+                    confirm(ctx, life, sk, 0);
                 } else {
                     start(life, sk, h2_side::SERVER)?;
                 }
@@ -202,19 +207,25 @@ fn detect<C: EbpfContext>(
             return Some(());
         }
     }
-    if side == h2_side::MAYBE_SERVER {
-        // The peer did not open with the preface: not HTTP/2 after all.
+    if side == h2_side::MAYBE_SERVER || side == h2_side::MAYBE_CLIENT {
+        // No preface where it had to be: not HTTP/2 after all.
         life.h2_side = h2_side::NONE;
         let _ = H2.remove(&sk);
         return None;
     }
-    if d == 0 && quiet_peer && len >= 9 {
-        // A server may send its SETTINGS before the client's preface arrives: frame type 4,
+    if other_quiet && len >= 9 {
+        // A server may send its SETTINGS before the client's preface arrives (seen sent by
+        // the server, or received by a client that reads before it writes): frame type 4,
         // no flags, stream 0, a whole number of 6-byte settings.
         let h = unsafe { bpf_probe_read_user(ptr as *const [u8; 9]).ok()? };
         let n = ((h[1] as u32) << 8) | h[2] as u32;
         if h[0] == 0 && n % 6 == 0 && h[3] == 4 && h[4] == 0 && h[5..9] == [0, 0, 0, 0] {
-            start(life, sk, h2_side::MAYBE_SERVER)?;
+            let maybe = if d == 0 {
+                h2_side::MAYBE_SERVER
+            } else {
+                h2_side::MAYBE_CLIENT
+            };
+            start(life, sk, maybe)?;
             return Some(());
         }
     }
@@ -260,14 +271,15 @@ fn start(life: &mut SockLife, sk: u64, side: u8) -> Option<()> {
     Some(())
 }
 
-/// The client preface confirmed a server: deliver the frame held since its first send.
+/// The client preface confirmed HTTP/2: deliver the frame held since the socket's first
+/// send (a server, `received` 0) or first receive (a client, `received` 1).
 #[inline(always)]
-fn confirm<C: EbpfContext>(ctx: &C, life: &SockLife, sk: u64) {
+fn confirm<C: EbpfContext>(ctx: &C, life: &SockLife, sk: u64, received: u8) {
     if let Some(c) = H2.get_ptr_mut(&sk) {
         let c = unsafe { &mut *c };
         if c.has_held != 0 {
             c.has_held = 0;
-            emit_frame(ctx.as_ptr(), life, &c.held, 0);
+            emit_frame(ctx.as_ptr(), life, &c.held, received);
         }
     }
 }
@@ -469,7 +481,7 @@ fn frame_start(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir
 /// A captured frame's payload is in: report it, then skip what was not captured.
 #[inline(always)]
 fn frame_end(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir, d: usize) {
-    if life.h2_side == h2_side::MAYBE_SERVER {
+    if life.h2_side == h2_side::MAYBE_SERVER || life.h2_side == h2_side::MAYBE_CLIENT {
         // Not confirmed yet: keep the first frame (the SETTINGS) for when it is.
         unsafe {
             if (*c).has_held == 0 {

@@ -801,7 +801,12 @@ fn on_io<C: EbpfContext>(ctx: &C, sk: u64, ret: i32, send: bool) -> Option<()> {
                 } else {
                     life.bytes_recv == 0
                 };
-                let quiet = life.bytes_recv == 0;
+                // Nothing the other way yet: where a server's SETTINGS may precede the preface.
+                let quiet = if send {
+                    life.bytes_recv == 0
+                } else {
+                    life.bytes_sent == 0
+                };
                 let d = if send { 0 } else { 1 };
                 h2::on_io(ctx, life, sk, &b, ret as u32, d, first, quiet);
             }

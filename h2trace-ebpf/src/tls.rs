@@ -112,7 +112,9 @@ fn plaintext<C: EbpfContext>(ctx: &C, sk: u64, buf: u64, n: u32, send: bool) -> 
         (h2_tls::RECEIVED, 1)
     };
     let first = life.h2_tls & bit == 0;
-    let quiet = life.h2_tls & h2_tls::RECEIVED == 0;
+    // Nothing the other way yet: where a server's SETTINGS may precede the preface.
+    let other = if send { h2_tls::RECEIVED } else { h2_tls::SENT };
+    let quiet = life.h2_tls & other == 0;
     life.h2_tls |= h2_tls::TLS | bit;
     let b = UserBuf {
         ptr: buf,

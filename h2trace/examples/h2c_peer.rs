@@ -6,7 +6,7 @@
 //! recvmsg).
 //!
 //!   h2c_peer server ADDR [--not-h2]
-//!   h2c_peer client ADDR [--requests N] [--data B] [--not-h2]
+//!   h2c_peer client ADDR [--requests N] [--data B] [--not-h2] [--read-first]
 //!
 //! The server sends its SETTINGS (MAX_CONCURRENT_STREAMS 33) before it reads the preface, as
 //! servers may. For each request the client sends HEADERS on the next odd stream, a DATA frame
@@ -14,7 +14,9 @@
 //! the PING. Then the client resets stream 1001 with CANCEL, the server sends
 //! GOAWAY(NO_ERROR, last stream, "bye"), and both close.
 //! `--not-h2`: the server's first bytes look like SETTINGS but the client never sends the
-//! preface (h2trace must not take it for HTTP/2). Everything is bounded by timeouts.
+//! preface (h2trace must not take it for HTTP/2). `--read-first`: the client reads the server's
+//! SETTINGS before it writes its preface (as a client whose reader runs first may, grpc-go's
+//! among them). Everything is bounded by timeouts.
 use std::{
     io::{IoSlice, IoSliceMut, Read, Write},
     net::{TcpListener, TcpStream},
@@ -134,9 +136,10 @@ fn server(addr: &str, not_h2: bool) {
     while s.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
 }
 
-fn client(addr: &str, requests: u32, data: usize, not_h2: bool) {
+fn client(addr: &str, requests: u32, data: usize, not_h2: bool, read_first: bool) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let early = read_first.then(|| read_frame(&mut s, 4096));
     if not_h2 {
         s.write_all(b"hello, not http/2").unwrap();
         let mut b = [0u8; 64];
@@ -152,6 +155,10 @@ fn client(addr: &str, requests: u32, data: usize, not_h2: bool) {
     ])
     .map(|n| assert_eq!(n, PREFACE.len() + settings.len()))
     .unwrap();
+    if let Some((ty, ..)) = early {
+        assert_eq!(ty, SETTINGS, "the server's first frame");
+        s.write_all(&frame(SETTINGS, ACK, 0, &[])).unwrap();
+    }
     for i in 0..requests {
         let stream = 2 * i + 1;
         let headers = frame(HEADERS, END_HEADERS, stream, b"\x82\x86\x84");
@@ -190,7 +197,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
         eprintln!(
-            "usage: h2c_peer server ADDR [--not-h2] | client ADDR [--requests N] [--data B] [--not-h2]"
+            "usage: h2c_peer server ADDR [--not-h2] | client ADDR [--requests N] [--data B] [--not-h2] [--read-first]"
         );
         std::process::exit(2)
     };
@@ -212,6 +219,7 @@ fn main() {
             value("--requests", 3) as u32,
             value("--data", 40_000),
             flag("--not-h2"),
+            flag("--read-first"),
         ),
         _ => usage(),
     }

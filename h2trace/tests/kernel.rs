@@ -537,14 +537,20 @@ fn h2_frames<'a>(recs: &'a [Value], ns: &str) -> Vec<(&'a str, &'a str, u64, &'a
         .collect()
 }
 
-fn h2c_frames(transport: &str, subnet: u8) {
+/// `read_first`: the client reads the server's SETTINGS before it writes its preface.
+fn h2c_frames(transport: &str, subnet: u8, read_first: bool) {
     let Some(_lock) = kernel_test() else { return };
     const REQUESTS: u64 = 4;
+    let requests = REQUESTS.to_string();
+    let mut peer = vec!["--requests", &requests, "--data", "40000"];
+    if read_first {
+        peer.push("--read-first");
+    }
     let (recs, net) = h2c(
-        &format!("h2c-{transport}"),
+        &format!("h2c-{transport}{}", if read_first { "-rf" } else { "" }),
         subnet,
         &["--transport", transport],
-        &["--requests", &REQUESTS.to_string(), "--data", "40000"],
+        &peer,
     );
     for (ns, side, sent, received) in [
         (&net.client, "client", "sent", "received"),
@@ -561,7 +567,8 @@ fn h2c_frames(transport: &str, subnet: u8) {
             frames.iter().all(|(_, _, _, f)| f["side"] == side),
             "{side}: {frames:#?}"
         );
-        // The server's SETTINGS went out before the preface came in: held, then reported.
+        // The server's SETTINGS went out before the preface came in: held, then reported (at
+        // the client too when it read them before writing its preface).
         let settings = of(received, "SETTINGS");
         let limit = settings
             .iter()
@@ -619,12 +626,17 @@ fn h2c_frames(transport: &str, subnet: u8) {
 
 #[test]
 fn h2c_frames_and_streams_ringbuf() {
-    h2c_frames("ringbuf", 51);
+    h2c_frames("ringbuf", 51, false);
 }
 
 #[test]
 fn h2c_frames_and_streams_perf() {
-    h2c_frames("perf", 52);
+    h2c_frames("perf", 52, false);
+}
+
+#[test]
+fn h2c_client_that_reads_the_server_settings_before_its_preface() {
+    h2c_frames("ringbuf", 55, true);
 }
 
 /// A server whose first bytes look like SETTINGS, to a client that never sends the preface,
