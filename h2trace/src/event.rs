@@ -233,20 +233,29 @@ pub struct Folded {
 }
 
 impl Folded {
-    /// Counts `body` if it is one of the live events a life record can stand for (CLOSE_WAIT,
-    /// a reset, a retransmission); false for anything else.
-    pub fn add(&mut self, body: &Body) -> bool {
-        let n = match body {
+    /// The count `body` goes to, if it is one of the live events a life record can stand for
+    /// (CLOSE_WAIT, a reset, a retransmission).
+    fn slot(&mut self, body: &Body) -> Option<&mut u16> {
+        match body {
             Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
-                &mut self.close_wait
+                Some(&mut self.close_wait)
             }
-            Body::ResetSent { .. } => &mut self.resets_sent,
-            Body::ResetReceived { .. } => &mut self.resets_received,
-            Body::Retransmit { .. } => &mut self.retransmits,
-            _ => return false,
-        };
-        *n = n.saturating_add(1);
-        true
+            Body::ResetSent { .. } => Some(&mut self.resets_sent),
+            Body::ResetReceived { .. } => Some(&mut self.resets_received),
+            Body::Retransmit { .. } => Some(&mut self.retransmits),
+            _ => None,
+        }
+    }
+
+    /// Whether a life record can stand for `body`.
+    pub fn folds(body: &Body) -> bool {
+        Self::default().slot(body).is_some()
+    }
+
+    pub fn add(&mut self, body: &Body) {
+        if let Some(n) = self.slot(body) {
+            *n = n.saturating_add(1);
+        }
     }
 
     pub fn total(&self) -> u64 {

@@ -46,13 +46,19 @@ impl Hold {
         self.queue.insert(key, ev);
     }
 
-    /// The oldest event, if it is due at `now_ns` (or the queue is over its cap).
+    /// Whether the oldest event is due at `now_ns` (or the queue is over its cap).
+    fn due(&self, now_ns: u64) -> bool {
+        self.queue.first_key_value().is_some_and(|(k, _)| {
+            k.0.saturating_add(self.hold_ns) <= now_ns || self.queue.len() > MAX_HELD
+        })
+    }
+
+    /// The oldest event, if it is due.
     fn pop_due(&mut self, now_ns: u64) -> Option<Event> {
-        let (&key, _) = self.queue.first_key_value()?;
-        if key.0.saturating_add(self.hold_ns) > now_ns && self.queue.len() <= MAX_HELD {
+        if !self.due(now_ns) {
             return None;
         }
-        let ev = self.queue.remove(&key)?;
+        let (key, ev) = self.queue.pop_first()?;
         if let Some(keys) = self.by_socket.get_mut(&ev.socket.id) {
             keys.retain(|k| *k != key);
             if keys.is_empty() {
@@ -217,7 +223,7 @@ impl Pipeline {
                 continue;
             }
             self.release_held(ev.ts_ns);
-            if self.hold.hold_ns > 0 && Folded::default().add(&ev.body) {
+            if self.hold.hold_ns > 0 && Folded::folds(&ev.body) {
                 self.hold.push(ev);
                 continue;
             }
@@ -287,10 +293,6 @@ impl Pipeline {
         self.hold.hold_ns = hold_ns;
     }
 
-    pub fn live_hold_ns(&self) -> u64 {
-        self.hold.hold_ns
-    }
-
     /// A conntrack table followed from here on (live: at start; replay: its record).
     pub fn conntrack_namespace(&mut self, ktime_ns: u64, ns: CtNamespace) {
         self.write(|sink| sink.notice(&Notice::ConntrackSource { ktime_ns, ns: &ns }));
@@ -333,12 +335,7 @@ impl Pipeline {
     /// are released at every tick, and the tick is written then too, so that replay releases
     /// them at the same place.
     pub fn tick(&mut self, ktime_ns: u64, periodic: bool) {
-        let held_due = self
-            .hold
-            .queue
-            .first_key_value()
-            .is_some_and(|(k, _)| k.0.saturating_add(self.hold.hold_ns) <= ktime_ns);
-        if held_due || periodic && self.detector.wants_tick() {
+        if self.hold.due(ktime_ns) || periodic && self.detector.wants_tick() {
             self.tick_recorded(ktime_ns);
         }
     }

@@ -294,6 +294,8 @@ mod tests {
             (l.skaddr, l.newstate, l.protocol, l.daddr_v6),
             (8, 20, 30, 56)
         );
+        // 6.1's layout is the one the kernel program reads with plain loads.
+        assert_eq!(l, SetStateLayout::USUAL);
         let broken = parse_format(
             "sock:inet_sock_set_state",
             &SET_STATE_61.replace("newstate", "next"),
