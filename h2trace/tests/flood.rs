@@ -27,6 +27,22 @@ fn churn(net: &NetPair, seconds: u64) -> KillOnDrop {
     )
 }
 
+/// The connections an ended churn load made, from its last words.
+fn connections_made(load: &mut KillOnDrop) -> u64 {
+    use std::io::Read;
+    let mut done = String::new();
+    load.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut done)
+        .unwrap();
+    done.split_whitespace()
+        .find_map(|f| f.strip_prefix("connections="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("churn said: {done}"))
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -52,19 +68,7 @@ fn a_minute_of_maximum_churn() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut done = String::new();
-    use std::io::Read;
-    load.0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut done)
-        .unwrap();
-    let connections: u64 = done
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("connections="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("churn said: {done}"));
+    let connections = connections_made(&mut load);
     // A minute of churn is millions of records: read them one at a time, keeping only what
     // the checks below need (all of them parsed at once took 1.6 GB in the kernel matrix).
     let (_dir, path) = tracer.stop_file();
@@ -175,19 +179,7 @@ fn loss_forced_by_a_tiny_ring_is_counted_and_reported() {
             .expect("churn did not end")
             .success()
     );
-    let mut done = String::new();
-    use std::io::Read;
-    load.0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut done)
-        .unwrap();
-    let connections: u64 = done
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("connections="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("churn said: {done}"));
+    let connections = connections_made(&mut load);
     let recs = tracer.stop();
     let ns = NetPair::inode(&net.server);
     // Both ends of each connection live in the server namespace (churn runs there).
