@@ -311,20 +311,22 @@ fn handshake_failure_loop() {
     let addr = format!("{}:8443", net.server_v4);
     let mut client_pid = 0;
     let recs = traced("handshake-failure-loop", &[], || {
-        let mut server = net.server(&addr, &["--conns", "4", "--then", "reject"]);
-        // Retries after 100, 200, 400 ms: backoff.
+        let mut server = net.server(&addr, &["--conns", "5", "--then", "reject"]);
+        // Retries after 150, 300, 600, 1200 ms: backoff. Five attempts and gaps well above a
+        // connection's own time, so that the trend still shows under emulation (QEMU) when an
+        // attempt takes longer than the 100 ms that counts as a failed handshake.
         client_pid = net.client(
             &addr,
             &[
                 "--conns",
-                "4",
+                "5",
                 "--send",
                 "300",
                 "--reply",
                 "0",
                 "--until-eof",
                 "--gap",
-                "100",
+                "150",
                 "--gap-growth",
                 "2",
             ],
@@ -343,7 +345,16 @@ fn handshake_failure_loop() {
         .iter()
         .filter_map(|f| f["h2trace"]["finding"]["numbers"]["growing_gaps_share"].as_f64())
         .fold(0.0, f64::max);
-    assert!(growing >= 0.5, "growing gaps share {growing}");
+    let lifetimes: Vec<u64> = recs
+        .iter()
+        .filter(|r| action(r) == "connection-closed" && owner_pid(r) == Some(client_pid as u64))
+        .filter_map(|r| r["h2trace"]["connection"]["analysis"]["lifetime_ns"].as_u64())
+        .collect();
+    assert!(
+        growing >= 0.5,
+        "growing gaps share {growing}; client lifetimes {lifetimes:?}; {:#?}",
+        findings(&recs, "handshake-failure-loop")
+    );
 }
 
 /// A connection through the router goes idle; then the router starts `verdict`ing its packets.
