@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..rounds {
         let t = Instant::now();
         for ev in &events {
-            sink.event(ev)?;
+            sink.event(ev, h2trace::correlate::of_event(ev).as_ref())?;
         }
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -170,6 +170,16 @@ pub fn discarded_child(s: &Socket, l: &Life) -> bool {
 }
 
 /// `end_ns` is when the record was produced (the socket's destruction, or the end of tracing).
+/// The derived facts of a connection record (`connection-closed` or `connection-open`), computed
+/// once per record: the pipeline hands them to both the output and the detector.
+pub fn of_event(ev: &crate::event::Event) -> Option<Facts> {
+    match &ev.body {
+        crate::event::Body::Life(l) => Some(facts(&ev.socket, l, false, ev.ts_ns)),
+        crate::event::Body::Open(l) => Some(facts(&ev.socket, l, true, ev.ts_ns)),
+        _ => None,
+    }
+}
+
 pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
     let start_ns = s.id.start_ns;
     let established_ns =

@@ -17,7 +17,7 @@ use crate::{
         self as ct,
         join::{CtVerdict, GRACE_NS},
     },
-    correlate::{EndKind, Facts, Protocol, Role, facts},
+    correlate::{EndKind, Facts, Protocol, Role},
     event::{Body, Event, FinFirst, Life, SocketId},
     http2,
 };
@@ -704,15 +704,6 @@ impl Detector {
         &self.cfg
     }
 
-    /// The derived facts of a connection record (also written into the record itself).
-    pub fn facts_of(ev: &Event) -> Option<Facts> {
-        match &ev.body {
-            Body::Life(l) => Some(facts(&ev.socket, l, false, ev.ts_ns)),
-            Body::Open(l) => Some(facts(&ev.socket, l, true, ev.ts_ns)),
-            _ => None,
-        }
-    }
-
     /// Time passes without events (the agent's `tick` records): CLOSE_WAIT can become stuck.
     pub fn advance(&mut self, now: u64, out: &mut Vec<Finding>) {
         self.roll_windows(now);
@@ -726,6 +717,12 @@ impl Detector {
     }
 
     pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Finding>) {
+        self.observe(ev, crate::correlate::of_event(ev), out);
+    }
+
+    /// `on_event` with the record's facts already derived (`correlate::of_event`), as the
+    /// pipeline has them for the output.
+    pub fn observe(&mut self, ev: &Event, facts: Option<Facts>, out: &mut Vec<Finding>) {
         // Time has passed up to this event: windows may have ended, a socket may have become
         // stuck before it closes.
         self.advance(ev.ts_ns, out);
@@ -750,7 +747,8 @@ impl Detector {
                 self.check_process(key.tgid, out);
             }
             Body::Life(l) | Body::Open(l) => {
-                let f = Self::facts_of(ev).expect("a life");
+                // `of_event` derives them for every life.
+                let Some(f) = facts else { return };
                 self.close_wait.remove(&ev.socket.id);
                 // Resets whose live events were folded into this record count as if seen.
                 let folded = [
@@ -1714,7 +1712,8 @@ mod tests {
                         (t + 2_000_000, CLOSE),
                     ]
                     .map(|(ts_ns, state)| Transition { ts_ns, state })
-                    .to_vec(),
+                    .into_iter()
+                    .collect(),
                     ..Life::default()
                 })),
             };

@@ -126,7 +126,8 @@ impl OwnerSource {
 pub struct Owner {
     pub tgid: u32,
     pub pid: u32,
-    pub comm: String,
+    /// At most 15 bytes (the kernel's `TASK_COMM_LEN`): kept inline, no allocation per event.
+    pub comm: compact_str::CompactString,
     pub cgroup_id: u64,
     /// The cgroup's path (relative to the v2 root), when the agent could resolve the id;
     /// shared with the agent's table of paths, not copied per event.
@@ -191,7 +192,8 @@ pub struct Transition {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Life {
     pub first_state: u8,
-    pub transitions: Vec<Transition>,
+    /// Inline up to the kernel record's capacity: decoding a life allocates only its box.
+    pub transitions: smallvec::SmallVec<[Transition; MAX_TRANSITIONS]>,
     /// Transitions that happened but did not fit the record.
     pub transitions_dropped: u32,
     pub bytes_sent: u64,
@@ -211,7 +213,7 @@ pub struct Life {
     /// The longest silence before a send that opened a new exchange, and when it ended.
     pub longest_request_gap: Option<(u64, u64)>,
     /// The first bytes the socket sent (`--peek`; empty when not captured).
-    pub first_bytes: Vec<u8>,
+    pub first_bytes: smallvec::SmallVec<[u8; 8]>,
     /// What a followed conntrack table thought of the connection (joined by the pipeline).
     pub conntrack: Option<Box<crate::conntrack::join::CtJoin>>,
     /// HTTP/2 (`--http2`): the kernel's stream counts.
@@ -561,7 +563,7 @@ fn life(l: &SockLife) -> Life {
         active_before_close_ns: nonzero(l.active_before_close_ns),
         longest_request_gap: (l.longest_request_gap_end_ns != 0)
             .then_some((l.longest_request_gap_ns, l.longest_request_gap_end_ns)),
-        first_bytes: l.first_bytes[..(l.first_bytes_len as usize).min(8)].to_vec(),
+        first_bytes: l.first_bytes[..(l.first_bytes_len as usize).min(8)].into(),
         conntrack: None,
         http2: http2::Streams {
             side: http2::Side::of(l.h2_side),
@@ -609,9 +611,9 @@ fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
     })
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+fn comm(raw: &[u8; 16]) -> compact_str::CompactString {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    compact_str::CompactString::from_utf8_lossy(&raw[..end])
 }
 
 #[cfg(test)]

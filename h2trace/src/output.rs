@@ -19,6 +19,7 @@ use crate::{
         self as ct, CtEvent, CtKind, CtNamespace, Tuple,
         join::{CtJoin, CtVerdict},
     },
+    correlate::Facts,
     detect::{DetectConfig, Finding, Peer, PeerSummary},
     event::{Body, Event, Life, Origin, Owner, Socket, state_name},
     http2::{self, Frame, FrameBody},
@@ -260,7 +261,8 @@ pub enum Notice<'a> {
 }
 
 pub trait Sink {
-    fn event(&mut self, ev: &Event) -> io::Result<()>;
+    /// A socket event; `facts`: a connection record's derived facts (`correlate::of_event`).
+    fn event(&mut self, ev: &Event, facts: Option<&Facts>) -> io::Result<()>;
     /// A socket that existed when tracing started.
     fn snapshot(&mut self, ktime_ns: u64, s: &SnapSocket) -> io::Result<()>;
     /// A conntrack event; `old`: the entry's state before it, as far as h2trace saw.
@@ -504,9 +506,9 @@ impl<W: Write> Ndjson<W> {
 }
 
 impl<W: Write> Sink for Ndjson<W> {
-    fn event(&mut self, ev: &Event) -> io::Result<()> {
+    fn event(&mut self, ev: &Event, facts: Option<&Facts>) -> io::Result<()> {
         self.line.clear();
-        record::write(&mut self.line, &self.clock, &self.reset_reasons, ev);
+        record::write(&mut self.line, &self.clock, &self.reset_reasons, ev, facts);
         self.out.write_all(&self.line)
     }
 
@@ -738,7 +740,7 @@ fn ms(ns: u64) -> String {
 }
 
 impl<W: Write> Sink for Text<W> {
-    fn event(&mut self, ev: &Event) -> io::Result<()> {
+    fn event(&mut self, ev: &Event, _facts: Option<&Facts>) -> io::Result<()> {
         if !self.header_done {
             writeln!(
                 self.out,
@@ -1194,7 +1196,7 @@ pub(crate) mod tests {
                 last_retransmit_ns: None,
                 active_before_close_ns: None,
                 longest_request_gap: None,
-                first_bytes: Vec::new(),
+                first_bytes: Default::default(),
                 conntrack: None,
                 http2: Default::default(),
                 frames: None,
@@ -1210,7 +1212,9 @@ pub(crate) mod tests {
             Clock { offset_ns: 0 },
             [(12, "TCP_ABORT_ON_LINGER".into())].into(),
         );
-        sink.event(&life_event()).unwrap();
+        let ev = life_event();
+        sink.event(&ev, crate::correlate::of_event(&ev).as_ref())
+            .unwrap();
         let out = String::from_utf8(sink.into_inner()).unwrap();
         assert!(out.ends_with('\n') && out.lines().count() == 1);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -1237,7 +1241,9 @@ pub(crate) mod tests {
     #[test]
     fn text_has_header_and_states() {
         let mut sink = Text::new(Vec::new(), Clock { offset_ns: 0 }, BTreeMap::new());
-        sink.event(&life_event()).unwrap();
+        let ev = life_event();
+        sink.event(&ev, crate::correlate::of_event(&ev).as_ref())
+            .unwrap();
         let out = String::from_utf8(sink.out).unwrap();
         let lines: Vec<_> = out.lines().collect();
         assert!(lines[0].starts_with("TIME"));

@@ -282,8 +282,9 @@ impl Pipeline {
         if !matches!(ev.body, Body::Life(_) | Body::Open(_)) {
             s.events += 1;
         }
-        self.write(|sink| sink.event(&ev));
-        self.detector.on_event(&ev, &mut self.findings);
+        let facts = crate::correlate::of_event(&ev);
+        self.write(|sink| sink.event(&ev, facts.as_ref()));
+        self.detector.observe(&ev, facts, &mut self.findings);
         self.drain_findings();
     }
 

@@ -280,7 +280,7 @@ fn owner(v: &Value) -> Result<Option<Owner>, ParseError> {
     Ok(Some(Owner {
         tgid: u64_at(v, &["process", "pid"], "process.pid")? as u32,
         pid: u64_at(v, &["process", "thread", "id"], "process.thread.id")? as u32,
-        comm: str_at(v, &["process", "name"], "process.name")?.to_string(),
+        comm: str_at(v, &["process", "name"], "process.name")?.into(),
         cgroup_id: u64_at(v, &["h2trace", "cgroup_id"], "h2trace.cgroup_id")?,
         cgroup_path: at(v, &["h2trace", "cgroup_path"]).as_str().map(Into::into),
         source: OwnerSource::from_name(src).ok_or(ParseError::Field("h2trace.owner_source"))?,
@@ -349,7 +349,7 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         longest_request_gap: opt_u64(c, &["longest_request_gap_ns"])
             .zip(opt_u64(c, &["longest_request_gap_end_ns"])),
         first_bytes: match c["first_bytes"].as_str() {
-            None => Vec::new(),
+            None => Default::default(),
             Some(h) => hex(h).ok_or(ParseError::Field("h2trace.connection.first_bytes"))?,
         },
         // Joined again by the pipeline from the recorded conntrack events.
@@ -488,7 +488,7 @@ fn conntrack(v: &Value, ts_ns: u64, kind: CtKind) -> Result<Record, ParseError> 
     }))
 }
 
-fn hex(s: &str) -> Option<Vec<u8>> {
+fn hex(s: &str) -> Option<smallvec::SmallVec<[u8; 8]>> {
     if !s.len().is_multiple_of(2) || s.len() > 16 {
         return None;
     }
@@ -651,7 +651,8 @@ mod tests {
             },
             Default::default(),
         );
-        sink.event(ev).unwrap();
+        sink.event(ev, crate::correlate::of_event(ev).as_ref())
+            .unwrap();
         String::from_utf8(sink.into_inner()).unwrap()
     }
 
@@ -667,7 +668,7 @@ mod tests {
                 .prop_map(|(tgid, pid, comm, cgroup_id, s)| Owner {
                     tgid,
                     pid,
-                    comm,
+                    comm: comm.into(),
                     cgroup_id,
                     cgroup_path: (cgroup_id % 3 == 0)
                         .then(|| format!("/system.slice/x{tgid}.service").into()),
@@ -745,8 +746,9 @@ mod tests {
                         last_retransmit_ns: lrt.map(|v| v >> 1),
                         active_before_close_ns: lrt.map(|v| v >> 2),
                         longest_request_gap: ls.zip(lr).map(|(a, b)| (a >> 3, b >> 3)),
-                        first_bytes: lr
-                            .map_or(Vec::new(), |v| v.to_le_bytes()[..(v % 9) as usize].to_vec()),
+                        first_bytes: lr.map_or(Default::default(), |v| {
+                            v.to_le_bytes()[..(v % 9) as usize].into()
+                        }),
                         conntrack: None,
                         // The kernel's stream counts round-trip; the frames are joined again.
                         http2: http2::Streams {

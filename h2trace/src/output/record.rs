@@ -82,14 +82,19 @@ impl Line<'_> {
 }
 
 /// One socket event as a line of NDJSON (with its newline), appended to `out`.
-pub(super) fn write(out: &mut Vec<u8>, clock: &Clock, reasons: &BTreeMap<u32, String>, ev: &Event) {
+pub(super) fn write(
+    out: &mut Vec<u8>,
+    clock: &Clock,
+    reasons: &BTreeMap<u32, String>,
+    ev: &Event,
+    facts: Option<&correlate::Facts>,
+) {
     let mut j = Line(out);
     let s = &ev.socket;
     let life = match &ev.body {
         Body::Life(l) | Body::Open(l) => Some(&**l),
         _ => None,
     };
-    let facts = life.map(|l| correlate::facts(s, l, matches!(ev.body, Body::Open(_)), ev.ts_ns));
     let (action, ty, dataset) = match &ev.body {
         Body::Life(_) => ("connection-closed", "end", "h2trace.connection"),
         Body::Open(_) => ("connection-open", "info", "h2trace.connection"),
@@ -110,7 +115,7 @@ pub(super) fn write(out: &mut Vec<u8>, clock: &Clock, reasons: &BTreeMap<u32, St
     j.plain(action);
     j.raw(",\"dataset\":");
     j.plain(dataset);
-    j.opt(",\"duration\":", facts.as_ref().map(|f| f.lifetime_ns));
+    j.opt(",\"duration\":", facts.map(|f| f.lifetime_ns));
     j.raw("}");
     if let Some(o) = &s.owner {
         j.raw(",\"process\":{\"pid\":");
@@ -173,13 +178,7 @@ pub(super) fn write(out: &mut Vec<u8>, clock: &Clock, reasons: &BTreeMap<u32, St
     match &ev.body {
         Body::Life(l) | Body::Open(l) => {
             j.raw(",\"connection\":");
-            connection(
-                &mut j,
-                reasons,
-                s,
-                l,
-                facts.as_ref().expect("a life has facts"),
-            );
+            connection(&mut j, reasons, s, l, facts.expect("a life has facts"));
         }
         Body::State { old, new } => {
             j.raw(",\"state\":{\"old\":");

@@ -81,7 +81,7 @@ fn socket_owners(cgroups: &mut Cgroups) -> HashMap<u64, Owner> {
         let owner = Owner {
             tgid: p.pid as u32,
             pid: p.pid as u32,
-            comm: p.stat().map(|s| s.comm).unwrap_or_default(),
+            comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
             cgroup_id,
             cgroup_path: cgroups.path(cgroup_id),
             source: OwnerSource::Snapshot,
