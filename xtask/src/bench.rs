@@ -74,6 +74,19 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
             warmup: 0.0,
             counts: Unit::None,
         },
+        // The floor: the cost of merely attaching a program to the tracepoint every tracer
+        // here needs. No tracer of TCP state changes can do better than this row.
+        Tool {
+            name: "floor (empty set_state)",
+            argv: s(&[
+                "/usr/bin/bpftrace",
+                "-e",
+                "tracepoint:sock:inet_sock_set_state { $unused = 0; }",
+            ]),
+            ready: None,
+            warmup: 4.0,
+            counts: Unit::None,
+        },
         Tool {
             name: "h2trace ringbuf ndjson",
             argv: s(&[&h, "-f", "ndjson", "--transport", "ringbuf", "-o", "{out}"]),
