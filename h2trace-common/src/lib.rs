@@ -135,6 +135,12 @@ pub mod flags {
     /// `sock:inet_sock_set_state` has [`SetStateLayout::USUAL`]: read with plain loads at
     /// constant offsets instead of ten helper calls (it runs ten times per connection).
     pub const SET_STATE_USUAL: u32 = 2048;
+    /// A RST the socket sends once it is in CLOSE is counted in its life record
+    /// (`rst_sent_folded`), not emitted live. Such a RST is the abortive close itself
+    /// (`tcp_close` with SO_LINGER 0 or unread data: `tcp_disconnect` moves the socket to CLOSE,
+    /// then sends it), and the life ends in the same call, so the agent's live hold
+    /// (`--live-hold` > 0) would fold the live event into the record anyway.
+    pub const FOLD_CLOSED_RESETS: u32 = 4096;
 }
 
 /// An offset that a tracepoint or structure does not have on this kernel.
@@ -217,7 +223,9 @@ pub struct SockLife {
     pub rst_recv_state: u8,
     /// How many of `first_bytes` are valid (0: not captured; only with `--peek`).
     pub first_bytes_len: u8,
-    pub _pad2: [u8; 2],
+    /// RSTs sent by the socket once in CLOSE, counted here instead of emitted live
+    /// ([`flags::FOLD_CLOSED_RESETS`]).
+    pub rst_sent_folded: u16,
     pub last_retrans_ns: u64,
     /// The last send or receive before the connection left ESTABLISHED (0: none), so that
     /// the idle time before the close survives later I/O (e.g. a write after the peer's FIN).

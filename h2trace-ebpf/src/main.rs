@@ -636,6 +636,10 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     }
     life.rst_sent = life.rst_sent.saturating_add(1);
     let state = current_state(life);
+    if state == tcp_state::CLOSE && config!(flags) & flags::FOLD_CLOSED_RESETS != 0 {
+        life.rst_sent_folded = life.rst_sent_folded.saturating_add(1);
+        return 0;
+    }
     emit_live(
         &ctx,
         kind::RESET_SENT,

@@ -200,6 +200,7 @@ pub fn resolve(a: &TraceArgs) -> Result<Config, ConfigError> {
             probe: a.probe,
             transport: a.transport,
             emit_all_transitions: a.events == Events::All,
+            fold_closed_resets: live_hold_ns > 0,
             peek: a.peek,
             h2c: a.http2 != Http2Choice::Off,
             tls_lib: tls_lib(a)?,
@@ -341,6 +342,16 @@ mod tests {
         assert_eq!(c.duration, Some(Duration::from_secs(90)));
         assert_eq!(c.probe.ring_bytes, 8 << 20);
         assert!(!c.probe.emit_all_transitions);
+        // Held live events: the kernel folds the RSTs of abortive closes, unless nothing is held.
+        assert!(c.probe.fold_closed_resets);
+        for nothing_held in [&["--live-hold", "0"][..], &["--events", "all"]] {
+            assert!(
+                !resolve(&args(nothing_held))
+                    .unwrap()
+                    .probe
+                    .fold_closed_resets
+            );
+        }
         // Conntrack: the host's table and the traced process's, ctnetlink buffer 8 MiB.
         assert_eq!(c.conntrack.namespaces.len(), 2);
         assert_eq!(c.conntrack.buffer, 8 << 20);

@@ -573,7 +573,10 @@ fn life(l: &SockLife) -> Life {
             tls: l.h2_tls & h2trace_common::h2_tls::TLS != 0,
         },
         frames: None,
-        folded: Folded::default(),
+        folded: Folded {
+            resets_sent: l.rst_sent_folded,
+            ..Folded::default()
+        },
     }
 }
 
@@ -720,6 +723,8 @@ pub(crate) mod tests {
         life.n_trans = 5;
         life.bytes_sent = 100;
         life.rst_sent_reason = u32::MAX;
+        life.rst_sent = 2;
+        life.rst_sent_folded = 1;
         let rec = LifeRecord {
             hdr: Header {
                 kind: kind::LIFE,
@@ -744,6 +749,15 @@ pub(crate) mod tests {
         );
         assert_eq!(l.bytes_sent, 100);
         assert_eq!(l.reset_sent_reason, None);
+        assert_eq!(l.resets_sent, 2);
+        // The RST the kernel counted instead of emitting: folded like a held live event.
+        assert_eq!(
+            l.folded,
+            Folded {
+                resets_sent: 1,
+                ..Folded::default()
+            }
+        );
         assert_eq!(l.fin_first(), FinFirst::Local);
         assert_eq!(l.last_send_ns, None);
     }

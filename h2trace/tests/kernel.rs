@@ -182,13 +182,19 @@ fn graceful_close_ipv6_perf() {
 }
 
 /// `hold`: `--live-hold`. With the default, the resets' live events are folded into the
-/// lives (the sockets end microseconds later); with 0 they are written as they happen.
+/// lives (the sockets end microseconds later); with 0 they are written as they happen; with
+/// 1 ns the agent's hold runs out before either record comes, so only the kernel folds: the
+/// client's RST, sent from CLOSE by the abortive close itself (`flags::FOLD_CLOSED_RESETS`).
 fn abortive(transport: &str, subnet: u8, hold: &str) {
     let Some(_lock) = kernel_test() else { return };
     let r = exchange(
         &format!(
             "rst-{transport}-{}",
-            if hold == "0" { "live" } else { "held" }
+            match hold {
+                "0" => "live",
+                "1ns" => "kernel-folded",
+                _ => "held",
+            }
         ),
         subnet,
         false,
@@ -223,6 +229,10 @@ fn abortive(transport: &str, subnet: u8, hold: &str) {
         assert_eq!((sent.len(), received.len()), (1, 1));
         assert_eq!(sent[0]["h2trace"]["reset"]["direction"], "sent");
         assert!(cc["folded"].is_null() && sc["folded"].is_null());
+    } else if hold == "1ns" {
+        assert_eq!((sent.len(), received.len()), (0, 1));
+        assert_eq!(cc["folded"], serde_json::json!({"resets_sent": 1}));
+        assert!(sc["folded"].is_null(), "{sc:#}");
     } else {
         // Each socket ended right after its reset: its record stands for the event.
         assert_eq!((sent.len(), received.len()), (0, 0));
@@ -255,6 +265,11 @@ fn abortive_close_perf() {
 #[test]
 fn abortive_close_resets_written_live_without_hold() {
     abortive("ringbuf", 23, "0");
+}
+
+#[test]
+fn abortive_close_reset_from_close_folded_by_the_kernel() {
+    abortive("ringbuf", 24, "1ns");
 }
 
 fn close_wait(transport: &str, subnet: u8) {

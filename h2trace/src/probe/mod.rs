@@ -153,6 +153,9 @@ pub struct ProbeOptions {
     pub probe: ProbeChoice,
     pub transport: TransportChoice,
     pub emit_all_transitions: bool,
+    /// The agent holds live events for their life record (`--live-hold` > 0): the kernel may
+    /// count a RST sent from CLOSE in the record instead (`flags::FOLD_CLOSED_RESETS`).
+    pub fold_closed_resets: bool,
     /// Capture the first bytes each socket sends (syscall tracepoints on the send family).
     pub peek: bool,
     /// `--http2 h2c`: walk the HTTP/2 frames of cleartext sockets that spoke the preface
@@ -414,6 +417,9 @@ fn loader_for(
     let mut config = facts.config;
     if opts.emit_all_transitions {
         config.flags |= flags::EMIT_ALL_TRANSITIONS;
+    }
+    if opts.fold_closed_resets {
+        config.flags |= flags::FOLD_CLOSED_RESETS;
     }
     if opts.peek {
         config.flags |= flags::PEEK;
