@@ -9,8 +9,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{
-    Clock, FrameOut, SCHEMA, closed_ns, community_id, container, ct_join, http2_out, reason_name,
-    role,
+    Clock, FrameOut, SCHEMA, closed_ns, container, ct_join, http2_out, push_community_id,
+    reason_name, role,
 };
 use crate::{
     correlate,
@@ -144,7 +144,9 @@ pub(super) fn write(
     j.raw(",\"network\":{\"transport\":\"tcp\",\"type\":");
     j.plain(if s.is_ipv6() { "ipv6" } else { "ipv4" });
     j.raw(",\"iana_number\":\"6\",\"community_id\":");
-    j.plain(&community_id(s.local, s.remote));
+    j.0.push(b'"');
+    push_community_id(s.local, s.remote, j.0);
+    j.0.push(b'"');
     j.raw("}");
     if let Some(c) = s.owner.as_ref().and_then(container) {
         j.raw(",\"container\":");
