@@ -169,7 +169,6 @@ pub fn discarded_child(s: &Socket, l: &Life) -> bool {
         && l.retransmits == 0
 }
 
-/// `end_ns` is when the record was produced (the socket's destruction, or the end of tracing).
 /// The derived facts of a connection record (`connection-closed` or `connection-open`), computed
 /// once per record: the pipeline hands them to both the output and the detector.
 pub fn of_event(ev: &crate::event::Event) -> Option<Facts> {
@@ -180,6 +179,7 @@ pub fn of_event(ev: &crate::event::Event) -> Option<Facts> {
     }
 }
 
+/// `end_ns` is when the record was produced (the socket's destruction, or the end of tracing).
 pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
     let start_ns = s.id.start_ns;
     let established_ns =
