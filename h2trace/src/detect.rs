@@ -716,13 +716,9 @@ impl Detector {
         !self.close_wait.is_empty()
     }
 
-    pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Finding>) {
-        self.observe(ev, crate::correlate::of_event(ev), out);
-    }
-
-    /// `on_event` with the record's facts already derived (`correlate::of_event`), as the
-    /// pipeline has them for the output.
-    pub fn observe(&mut self, ev: &Event, facts: Option<Facts>, out: &mut Vec<Finding>) {
+    /// `facts`: a connection record's derived facts (`correlate::of_event`), which the
+    /// pipeline has already derived for the output.
+    pub fn on_event(&mut self, ev: &Event, facts: Option<Facts>, out: &mut Vec<Finding>) {
         // Time has passed up to this event: windows may have ended, a socket may have become
         // stuck before it closes.
         self.advance(ev.ts_ns, out);
@@ -1717,7 +1713,7 @@ mod tests {
                     ..Life::default()
                 })),
             };
-            d.on_event(&ev, &mut out);
+            d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
         }
         let w = d.take_windows();
         // Windows of 1 s from the first event: three full, one with the last five; the quiet
@@ -1807,7 +1803,7 @@ mod tests {
                         ..Life::default()
                     })),
                 };
-                d.on_event(&ev, &mut out);
+                d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
             }
             out.into_iter()
                 .find(|f| f.pattern == Pattern::IdleCloseByPeer)

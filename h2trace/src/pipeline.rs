@@ -284,7 +284,7 @@ impl Pipeline {
         }
         let facts = crate::correlate::of_event(&ev);
         self.write(|sink| sink.event(&ev, facts.as_ref()));
-        self.detector.observe(&ev, facts, &mut self.findings);
+        self.detector.on_event(&ev, facts, &mut self.findings);
         self.drain_findings();
     }
 
