@@ -437,7 +437,9 @@ pub struct SockOffsets {
     pub skc_net: u16,
     /// `struct net` → `ns` → `inum`.
     pub net_ns_inum: u16,
-    pub _pad: [u16; 2],
+    /// `struct sock` → `sk_protocol` (the BTF tracepoint keeps TCP's state changes).
+    pub sk_protocol: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<SockOffsets>() == 24);
 

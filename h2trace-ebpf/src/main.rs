@@ -43,9 +43,11 @@ static CONFIG: ProgConfig = ProgConfig::zeroed();
 /// Read a field of [`CONFIG`] through a volatile load, so the compiler cannot fold the
 /// all-zero initial value that the agent replaces at load time.
 macro_rules! config {
-    ($($field:tt)+) => {
+    // Often used inside another unsafe block, where this one is redundant but harmless.
+    ($($field:tt)+) => {{
+        #[allow(unused_unsafe)]
         unsafe { core::ptr::read_volatile(&CONFIG.$($field)+) }
-    };
+    }};
 }
 
 mod h2;
@@ -543,6 +545,70 @@ fn set_state_usual(ctx: &TracePointContext, base: *const u8) -> Option<()> {
     Some(())
 }
 
+/// `sock:inet_sock_set_state` as a BTF tracepoint (`trace_inet_sock_set_state(sk, oldstate,
+/// newstate)`, the same call sites as the classic one): the kernel passes its arguments as
+/// they are, without first assembling the trace record the classic tracepoint fills on every
+/// hit, whoever listens. The protocol and endpoints are read from the socket (BTF offsets).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let _ = set_state_btf(&ctx, sk, old, new);
+    0
+}
+
+/// Whether a BTF tracepoint's `struct sock *` is a TCP socket.
+#[inline(always)]
+fn btf_is_tcp(sk: *const u8) -> bool {
+    if config!(flags) & flags::HAVE_SOCK_OFFSETS == 0 {
+        return false;
+    }
+    // SAFETY: `sk` is a BTF tracepoint's BTF-typed `struct sock *`, and the offsets come from
+    // the frozen config, so the verifier sees them as constants and checks each load against
+    // the kernel's BTF: plain loads (that cannot fault), no helper call per field.
+    // `sk_protocol` is a u16 since Linux 5.6 and a byte-aligned 8-bit field before: its low
+    // byte (little-endian) is the protocol either way.
+    unsafe { core::ptr::read(sk.add(config!(sock.sk_protocol) as usize)) == IPPROTO_TCP }
+}
+
+fn set_state_btf(ctx: &BtfTracePointContext, sk: *const u8, old: i32, new: i32) -> Option<()> {
+    if !btf_is_tcp(sk) {
+        return None;
+    }
+    let o = config!(sock);
+    // SAFETY: as in [`btf_is_tcp`].
+    unsafe {
+        let at = |off: u16| sk.add(off as usize);
+        let family: u16 = core::ptr::read(at(o.skc_family) as *const u16);
+        let mut t = Tuple {
+            family,
+            sport: core::ptr::read(at(o.skc_num) as *const u16),
+            dport: u16::from_be(core::ptr::read(at(o.skc_dport) as *const u16)),
+            saddr: [0; 16],
+            daddr: [0; 16],
+        };
+        // 32-bit words: the width of the address members the verifier checks the loads against.
+        let words = |off: u16, n: usize, to: &mut [u8; 16]| {
+            for i in 0..n {
+                let w = core::ptr::read(at(off + 4 * i as u16) as *const u32);
+                to[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+        };
+        if family == AF_INET {
+            words(o.skc_rcv_saddr, 1, &mut t.saddr);
+            words(o.skc_daddr, 1, &mut t.daddr);
+        } else if family == AF_INET6 {
+            words(o.skc_v6_rcv_saddr, 4, &mut t.saddr);
+            words(o.skc_v6_daddr, 4, &mut t.daddr);
+        } else {
+            return None;
+        }
+        on_state(ctx, sk as u64, old as u8, new as u8, &t);
+    }
+    Some(())
+}
+
 /// `tcp_set_state(struct sock *sk, int state)` for kernels without the tracepoint. Reads the
 /// old state and the endpoints from `struct sock_common` with offsets from the kernel's BTF.
 #[kprobe]
@@ -656,9 +722,24 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 /// (data after close): userspace tells the two apart with the RST it then sends.
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let Some((_, _, life)) = tracked(&ctx, config!(receive_reset.skaddr)) else {
-        return 0;
-    };
+    if let Some((_, _, life)) = tracked(&ctx, config!(receive_reset.skaddr)) {
+        receive_reset(&ctx, life);
+    }
+    0
+}
+
+/// [`tcp_receive_reset`] as a BTF tracepoint (`trace_tcp_receive_reset(sk)`).
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(life) = SOCKS.get_ptr_mut(&sk) {
+        receive_reset(&ctx, unsafe { &mut *life });
+    }
+    0
+}
+
+#[inline(always)]
+fn receive_reset<C: EbpfContext>(ctx: &C, life: &mut SockLife) {
     let now = unsafe { bpf_ktime_get_ns() };
     let state = current_state(life);
     if life.rst_recv == 0 {
@@ -667,7 +748,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     }
     life.rst_recv = life.rst_recv.saturating_add(1);
     emit_live(
-        &ctx,
+        ctx,
         kind::RESET_RECEIVED,
         &life.meta,
         state,
@@ -675,7 +756,6 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         u32::MAX,
         now,
     );
-    0
 }
 
 /// `tcp:tcp_retransmit_skb` (`__tcp_retransmit_skb`).
@@ -709,12 +789,26 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 /// RST that followed its move to CLOSE.
 #[tracepoint]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    let Some((sk, _, life)) = tracked(&ctx, config!(destroy.skaddr)) else {
-        return 0;
-    };
-    end_life(&ctx, life, unsafe { bpf_ktime_get_ns() });
-    let _ = SOCKS.remove(&sk);
+    if let Some((sk, _, life)) = tracked(&ctx, config!(destroy.skaddr)) {
+        destroy(&ctx, sk, life);
+    }
     0
+}
+
+/// [`tcp_destroy_sock`] as a BTF tracepoint (`trace_tcp_destroy_sock(sk)`).
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(life) = SOCKS.get_ptr_mut(&sk) {
+        destroy(&ctx, sk, life);
+    }
+    0
+}
+
+#[inline(always)]
+fn destroy<C: EbpfContext>(ctx: &C, sk: u64, life: *const SockLife) {
+    end_life(ctx, life, unsafe { bpf_ktime_get_ns() });
+    let _ = SOCKS.remove(&sk);
 }
 
 /// `sock:sock_send_length` (`sock_sendmsg`), process context: bytes, activity, owner.
@@ -729,6 +823,35 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     on_length(&ctx, false);
     0
+}
+
+/// [`sock_send_length`] as a BTF tracepoint (`trace_sock_send_length(sk, ret, flags)`).
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> u32 {
+    length_btf(&ctx, true);
+    0
+}
+
+/// [`sock_recv_length`] as a BTF tracepoint (`trace_sock_recv_length(sk, ret, flags)`).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> u32 {
+    length_btf(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn length_btf(ctx: &BtfTracePointContext, send: bool) -> Option<()> {
+    let sk: *const u8 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let msg_flags: i32 = ctx.arg(2);
+    if !btf_is_tcp(sk) {
+        return None;
+    }
+    // As in [`on_length`]: a MSG_PEEK receive is neither counted nor walked.
+    if !send && msg_flags & MSG_PEEK != 0 {
+        return on_io(ctx, sk as u64, ret.min(0), send);
+    }
+    on_io(ctx, sk as u64, ret, send)
 }
 
 #[inline(always)]

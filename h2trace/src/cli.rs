@@ -43,6 +43,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Report what this kernel and these privileges allow: BTF, tracefs, each hook and
     /// transport (works, or why not), capabilities. Exit 0 if tracing can run.
@@ -218,7 +220,8 @@ pub struct TraceArgs {
     /// not stripped), e.g. a grpc-go server or client. Repeatable.
     #[arg(long, value_name = "PATH")]
     pub go_binary: Vec<std::path::PathBuf>,
-    /// How to observe TCP state changes (auto: tracepoint, else fentry, else kprobe).
+    /// How to observe TCP state changes (auto: the tracepoint as a BTF tracepoint, else the
+    /// classic tracepoint, else fentry, else kprobe).
     #[arg(long, value_enum, default_value = "auto")]
     pub probe: ProbeChoice,
     /// How records leave the kernel (auto: ring buffer when the kernel has it).

@@ -133,6 +133,10 @@ fn check_tells_the_truth_about_this_kernel() {
             .trim_start()
             .starts_with("ok")
     );
+    // The BTF tracepoint needs only the kernel's BTF (Linux ≥ 5.5).
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let b = line("tp_btf inet_sock_set_state");
+    assert_eq!(b.trim_start().starts_with("ok"), btf, "{b}");
     assert!(line("ring buffer").trim_start().starts_with("ok"));
     // Kprobes work exactly when the kernel has the kprobe PMU.
     let kprobes = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();

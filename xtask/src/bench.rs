@@ -101,6 +101,14 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
             warmup: 0.3,
             counts: Unit::Lives,
         },
+        // The classic tracepoint for state changes instead of the default BTF one.
+        Tool {
+            name: "h2trace --probe tracepoint",
+            argv: s(&[&h, "-f", "ndjson", "--probe", "tracepoint", "-o", "{out}"]),
+            ready: Some(STARTED),
+            warmup: 0.3,
+            counts: Unit::Lives,
+        },
         Tool {
             name: "h2trace --http2 off",
             argv: s(&[&h, "-f", "ndjson", "--http2", "off", "-o", "{out}"]),

@@ -89,7 +89,7 @@ const HOST_TOOLS: [&str; 7] = [
 ];
 /// Each kernel test binary runs with the default chain (auto), then once more per other state
 /// hook here, except DEFAULT_ONLY.
-const PROBES: &str = "kprobe";
+const PROBES: &str = "tracepoint kprobe";
 /// Test files about the command line and the end-to-end peers rather than the state hook: run
 /// with the default only (cli takes 100 s under emulation).
 const DEFAULT_ONLY: [&str; 2] = ["cli", "e2e"];

@@ -1,7 +1,8 @@
 //! Offsets of kernel structure members from the kernel's BTF.
 //!
-//! Rust eBPF programs get no CO-RE relocations, so the kprobe path (which reads
-//! `struct sock_common` itself) and the netns lookup take their offsets from here.
+//! Rust eBPF programs get no CO-RE relocations, so the programs that read `struct sock`
+//! themselves (the BTF tracepoints, fentry and kprobes) and the netns lookup take their
+//! offsets from here.
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
@@ -111,7 +112,7 @@ pub fn ct_offsets(base: &Btf, module: &Path) -> Result<CtOffsets, BtfError> {
     let t = |m: &str| offset_of(btf, "nf_conntrack_tuple", m);
     let ct = |m: &str| offset_of(btf, "nf_conn", m);
     Ok(CtOffsets {
-        skb_nfct: offset_of(&base, "sk_buff", "_nfct")?,
+        skb_nfct: offset_of(base, "sk_buff", "_nfct")?,
         tuple_orig: first,
         tuple_reply: first + tuple_hash,
         src_u3: t("src.u3")?,
@@ -144,7 +145,8 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
         skc_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
         skc_net: sc("skc_net")?,
         net_ns_inum: offset_of(btf, "net", "ns.inum")?,
-        _pad: [0; 2],
+        sk_protocol: offset_of(btf, "sock", "sk_protocol")?,
+        _pad: 0,
     })
 }
 

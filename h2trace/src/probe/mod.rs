@@ -1,8 +1,9 @@
 //! Load the kernel programs, pick a mechanism for each hook at run time, attach them.
 //!
 //! State changes come from the first of these that works (unless `--probe` names one):
-//! the `sock:inet_sock_set_state` tracepoint (stable, Linux ≥ 4.16), an fentry on
-//! `tcp_set_state`, a kprobe on `tcp_set_state`. Everything else is tracepoints; a missing
+//! the `sock:inet_sock_set_state` tracepoint as a BTF tracepoint (Linux ≥ 5.5 with BTF), the
+//! same as a classic tracepoint (stable, Linux ≥ 4.16), an fentry on `tcp_set_state`, a
+//! kprobe on `tcp_set_state`. Everything else is tracepoints; a missing
 //! optional hook degrades a fact (bytes, resets, ...) and is reported, never silently.
 pub mod btf;
 pub mod caps;
@@ -18,7 +19,9 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::MapType,
-    programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        BtfTracePoint, FEntry, KProbe, ProgramError, TracePoint, UProbe, uprobe::UProbeScope,
+    },
 };
 use h2trace_common::{LengthLayout, ProgConfig, SetStateLayout, SockOffsets, flags};
 
@@ -35,8 +38,12 @@ pub static EBPF_OBJ: &[u8] =
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeChoice {
-    /// The first that works: tracepoint, then fentry, then kprobe.
+    /// The first that works: tp-btf, then tracepoint, then fentry, then kprobe.
     Auto,
+    /// `inet_sock_set_state` as a BTF tracepoint: the cheapest (no trace record to build).
+    #[serde(rename = "tp-btf")]
+    TpBtf,
+    /// The classic `sock:inet_sock_set_state` tracepoint.
     Tracepoint,
     Fentry,
     Kprobe,
@@ -54,16 +61,23 @@ pub enum TransportChoice {
 /// The state-change mechanisms, in the order `auto` tries them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateHook {
+    BtfTracepoint,
     Tracepoint,
     Fentry,
     Kprobe,
 }
 
 impl StateHook {
-    pub const ALL: [StateHook; 3] = [Self::Tracepoint, Self::Fentry, Self::Kprobe];
+    pub const ALL: [StateHook; 4] = [
+        Self::BtfTracepoint,
+        Self::Tracepoint,
+        Self::Fentry,
+        Self::Kprobe,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Self::BtfTracepoint => "tp_btf inet_sock_set_state",
             Self::Tracepoint => "tracepoint sock:inet_sock_set_state",
             Self::Fentry => "fentry tcp_set_state",
             Self::Kprobe => "kprobe tcp_set_state",
@@ -73,15 +87,23 @@ impl StateHook {
     /// The program in the eBPF object that implements this hook.
     fn program(self) -> &'static str {
         match self {
+            Self::BtfTracepoint => "inet_sock_set_state_btf",
             Self::Tracepoint => "inet_sock_set_state",
             Self::Fentry => "tcp_set_state_fentry",
             Self::Kprobe => "tcp_set_state_kprobe",
         }
     }
 
+    /// The tracepoint fires where a socket starts listening (`inet_sk_state_store`), which
+    /// `tcp_set_state` does not see.
+    fn sees_listen(self) -> bool {
+        matches!(self, Self::BtfTracepoint | Self::Tracepoint)
+    }
+
     fn from_choice(c: ProbeChoice) -> Option<Self> {
         match c {
             ProbeChoice::Auto => None,
+            ProbeChoice::TpBtf => Some(Self::BtfTracepoint),
             ProbeChoice::Tracepoint => Some(Self::Tracepoint),
             ProbeChoice::Fentry => Some(Self::Fentry),
             ProbeChoice::Kprobe => Some(Self::Kprobe),
@@ -261,6 +283,16 @@ const OPTIONAL_TRACEPOINTS: [(&str, &str, &str, &str); 6] = [
         "sock_recv_length",
         "bytes received and receive-time owners are not seen",
     ),
+];
+
+/// The optional tracepoints that also have a BTF tracepoint program (`NAME_btf`), used with
+/// the BTF state hook: those a connection hits every time (its end, its reads and writes), and
+/// the received reset, which aborted connections hit once each.
+const BTF_TRACEPOINTS: [&str; 4] = [
+    "tcp_receive_reset",
+    "tcp_destroy_sock",
+    "sock_send_length",
+    "sock_recv_length",
 ];
 
 /// `--peek` and `--http2 h2c`: the send-family syscalls whose buffers hold what a socket sends.
@@ -461,7 +493,7 @@ pub(crate) fn program_error(hook: &str, source: ProgramError) -> ProbeError {
 fn precondition(facts: &KernelFacts, hook: StateHook) -> Option<String> {
     match hook {
         StateHook::Tracepoint => facts.set_state_error.clone(),
-        StateHook::Fentry | StateHook::Kprobe => facts
+        StateHook::BtfTracepoint | StateHook::Fentry | StateHook::Kprobe => facts
             .sock_offsets_error
             .as_ref()
             .map(|e| format!("needs struct sock_common offsets from BTF: {e}")),
@@ -526,6 +558,10 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
                 .map_err(err)?;
             p.load().map_err(err)?;
             p.attach("sock", "inet_sock_set_state").map_err(err)?;
+        }
+        StateHook::BtfTracepoint => {
+            let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+            attach_btf_tracepoint(ebpf, hook.program(), "inet_sock_set_state", &btf)?;
         }
         StateHook::Fentry => {
             let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
@@ -610,10 +646,15 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         ok: false,
         detail: f,
     }));
-    if state_hook != StateHook::Tracepoint {
+    if !state_hook.sees_listen() {
         hooks.push(attach_listen_hook(&mut ebpf));
     }
-    hooks.extend(attach_optional(&mut ebpf, &facts, "attached"));
+    // The other hot tracepoints as BTF ones too, unless another state hook was asked for
+    // (`--probe tracepoint` keeps every tracepoint classic).
+    let btf = (state_hook == StateHook::BtfTracepoint)
+        .then(|| Btf::from_sys_fs().ok())
+        .flatten();
+    hooks.extend(attach_optional(&mut ebpf, &facts, "attached", btf.as_ref()));
     let ct_hook = opts
         .conntrack
         .and_then(|choice| attach_ct_hook(&mut ebpf, &facts, choice, &mut hooks));
@@ -661,16 +702,39 @@ fn follow_forks(ebpf: &mut Ebpf, facts: &KernelFacts, pids: &[u32]) -> Result<()
 /// Attach every optional tracepoint the kernel has; one status each, saying what is lost
 /// without it. A missing length tracepoint (before Linux 6.3) is replaced by kprobes on the
 /// TCP function it reports (see [`LENGTH_FALLBACKS`]) where kprobes work.
-fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts, ok_detail: &str) -> Vec<HookStatus> {
+/// `btf`: the kernel's BTF when the BTF tracepoint programs are to be tried first.
+fn attach_optional(
+    ebpf: &mut Ebpf,
+    facts: &KernelFacts,
+    ok_detail: &str,
+    btf: Option<&Btf>,
+) -> Vec<HookStatus> {
     let mut out = Vec::new();
     for &(name, cat, tp, consequence) in &OPTIONAL_TRACEPOINTS {
+        let mut btf_failed = None;
+        if let Some(btf) = btf.filter(|_| BTF_TRACEPOINTS.contains(&name)) {
+            match attach_btf_tracepoint(ebpf, &format!("{name}_btf"), tp, btf) {
+                Ok(()) => {
+                    out.push(HookStatus {
+                        hook: format!("tp_btf {tp}"),
+                        ok: true,
+                        detail: ok_detail.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => btf_failed = Some(format!("tp_btf {tp}: {}", why_not(&e))),
+            }
+        }
         let result = match facts.missing_tracepoints.get(name) {
             Some(why) => Err(why.clone()),
             None => attach_tracepoint(ebpf, name, cat, tp).map_err(|e| error_chain(&e)),
         };
         let fallback = LENGTH_FALLBACKS.iter().find(|f| f.tracepoint == name);
         let (ok, detail) = match (result, fallback) {
-            (Ok(()), _) => (true, ok_detail.to_string()),
+            (Ok(()), _) => match btf_failed {
+                Some(why) => (true, format!("{ok_detail} (instead of {why})")),
+                None => (true, ok_detail.to_string()),
+            },
             (Err(why), Some(f)) => match f.attach(ebpf) {
                 Ok(()) => {
                     out.push(HookStatus {
@@ -775,6 +839,21 @@ fn attach_listen_hook(ebpf: &mut Ebpf) -> HookStatus {
             ),
         },
     }
+}
+
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    prog_name: &str,
+    name: &str,
+    btf: &Btf,
+) -> Result<(), ProbeError> {
+    let hook = format!("tp_btf {name}");
+    let p: &mut BtfTracePoint = prog(ebpf, prog_name)?
+        .try_into()
+        .map_err(|e| program_error(&hook, e))?;
+    p.load(name, btf).map_err(|e| program_error(&hook, e))?;
+    p.attach().map_err(|e| program_error(&hook, e))?;
+    Ok(())
 }
 
 fn attach_tracepoint(
@@ -886,7 +965,17 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
         )?);
     }
     let mut ebpf = loader_for(&facts, opts, transport)?;
-    out.extend(attach_optional(&mut ebpf, &facts, "loads and attaches"));
+    let btf = facts
+        .sock_offsets_error
+        .is_none()
+        .then(|| Btf::from_sys_fs().ok())
+        .flatten();
+    out.extend(attach_optional(
+        &mut ebpf,
+        &facts,
+        "loads and attaches",
+        btf.as_ref(),
+    ));
     out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_tls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_go_tls(&mut ebpf, &facts, opts, "loads and attaches"));
@@ -1048,9 +1137,15 @@ mod tests {
         let chain = state_hook_chain(ProbeChoice::Auto);
         assert_eq!(
             chain,
-            [StateHook::Tracepoint, StateHook::Fentry, StateHook::Kprobe]
+            [
+                StateHook::BtfTracepoint,
+                StateHook::Tracepoint,
+                StateHook::Fentry,
+                StateHook::Kprobe
+            ]
         );
         let (hook, why) = first_working(&chain, |h| match h {
+            StateHook::BtfTracepoint => Err("no BTF".into()),
             StateHook::Tracepoint => {
                 Err("tracepoint sock:inet_sock_set_state does not exist".into())
             }
@@ -1059,8 +1154,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(hook, StateHook::Kprobe);
-        assert_eq!(why.len(), 2);
-        assert!(why[1].starts_with("fentry tcp_set_state: refused"));
+        assert_eq!(why.len(), 3);
+        assert!(why[0].starts_with("tp_btf inet_sock_set_state: no BTF"));
+        assert!(why[2].starts_with("fentry tcp_set_state: refused"));
     }
 
     #[test]

@@ -607,6 +607,20 @@ pub fn validate_all(recs: &[Value]) {
     }
     assert_eq!(action(&recs[0]), "started");
     assert_eq!(action(recs.last().unwrap()), "summary");
+    // The state hook is the one the run means to test: the one the kernel matrix names, else
+    // the default's first choice wherever the kernel has BTF.
+    let hook = recs[0]["h2trace"]["probe"]["state_hook"].as_str().unwrap_or_default();
+    let want = match std::env::var("H2TRACE_TEST_PROBE").ok().as_deref() {
+        Some("tracepoint") => Some("tracepoint sock:inet_sock_set_state"),
+        Some("kprobe") => Some("kprobe tcp_set_state"),
+        Some(other) => panic!("H2TRACE_TEST_PROBE={other}: no expectation for it"),
+        None => Path::new("/sys/kernel/btf/vmlinux")
+            .exists()
+            .then_some("tp_btf inet_sock_set_state"),
+    };
+    if let Some(want) = want {
+        assert_eq!(hook, want, "the state hook in {}", recs[0]);
+    }
 }
 
 /// `h2trace replay` of a recorded stream must print it again, byte for byte: the same events,
