@@ -1,9 +1,8 @@
 //! What live runs and replays share: filter → detect → sink, in event order.
-use std::{
-    collections::{BTreeMap, HashMap},
-    io,
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, io, net::SocketAddr};
+
+use foldhash::HashMap;
+use smallvec::SmallVec;
 
 use crate::{
     conntrack::{CtEvent, CtNamespace, CtSource, join::Joiner},
@@ -34,7 +33,8 @@ struct Hold {
     hold_ns: u64,
     /// By (time, arrival): released in time order even when events arrive out of order.
     queue: BTreeMap<(u64, u64), Event>,
-    by_socket: HashMap<SocketId, Vec<(u64, u64)>>,
+    /// A socket rarely has more than one event held (CLOSE_WAIT, or a reset).
+    by_socket: HashMap<SocketId, SmallVec<[(u64, u64); 2]>>,
     arrivals: u64,
 }
 
@@ -107,7 +107,7 @@ impl Pipeline {
             joiner: Joiner::default(),
             snapshot: BTreeMap::new(),
             snapshot_until: 0,
-            frames: HashMap::new(),
+            frames: HashMap::default(),
             hold: Hold::default(),
             selected: Vec::new(),
             sink,
@@ -249,16 +249,17 @@ impl Pipeline {
                 l.conntrack = self.joiner.join(&ev.socket, l, ev.ts_ns).map(Box::new);
                 l.frames = self.frames.remove(&ev.socket.id).map(Box::new);
             }
-            Body::Frame(f) => {
-                // Bounded: a connection whose record never comes (evicted in the kernel)
-                // must not hold its frames forever. Past the cap, frames of connections
-                // not yet seen are written but not summed.
-                if self.frames.len() < MAX_FRAME_CONNS || self.frames.contains_key(&ev.socket.id) {
-                    self.frames
-                        .entry(ev.socket.id)
-                        .or_default()
-                        .add(ev.ts_ns, f);
-                }
+            // Bounded: a connection whose record never comes (evicted in the kernel) must not
+            // hold its frames forever. Past the cap, frames of connections not yet seen are
+            // written but not summed.
+            Body::Frame(f)
+                if self.frames.len() < MAX_FRAME_CONNS
+                    || self.frames.contains_key(&ev.socket.id) =>
+            {
+                self.frames
+                    .entry(ev.socket.id)
+                    .or_default()
+                    .add(ev.ts_ns, f);
             }
             _ => {}
         }

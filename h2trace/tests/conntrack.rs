@@ -102,7 +102,7 @@ fn run_with(
     }
 }
 
-fn ct_events<'a>(run: &'a Run) -> Vec<&'a Value> {
+fn ct_events(run: &Run) -> Vec<&Value> {
     run.recs
         .iter()
         .filter(|r| {
@@ -122,7 +122,7 @@ fn ct_state(r: &Value, which: &str) -> String {
 }
 
 /// The connection record (closed or still open at exit) whose local port is `port`.
-fn connection<'a>(run: &'a Run, local_port: u64, remote_port: u64) -> &'a Value {
+fn connection(run: &Run, local_port: u64, remote_port: u64) -> &Value {
     run.recs
         .iter()
         .find(|r| {

@@ -2,11 +2,12 @@
 //! directory); the agent turns it into the cgroup's path and, where the path follows a common
 //! runtime's naming, a container id, without talking to any runtime.
 use std::{
-    collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
+
+use foldhash::HashMap;
 
 /// Directories scanned at most per resolution (a host has a few thousand cgroups).
 const MAX_SCAN: usize = 100_000;
@@ -95,7 +96,7 @@ impl Cgroups {
     pub fn new() -> Self {
         Self {
             root: v2_root(),
-            paths: HashMap::new(),
+            paths: HashMap::default(),
         }
     }
 

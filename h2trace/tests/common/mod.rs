@@ -609,7 +609,9 @@ pub fn validate_all(recs: &[Value]) {
     assert_eq!(action(recs.last().unwrap()), "summary");
     // The state hook is the one the run means to test: the one the kernel matrix names, else
     // the default's first choice wherever the kernel has BTF.
-    let hook = recs[0]["h2trace"]["probe"]["state_hook"].as_str().unwrap_or_default();
+    let hook = recs[0]["h2trace"]["probe"]["state_hook"]
+        .as_str()
+        .unwrap_or_default();
     let want = match std::env::var("H2TRACE_TEST_PROBE").ok().as_deref() {
         Some("tracepoint") => Some("tracepoint sock:inet_sock_set_state"),
         Some("kprobe") => Some("kprobe tcp_set_state"),
