@@ -566,7 +566,7 @@ fn btf_is_tcp(sk: *const u8) -> bool {
     }
     // SAFETY: `sk` is a BTF tracepoint's BTF-typed `struct sock *`, and the offsets come from
     // the frozen config, so the verifier sees them as constants and checks each load against
-    // the kernel's BTF: plain loads (that cannot fault), no helper call per field.
+    // the kernel's BTF: plain loads (a fault reads as zero), no helper call per field.
     // `sk_protocol` is a u16 since Linux 5.6 and a byte-aligned 8-bit field before: its low
     // byte (little-endian) is the protocol either way.
     unsafe { core::ptr::read(sk.add(config!(sock.sk_protocol) as usize)) == IPPROTO_TCP }

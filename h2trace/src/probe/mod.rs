@@ -3,8 +3,9 @@
 //! State changes come from the first of these that works (unless `--probe` names one):
 //! the `sock:inet_sock_set_state` tracepoint as a BTF tracepoint (Linux ≥ 5.5 with BTF), the
 //! same as a classic tracepoint (stable, Linux ≥ 4.16), an fentry on `tcp_set_state`, a
-//! kprobe on `tcp_set_state`. Everything else is tracepoints; a missing
-//! optional hook degrades a fact (bytes, resets, ...) and is reported, never silently.
+//! kprobe on `tcp_set_state`. Everything else is tracepoints, BTF ones where they exist when
+//! the state hook is one; a missing optional hook degrades a fact (bytes, resets, ...) and is
+//! reported, never silently.
 pub mod btf;
 pub mod caps;
 pub mod conntrack;
@@ -40,12 +41,15 @@ pub static EBPF_OBJ: &[u8] =
 pub enum ProbeChoice {
     /// The first that works: tp-btf, then tracepoint, then fentry, then kprobe.
     Auto,
-    /// `inet_sock_set_state` as a BTF tracepoint: the cheapest (no trace record to build).
+    /// `inet_sock_set_state` as a BTF tracepoint (Linux ≥ 5.5 with BTF), and the other hot
+    /// tracepoints too: the cheapest (the kernel fills no trace record).
     #[serde(rename = "tp-btf")]
     TpBtf,
-    /// The classic `sock:inet_sock_set_state` tracepoint.
+    /// The classic `sock:inet_sock_set_state` tracepoint, and every other tracepoint classic.
     Tracepoint,
+    /// An fentry on `tcp_set_state` (where the kernel allows fentry).
     Fentry,
+    /// A kprobe on `tcp_set_state` (needs CONFIG_KPROBES).
     Kprobe,
 }
 
