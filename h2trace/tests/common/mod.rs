@@ -613,7 +613,9 @@ pub fn validate_all(recs: &[Value]) {
         .as_str()
         .unwrap_or_default();
     let want = match std::env::var("H2TRACE_TEST_PROBE").ok().as_deref() {
+        Some("tp-btf") => Some("tp_btf inet_sock_set_state"),
         Some("tracepoint") => Some("tracepoint sock:inet_sock_set_state"),
+        Some("fentry") => Some("fentry tcp_set_state"),
         Some("kprobe") => Some("kprobe tcp_set_state"),
         Some(other) => panic!("H2TRACE_TEST_PROBE={other}: no expectation for it"),
         None => Path::new("/sys/kernel/btf/vmlinux")
