@@ -163,6 +163,23 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
 
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
+    fn prctl(option: i32, ...) -> i32;
+}
+
+const SIGTERM: i32 = 15;
+const PR_SET_PDEATHSIG: i32 = 1;
+
+/// The tracer gets SIGTERM if the bench dies first (killed, or a panic), instead of staying
+/// attached to the kernel and taxing every later run.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe and changes only the child being set up.
+    unsafe {
+        cmd.pre_exec(|| {
+            prctl(PR_SET_PDEATHSIG, SIGTERM as std::ffi::c_ulong);
+            Ok(())
+        });
+    }
 }
 
 fn proc_cpu_s(pid: u32) -> f64 {
@@ -211,19 +228,19 @@ fn held_sockets(
     dir: &Path,
 ) -> Result<()> {
     let out = dir.join("held.ndjson");
-    let child = Command::new(h2trace)
-        .args([
-            "-f",
-            "ndjson",
-            "--max-sockets",
-            &(4 * conns).to_string(),
-            "-o",
-        ])
-        .arg(&out)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting h2trace")?;
+    let mut cmd = Command::new(h2trace);
+    cmd.args([
+        "-f",
+        "ndjson",
+        "--max-sockets",
+        &(4 * conns).to_string(),
+        "-o",
+    ])
+    .arg(&out)
+    .stdin(Stdio::null())
+    .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn().context("starting h2trace")?;
     // Whatever fails below, no h2trace or holder outlives the run.
     let mut tracer = Reaped(vec![child]);
     let h = &mut tracer.0[0];
@@ -236,14 +253,14 @@ fn held_sockets(
     while left > 0 {
         let n = left.min(PER_PROCESS);
         left -= n;
-        let mut load = Command::new("ip")
-            .args(["netns", "exec", ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
             .arg(churn_bin)
             .args(["127.0.0.1:0", "--mode", "hold", "--seconds", "60"])
             .args(["--conns", &n.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting churn")?;
+            .stdout(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut load = cmd.spawn().context("starting churn")?;
         let mut line = String::new();
         std::io::BufRead::read_line(
             &mut std::io::BufReader::new(load.stdout.take().unwrap()),
@@ -375,6 +392,7 @@ fn run_once(
         } else {
             cmd.stdout(fs::File::create(&out)?);
         }
+        die_with_parent(&mut cmd);
         let mut c = cmd
             .spawn()
             .with_context(|| format!("starting {}", argv[0]))?;
