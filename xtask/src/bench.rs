@@ -516,6 +516,15 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             );
         }
     }
+    // A namespace left by a bench that was killed (its pid is gone) is removed first.
+    for stale in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = stale.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("h2t-bench-")
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
     let ns = format!("h2t-bench-{}", std::process::id());
     netns(&ns)?;
     let dir: PathBuf = root.join("target/bench");
