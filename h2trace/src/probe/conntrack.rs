@@ -7,7 +7,7 @@
 
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, FEntry, ProgramError},
+    programs::{BtfTracePoint, FEntry},
 };
 
 use super::{ProbeError, attach_kprobe, prog, program_error};
@@ -66,22 +66,22 @@ impl CtHook {
     }
 
     /// Load (the verifier runs) and attach.
-    pub fn attach(self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    /// `btf`: the kernel's BTF, which the fentry and BTF tracepoint programs need.
+    pub fn attach(self, ebpf: &mut Ebpf, btf: Result<&Btf, ProbeError>) -> Result<(), ProbeError> {
         let err = |e| program_error(self.name(), e);
         match self {
             Self::Fentry => {
-                let p = prog(ebpf, self.program())?;
-                let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-                let p: &mut FEntry = p.try_into().map_err(err)?;
-                p.load(REFRESH_FN, &btf).map_err(err)?;
+                let btf = btf?;
+                let p: &mut FEntry = prog(ebpf, self.program())?.try_into().map_err(err)?;
+                p.load(REFRESH_FN, btf).map_err(err)?;
                 p.attach().map_err(err)?;
             }
             Self::Kprobe => attach_kprobe(ebpf, self.program(), REFRESH_FN, self.name())?,
             Self::BtfTracepoint => {
-                let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+                let btf = btf?;
                 for (tp, program) in PACKET_TPS {
                     let p: &mut BtfTracePoint = prog(ebpf, program)?.try_into().map_err(err)?;
-                    p.load(tp, &btf).map_err(err)?;
+                    p.load(tp, btf).map_err(err)?;
                     p.attach().map_err(err)?;
                 }
             }

@@ -326,6 +326,26 @@ struct KernelFacts {
     fd_offsets_error: Option<String>,
     missing_tracepoints: HashMap<&'static str, String>,
     reset_reasons: BTreeMap<u32, String>,
+    /// The kernel's BTF as aya reads it, parsed once, at the first BTF-typed attach (each parse
+    /// costs tens of milliseconds and MiB). Not given to the loader: `EbpfLoader::new` parses
+    /// its own, and both alive at once would raise the start-up peak of memory.
+    btf: std::cell::OnceCell<Option<Btf>>,
+}
+
+impl KernelFacts {
+    fn btf(&self) -> Option<&Btf> {
+        self.btf.get_or_init(|| Btf::from_sys_fs().ok()).as_ref()
+    }
+
+    /// The kernel's BTF for a hook that needs it.
+    fn kernel_btf(&self, hook: &'static str) -> Result<&Btf, ProbeError> {
+        self.btf().ok_or_else(|| {
+            ProbeError::Unavailable(
+                hook,
+                format!("cannot read the kernel's BTF ({})", btf::VMLINUX_BTF),
+            )
+        })
+    }
 }
 
 fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
@@ -428,6 +448,7 @@ fn kernel_facts(tracefs: &Tracefs) -> KernelFacts {
         fd_offsets_error,
         missing_tracepoints: missing,
         reset_reasons,
+        btf: std::cell::OnceCell::new(),
     }
 }
 
@@ -524,7 +545,9 @@ fn attach_ct_hook(
     for hook in CtHook::chain(choice) {
         let result = match ct_precondition(facts) {
             Some(why) => Err(why),
-            None => hook.attach(ebpf).map_err(|e| why_not(&e)),
+            None => hook
+                .attach(ebpf, facts.kernel_btf(hook.name()))
+                .map_err(|e| why_not(&e)),
         };
         match result {
             Ok(()) => {
@@ -553,8 +576,13 @@ fn attach_ct_hook(
     None
 }
 
-fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError> {
+fn attach_state_hook(
+    ebpf: &mut Ebpf,
+    facts: &KernelFacts,
+    hook: StateHook,
+) -> Result<(), ProbeError> {
     let err = |e| program_error(hook.name(), e);
+    let btf = || facts.kernel_btf(hook.name());
     match hook {
         StateHook::Tracepoint => {
             let p: &mut TracePoint = prog(ebpf, StateHook::Tracepoint.program())?
@@ -564,15 +592,14 @@ fn attach_state_hook(ebpf: &mut Ebpf, hook: StateHook) -> Result<(), ProbeError>
             p.attach("sock", "inet_sock_set_state").map_err(err)?;
         }
         StateHook::BtfTracepoint => {
-            let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-            attach_btf_tracepoint(ebpf, hook.program(), "inet_sock_set_state", &btf)?;
+            attach_btf_tracepoint(ebpf, hook.program(), "inet_sock_set_state", btf()?)?;
         }
         StateHook::Fentry => {
-            let btf = Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+            let btf = btf()?;
             let p: &mut FEntry = prog(ebpf, StateHook::Fentry.program())?
                 .try_into()
                 .map_err(err)?;
-            p.load("tcp_set_state", &btf).map_err(err)?;
+            p.load("tcp_set_state", btf).map_err(err)?;
             p.attach().map_err(err)?;
         }
         StateHook::Kprobe => attach_kprobe(
@@ -638,7 +665,7 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
         if let Some(why) = precondition(&facts, hook) {
             return Err(why);
         }
-        attach_state_hook(&mut ebpf, hook).map_err(|e| why_not(&e))
+        attach_state_hook(&mut ebpf, &facts, hook).map_err(|e| why_not(&e))
     })?;
     let mut hooks = vec![HookStatus {
         hook: state_hook.name().into(),
@@ -655,10 +682,10 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
     }
     // The other hot tracepoints as BTF ones too, unless another state hook was asked for
     // (`--probe tracepoint` keeps every tracepoint classic).
-    let btf = (state_hook == StateHook::BtfTracepoint)
-        .then(|| Btf::from_sys_fs().ok())
-        .flatten();
-    hooks.extend(attach_optional(&mut ebpf, &facts, "attached", btf.as_ref()));
+    let btf = facts
+        .btf()
+        .filter(|_| state_hook == StateHook::BtfTracepoint);
+    hooks.extend(attach_optional(&mut ebpf, &facts, "attached", btf));
     let ct_hook = opts
         .conntrack
         .and_then(|choice| attach_ct_hook(&mut ebpf, &facts, choice, &mut hooks));
@@ -957,7 +984,7 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
             hook.name(),
             hook.program(),
             precondition(&facts, hook),
-            &|e| attach_state_hook(e, hook),
+            &|e| attach_state_hook(e, &facts, hook),
         )?);
     }
     for hook in CtHook::ALL {
@@ -965,20 +992,16 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
             hook.name(),
             hook.program(),
             ct_precondition(&facts),
-            &|e| hook.attach(e),
+            &|e| hook.attach(e, facts.kernel_btf(hook.name())),
         )?);
     }
     let mut ebpf = loader_for(&facts, opts, transport)?;
-    let btf = facts
-        .sock_offsets_error
-        .is_none()
-        .then(|| Btf::from_sys_fs().ok())
-        .flatten();
+    let btf = facts.btf().filter(|_| facts.sock_offsets_error.is_none());
     out.extend(attach_optional(
         &mut ebpf,
         &facts,
         "loads and attaches",
-        btf.as_ref(),
+        btf,
     ));
     out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_tls(&mut ebpf, opts, "loads and attaches"));
