@@ -63,27 +63,27 @@ pub struct SocketId {
     pub start_ns: u64,
 }
 
-impl std::fmt::Display for SocketId {
-    /// `SKADDR-START` in lowercase hex: written in every record, so without the formatting
-    /// machinery.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fn hex(v: u64, out: &mut [u8; 16]) -> &str {
-            let mut i = out.len();
-            let mut v = v;
-            loop {
-                i -= 1;
-                out[i] = b"0123456789abcdef"[(v & 0xf) as usize];
-                v >>= 4;
-                if v == 0 {
-                    break;
-                }
+impl SocketId {
+    /// `SKADDR-START` in lowercase hex, appended to `out`: written in every record, so without
+    /// the formatting machinery.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        fn hex(v: u64, out: &mut Vec<u8>) {
+            let digits = (64 - v.leading_zeros()).div_ceil(4).max(1);
+            for i in (0..digits).rev() {
+                out.push(b"0123456789abcdef"[(v >> (4 * i) & 0xf) as usize]);
             }
-            std::str::from_utf8(&out[i..]).unwrap_or_default()
         }
-        let (mut a, mut b) = ([0; 16], [0; 16]);
-        f.write_str(hex(self.skaddr, &mut a))?;
-        f.write_str("-")?;
-        f.write_str(hex(self.start_ns, &mut b))
+        hex(self.skaddr, out);
+        out.push(b'-');
+        hex(self.start_ns, out);
+    }
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = Vec::with_capacity(33);
+        self.write_to(&mut s);
+        f.write_str(std::str::from_utf8(&s).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -616,7 +616,11 @@ fn socket(m: &SockMeta) -> Result<Socket, DecodeError> {
 
 fn comm(raw: &[u8; 16]) -> compact_str::CompactString {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    compact_str::CompactString::from_utf8_lossy(&raw[..end])
+    // Checked as a whole first: the lossy conversion goes character by character.
+    match std::str::from_utf8(&raw[..end]) {
+        Ok(s) => compact_str::CompactString::new(s),
+        Err(_) => compact_str::CompactString::from_utf8_lossy(&raw[..end]),
+    }
 }
 
 #[cfg(test)]

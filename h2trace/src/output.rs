@@ -91,6 +91,11 @@ impl Clock {
 /// Community ID v1 (seed 0) of a TCP flow: the same for both ends of a connection, so
 /// records from client and server (and from other tools) join on it.
 pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
+    String::from_utf8_lossy(&community_id_bytes(a, b)).into_owned()
+}
+
+/// [`community_id`] as its 30 ASCII bytes ("1:" and 28 base64 digits).
+fn community_id_bytes(a: SocketAddr, b: SocketAddr) -> [u8; 30] {
     // The hash input: seed, the lower (address, port) end first, then the other.
     let key = |s: &SocketAddr| match s.ip() {
         IpAddr::V4(ip) => (ip.to_ipv6_mapped().octets(), 4, s.port()),
@@ -115,14 +120,10 @@ pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
     input[n..n + 2].copy_from_slice(&src.2.to_be_bytes());
     input[n + 2..n + 4].copy_from_slice(&dst.2.to_be_bytes());
     let digest = Sha1::digest(&input[..n + 4]);
-    let mut out = [0u8; 28];
-    let len = base64::engine::general_purpose::STANDARD
-        .encode_slice(digest, &mut out)
-        .unwrap_or(0);
-    let mut s = String::with_capacity(30);
-    s.push_str("1:");
-    s.push_str(std::str::from_utf8(&out[..len]).unwrap_or_default());
-    s
+    let mut out = *b"1:============================";
+    // 20 bytes are exactly 28 base64 digits: this cannot fail.
+    let _ = base64::engine::general_purpose::STANDARD.encode_slice(digest, &mut out[2..]);
+    out
 }
 
 /// `community_id`, appended to `out`: the hot path of connection records. Both ends of a
@@ -131,7 +132,8 @@ pub fn community_id(a: SocketAddr, b: SocketAddr) -> String {
 /// remembered, so the hash is computed about once per connection rather than once per record.
 pub(crate) fn push_community_id(a: SocketAddr, b: SocketAddr, out: &mut Vec<u8>) {
     const SLOTS: usize = 256;
-    type Slot = Option<((SocketAddr, SocketAddr), String)>;
+    // The ID inline ("1:" and 28 base64 digits): no allocation when a slot is reused.
+    type Slot = Option<((SocketAddr, SocketAddr), [u8; 30])>;
     thread_local! {
         static SEEN: std::cell::RefCell<Vec<Slot>> = std::cell::RefCell::new(vec![None; SLOTS]);
     }
@@ -141,9 +143,9 @@ pub(crate) fn push_community_id(a: SocketAddr, b: SocketAddr, out: &mut Vec<u8>)
     SEEN.with_borrow_mut(|seen| {
         let id = match &mut seen[slot] {
             Some((k, id)) if *k == key => id,
-            s => &s.insert((key, community_id(a, b))).1,
+            s => &s.insert((key, community_id_bytes(a, b))).1,
         };
-        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(id);
     });
 }
 

@@ -157,10 +157,9 @@ pub(super) fn write(
     j.raw(",\"cpu\":");
     j.num(ev.cpu);
     j.raw(",\"socket\":{\"id\":");
-    {
-        use std::io::Write as _;
-        let _ = write!(j.0, "\"{}\"", s.id);
-    }
+    j.0.push(b'"');
+    s.id.write_to(j.0);
+    j.0.push(b'"');
     j.raw(",\"seen_from\":");
     j.plain(s.origin.as_str());
     j.raw(",\"role\":");
