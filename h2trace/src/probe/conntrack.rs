@@ -66,19 +66,24 @@ impl CtHook {
     }
 
     /// Load (the verifier runs) and attach.
-    /// `btf`: the kernel's BTF, which the fentry and BTF tracepoint programs need.
-    pub fn attach(self, ebpf: &mut Ebpf, btf: Result<&Btf, ProbeError>) -> Result<(), ProbeError> {
+    /// `btf`: the kernel's BTF, which the fentry and BTF tracepoint programs need (parsed
+    /// only when one of them is attached).
+    pub fn attach<'b>(
+        self,
+        ebpf: &mut Ebpf,
+        btf: impl FnOnce() -> Result<&'b Btf, ProbeError>,
+    ) -> Result<(), ProbeError> {
         let err = |e| program_error(self.name(), e);
         match self {
             Self::Fentry => {
-                let btf = btf?;
+                let btf = btf()?;
                 let p: &mut FEntry = prog(ebpf, self.program())?.try_into().map_err(err)?;
                 p.load(REFRESH_FN, btf).map_err(err)?;
                 p.attach().map_err(err)?;
             }
             Self::Kprobe => attach_kprobe(ebpf, self.program(), REFRESH_FN, self.name())?,
             Self::BtfTracepoint => {
-                let btf = btf?;
+                let btf = btf()?;
                 for (tp, program) in PACKET_TPS {
                     let p: &mut BtfTracePoint = prog(ebpf, program)?.try_into().map_err(err)?;
                     p.load(tp, btf).map_err(err)?;

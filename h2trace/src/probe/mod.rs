@@ -546,7 +546,7 @@ fn attach_ct_hook(
         let result = match ct_precondition(facts) {
             Some(why) => Err(why),
             None => hook
-                .attach(ebpf, facts.kernel_btf(hook.name()))
+                .attach(ebpf, || facts.kernel_btf(hook.name()))
                 .map_err(|e| why_not(&e)),
         };
         match result {
@@ -682,9 +682,10 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
     }
     // The other hot tracepoints as BTF ones too, unless another state hook was asked for
     // (`--probe tracepoint` keeps every tracepoint classic).
-    let btf = facts
-        .btf()
-        .filter(|_| state_hook == StateHook::BtfTracepoint);
+    // Parsed only here: the classic and kprobe paths need no BTF.
+    let btf = (state_hook == StateHook::BtfTracepoint)
+        .then(|| facts.btf())
+        .flatten();
     hooks.extend(attach_optional(&mut ebpf, &facts, "attached", btf));
     let ct_hook = opts
         .conntrack
@@ -992,11 +993,15 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
             hook.name(),
             hook.program(),
             ct_precondition(&facts),
-            &|e| hook.attach(e, facts.kernel_btf(hook.name())),
+            &|e| hook.attach(e, || facts.kernel_btf(hook.name())),
         )?);
     }
     let mut ebpf = loader_for(&facts, opts, transport)?;
-    let btf = facts.btf().filter(|_| facts.sock_offsets_error.is_none());
+    let btf = facts
+        .sock_offsets_error
+        .is_none()
+        .then(|| facts.btf())
+        .flatten();
     out.extend(attach_optional(
         &mut ebpf,
         &facts,
