@@ -329,21 +329,23 @@ struct KernelFacts {
     /// The kernel's BTF as aya reads it, parsed once, at the first BTF-typed attach (each parse
     /// costs tens of milliseconds and MiB). Not given to the loader: `EbpfLoader::new` parses
     /// its own, and both alive at once would raise the start-up peak of memory.
-    btf: std::cell::OnceCell<Option<Btf>>,
+    btf: std::cell::OnceCell<Result<Btf, String>>,
 }
 
 impl KernelFacts {
     fn btf(&self) -> Option<&Btf> {
-        self.btf.get_or_init(|| Btf::from_sys_fs().ok()).as_ref()
+        self.parsed_btf().as_ref().ok()
+    }
+
+    fn parsed_btf(&self) -> &Result<Btf, String> {
+        self.btf
+            .get_or_init(|| Btf::from_sys_fs().map_err(|e| error_chain(&e)))
     }
 
     /// The kernel's BTF for a hook that needs it.
     fn kernel_btf(&self, hook: &'static str) -> Result<&Btf, ProbeError> {
-        self.btf().ok_or_else(|| {
-            ProbeError::Unavailable(
-                hook,
-                format!("cannot read the kernel's BTF ({})", btf::VMLINUX_BTF),
-            )
+        self.parsed_btf().as_ref().map_err(|e| {
+            ProbeError::Unavailable(hook, format!("cannot read the kernel's BTF: {e}"))
         })
     }
 }
@@ -682,7 +684,6 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
     }
     // The other hot tracepoints as BTF ones too, unless another state hook was asked for
     // (`--probe tracepoint` keeps every tracepoint classic).
-    // Parsed only here: the classic and kprobe paths need no BTF.
     let btf = (state_hook == StateHook::BtfTracepoint)
         .then(|| facts.btf())
         .flatten();
@@ -925,6 +926,7 @@ fn why_not(e: &ProbeError) -> String {
             why
         }
         ProbeError::Program { source, .. } => error_chain(source),
+        ProbeError::Unavailable(_, why) => why.clone(),
         e => error_chain(e),
     }
 }
