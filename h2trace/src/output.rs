@@ -200,6 +200,64 @@ impl Losses {
             + self.http2_untracked
             + self.http2_desync
     }
+
+    /// The counters that are not zero, in an operator's words, each with what helps. For the
+    /// terminal: the NDJSON loss record keeps the counters themselves.
+    pub fn explain(&self) -> String {
+        let dropped = self.ringbuf_full + self.perf_output_failed + self.perf_lost;
+        let mut parts = Vec::new();
+        if dropped > 0 {
+            let buffer = if self.ringbuf_full > 0 {
+                "ring buffer"
+            } else {
+                "perf buffers"
+            };
+            let lives = match self.lives_lost {
+                0 => String::new(),
+                n => format!(" ({n} of them connection records)"),
+            };
+            parts.push(format!(
+                "{dropped} kernel records found no room in the {buffer}{lives}, as h2trace read \
+                 them more slowly than the kernel wrote them (--events all writes the most, and a \
+                 larger --ring-size or --perf-pages absorbs bursts, not a sustained rate)"
+            ));
+        }
+        let mut say = |n: u64, what: &str| {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        };
+        say(
+            self.sockets_untracked,
+            "sockets not tracked (the kernel's table was full: raise --max-sockets)",
+        );
+        say(
+            self.listeners_untracked,
+            "listeners not remembered (their accepted sockets get owners from their I/O)",
+        );
+        say(self.malformed, "kernel records that did not decode");
+        say(
+            self.filter_overflow,
+            "events dropped while waiting to learn their process (--pid)",
+        );
+        say(
+            self.conntrack_overruns,
+            "conntrack event reads that overran (the kernel dropped conntrack events)",
+        );
+        say(
+            self.conntrack_malformed,
+            "conntrack messages that did not decode",
+        );
+        say(
+            self.http2_untracked,
+            "HTTP/2 connections whose frames could not be followed (kernel table full)",
+        );
+        say(
+            self.http2_desync,
+            "HTTP/2 directions that lost frame boundaries",
+        );
+        parts.join("; ")
+    }
 }
 
 /// What a run saw, for the summary at exit.
@@ -961,11 +1019,9 @@ impl<W: Write> Sink for Text<W> {
                 probe["state_hook"].as_str().unwrap_or("?"),
                 probe["transport"].as_str().unwrap_or("?")
             ),
-            Notice::Loss { losses, .. } => writeln!(
-                self.out,
-                "h2trace: LOSS so far: {}",
-                serde_json::to_string(losses)?
-            ),
+            Notice::Loss { losses, .. } => {
+                writeln!(self.out, "h2trace: LOSS so far: {}", losses.explain())
+            }
             Notice::Tick { .. } => Ok(()),
             Notice::Fork { parent, child, .. } => writeln!(
                 self.out,
@@ -1114,6 +1170,50 @@ impl<W: Write> Sink for Text<W> {
 pub(crate) mod tests {
     use super::*;
     use crate::event::{Owner, OwnerSource, SocketId, Transition};
+
+    #[test]
+    fn losses_are_explained_in_words_with_what_helps() {
+        assert_eq!(Losses::default().explain(), "");
+        let ring = Losses {
+            ringbuf_full: 340,
+            lives_lost: 56,
+            sockets_untracked: 3,
+            ..Losses::default()
+        };
+        let text = ring.explain();
+        assert!(
+            text.starts_with("340 kernel records found no room in the ring buffer (56 of them connection records), ")
+                && text.contains("--ring-size")
+                && text.ends_with("; 3 sockets not tracked (the kernel's table was full: raise --max-sockets)"),
+            "{text}"
+        );
+        // Perf samples lost in the buffers count with those the kernel could not write.
+        let perf = Losses {
+            perf_output_failed: 2,
+            perf_lost: 5,
+            ..Losses::default()
+        };
+        assert!(
+            perf.explain()
+                .starts_with("7 kernel records found no room in the perf buffers, as")
+        );
+        // Every counter the total adds is explained.
+        let all = Losses {
+            ringbuf_full: 1,
+            perf_output_failed: 1,
+            perf_lost: 1,
+            sockets_untracked: 1,
+            listeners_untracked: 1,
+            malformed: 1,
+            filter_overflow: 1,
+            conntrack_overruns: 1,
+            conntrack_malformed: 1,
+            http2_untracked: 1,
+            http2_desync: 1,
+            lives_lost: 0,
+        };
+        assert_eq!(all.explain().split("; ").count(), 9);
+    }
 
     #[test]
     fn community_id_matches_the_spec_example() {
