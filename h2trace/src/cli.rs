@@ -100,6 +100,12 @@ pub struct DetectArgs {
     /// (RST_STREAM CANCEL) within the window [default: 50].
     #[arg(long, value_name = "N")]
     pub cancel_storm: Option<usize>,
+    /// Peers (a process and the address it dials, or a process and the port it serves) the
+    /// diagnosis keeps at once. Past it, the least recently active are written out with their
+    /// numbers (a peer-summary marked forgotten) and dropped, which keeps memory flat on a
+    /// node that talks to ever new addresses [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_peers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -96,6 +96,7 @@ pub fn detect_config(a: &DetectArgs, base: DetectConfig) -> Result<DetectConfig,
     c.time_wait_pileup = count("time-wait-pileup", a.time_wait_pileup, c.time_wait_pileup)?;
     c.rst_storm = count("rst-storm", a.rst_storm, c.rst_storm)?;
     c.cancel_storm = count("cancel-storm", a.cancel_storm, c.cancel_storm)?;
+    c.max_peers = count("max-peers", a.max_peers, c.max_peers)?;
     Ok(c)
 }
 
@@ -109,6 +110,7 @@ pub fn detect_overridden(a: &DetectArgs) -> bool {
         || a.time_wait_pileup.is_some()
         || a.rst_storm.is_some()
         || a.cancel_storm.is_some()
+        || a.max_peers.is_some()
 }
 
 /// Text on a terminal (when writing to standard output), NDJSON otherwise.

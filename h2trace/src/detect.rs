@@ -59,10 +59,26 @@ pub struct DetectConfig {
         skip_serializing_if = "is_default_cancel_storm"
     )]
     pub cancel_storm: usize,
+    /// Peers (process and remote address, or process and local port) the detector keeps at
+    /// once: past it, the least recently active are written out (their `peer-summary`, marked
+    /// forgotten) and dropped. Written only when not the default, as `cancel_storm`.
+    #[serde(
+        default = "default_max_peers",
+        skip_serializing_if = "is_default_max_peers"
+    )]
+    pub max_peers: usize,
 }
 
 fn default_cancel_storm() -> usize {
     50
+}
+
+fn default_max_peers() -> usize {
+    1024
+}
+
+fn is_default_max_peers(n: &usize) -> bool {
+    *n == default_max_peers()
 }
 
 fn is_default_cancel_storm(n: &usize) -> bool {
@@ -87,6 +103,7 @@ impl Default for DetectConfig {
             time_wait_pileup: 500,
             rst_storm: 100,
             cancel_storm: default_cancel_storm(),
+            max_peers: default_max_peers(),
         }
     }
 }
@@ -359,8 +376,8 @@ struct Group {
     total: u64,
     first_ns: u64,
     last_ns: u64,
-    lifetimes: Option<Histogram<u64>>,
-    idles: Option<Histogram<u64>>,
+    lifetimes: Dist,
+    idles: Dist,
     closers: BTreeMap<&'static str, u64>,
     time_waits: u64,
     retransmits: u64,
@@ -444,6 +461,9 @@ struct Emitted {
 pub struct PeerSummary {
     /// `Some((start, end))` for a sliding-window record, `None` for the whole run.
     pub window: Option<(u64, u64)>,
+    /// The whole run's numbers of a peer dropped early to keep the table within `max_peers`
+    /// (written when dropped; a later connection starts a new entry).
+    pub forgotten: bool,
     pub tgid: u32,
     pub comm: String,
     pub netns: u32,
@@ -478,30 +498,81 @@ pub struct Detector {
     processes: BTreeMap<u32, Process>,
     /// Sockets now in CLOSE_WAIT: entered at, group.
     close_wait: BTreeMap<SocketId, (u64, GroupKey)>,
+    /// The same sockets by the time they entered: which became stuck since the last check is
+    /// a range lookup, not a walk over all of them at every event (a leaking server can hold
+    /// thousands).
+    close_wait_since: BTreeSet<(u64, SocketId)>,
+    /// `now` at the last look for stuck sockets.
+    close_wait_checked_ns: u64,
     emitted: BTreeMap<(Pattern, GroupKey), Emitted>,
     now: u64,
     /// End of the current window (event time); 0 before the first event.
     next_window_ns: u64,
-    /// Per-peer numbers of windows that ended, for the caller to take.
-    windows: Vec<PeerSummary>,
+    /// Per-peer records to write (windows that ended, peers forgotten), with their time, for
+    /// the caller to take.
+    windows: Vec<(u64, PeerSummary)>,
+    /// Peers dropped to stay within `max_peers` (each written as it went).
+    pub peers_forgotten: u64,
 }
 
-fn percentile(values: &[u64], q: f64) -> u64 {
-    let mut h = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+/// Significant digits of the lifetime and idle percentiles: two (within 1 %) is what people
+/// read, and keeps a peer's histogram at a few KiB. Three took up to 200 KiB per peer and
+/// per histogram, whose scattered counters the agent's hot path kept missing in the cache.
+const HIST_DIGITS: u8 = 2;
+
+fn histogram(values: &[u64]) -> Histogram<u64> {
+    let mut h = Histogram::<u64>::new(HIST_DIGITS).expect("valid significant digits");
     for &v in values {
         h.record(v).expect("auto-resizing histogram");
     }
-    h.value_at_quantile(q)
+    h
 }
 
-fn record(h: &mut Option<Histogram<u64>>, v: u64) {
-    h.get_or_insert_with(|| Histogram::new(3).expect("3 significant digits is valid"))
-        .record(v.max(1))
-        .expect("auto-resizing histogram");
+fn percentile(values: &[u64], q: f64) -> u64 {
+    histogram(values).value_at_quantile(q)
 }
 
-fn quantile(h: &Option<Histogram<u64>>, q: f64) -> u64 {
-    h.as_ref().map_or(0, |h| h.value_at_quantile(q))
+/// Values a [`Dist`] keeps as they are before it builds a histogram.
+const FEW: usize = 32;
+
+/// One duration over a peer's whole run: the values themselves while there are few (most
+/// peers of a busy node see a handful of connections, and a histogram costs KiB), a
+/// histogram once there are more. The quantiles are the same either way.
+#[derive(Default)]
+struct Dist {
+    few: Vec<u64>,
+    hist: Option<Histogram<u64>>,
+}
+
+impl Dist {
+    fn record(&mut self, v: u64) {
+        let v = v.max(1);
+        if let Some(h) = &mut self.hist {
+            h.record(v).expect("auto-resizing histogram");
+            return;
+        }
+        self.few.push(v);
+        if self.few.len() > FEW {
+            self.hist = Some(histogram(&std::mem::take(&mut self.few)));
+        }
+    }
+
+    /// `None` before any value.
+    fn with<T>(&self, f: impl FnOnce(&Histogram<u64>) -> T) -> Option<T> {
+        match &self.hist {
+            Some(h) => Some(f(h)),
+            None if self.few.is_empty() => None,
+            None => Some(f(&histogram(&self.few))),
+        }
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        self.with(|h| h.value_at_quantile(q)).unwrap_or(0)
+    }
+
+    fn max(&self) -> u64 {
+        self.with(|h| h.max()).unwrap_or(0)
+    }
 }
 
 /// The most intervals `(start, end)` that overlap at one instant.
@@ -578,16 +649,30 @@ impl Detector {
             groups: BTreeMap::new(),
             processes: BTreeMap::new(),
             close_wait: BTreeMap::new(),
+            close_wait_since: BTreeSet::new(),
+            close_wait_checked_ns: 0,
             emitted: BTreeMap::new(),
             now: 0,
             next_window_ns: 0,
             windows: Vec::new(),
+            peers_forgotten: 0,
         }
     }
 
-    /// Per-peer records of the windows that ended so far (taken).
-    pub fn take_windows(&mut self) -> Vec<PeerSummary> {
+    /// Per-peer records written since the last call, with their kernel times (taken).
+    pub fn take_windows(&mut self) -> Vec<(u64, PeerSummary)> {
         std::mem::take(&mut self.windows)
+    }
+
+    /// Per group with sockets in CLOSE_WAIT now: how many, and since when the oldest.
+    fn close_wait_by_group(&self) -> BTreeMap<&GroupKey, (u64, u64)> {
+        let mut m: BTreeMap<&GroupKey, (u64, u64)> = BTreeMap::new();
+        for (t, k) in self.close_wait.values() {
+            let e = m.entry(k).or_insert((0, *t));
+            e.0 += 1;
+            e.1 = e.1.min(*t);
+        }
+        m
     }
 
     /// Close every window that ended before `now`: one record per peer active in it.
@@ -601,7 +686,8 @@ impl Detector {
             return;
         }
         let (from, to) = (self.next_window_ns - w, self.next_window_ns);
-        let records: Vec<PeerSummary> = self
+        let cw = self.close_wait_by_group();
+        let records: Vec<(u64, PeerSummary)> = self
             .groups
             .iter()
             .filter_map(|(k, g)| {
@@ -609,38 +695,102 @@ impl Detector {
                     .recent
                     .iter()
                     .any(|c| c.f.end_ns >= from && c.f.end_ns < to)
-                    || self.close_wait.values().any(|(_, key)| key == k);
-                active.then(|| self.summarize(k, g, Some((from, to))))
+                    || cw.contains_key(k);
+                active.then(|| (to, self.summarize(k, g, Some((from, to)), cw.get(k))))
             })
             .collect();
         self.windows.extend(records);
         // Events arrive in time order: the windows between `to` and `now` are empty.
         self.next_window_ns = to + w * ((now - to) / w + 1);
+        // A process with nothing left in the window is dropped: its entry holds only windowed
+        // counts, and pids come and go for as long as h2trace runs. Should it come back, its
+        // findings start afresh.
+        let keep_from = to.saturating_sub(w);
+        let mut quiet = Vec::new();
+        self.processes.retain(|&tgid, p| {
+            prune(&mut p.time_waits, keep_from, |x| x.0);
+            prune(&mut p.resets, keep_from, |x| x.0);
+            prune(&mut p.closes, keep_from, |x| *x);
+            prune(&mut p.cancels, keep_from, |x| x.0);
+            let empty = p.time_waits.is_empty()
+                && p.resets.is_empty()
+                && p.closes.is_empty()
+                && p.cancels.is_empty();
+            if empty {
+                quiet.push(tgid);
+            }
+            !empty
+        });
+        if !quiet.is_empty() {
+            self.emitted
+                .retain(|(_, k), _| k.peer != Peer::All || !quiet.contains(&k.tgid));
+        }
+    }
+
+    /// Past `max_peers`, drop the least recently active eighth of the peers (at least one),
+    /// each written out first with its whole run's numbers and last findings.
+    fn forget_peers(&mut self, out: &mut Vec<Finding>) {
+        let n = (self.cfg.max_peers / 8).max(1);
+        let mut by_age: Vec<(u64, GroupKey)> = self
+            .groups
+            .iter()
+            .map(|(k, g)| (g.last_ns, k.clone()))
+            .collect();
+        if by_age.len() > n {
+            by_age.select_nth_unstable(n - 1);
+            by_age.truncate(n);
+        }
+        // Written in key order, whatever order the selection left.
+        by_age.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        for (_, k) in &by_age {
+            self.check_group(k, out);
+        }
+        let cw = self.close_wait_by_group();
+        let summaries: Vec<(u64, PeerSummary)> = by_age
+            .iter()
+            .filter_map(|(_, k)| {
+                let g = self.groups.get(k)?;
+                let mut s = self.summarize(k, g, None, cw.get(k));
+                s.forgotten = true;
+                Some((self.now, s))
+            })
+            .collect();
+        self.windows.extend(summaries);
+        for (_, k) in &by_age {
+            self.groups.remove(k);
+        }
+        let gone: BTreeSet<&GroupKey> = by_age.iter().map(|(_, k)| k).collect();
+        self.emitted.retain(|(_, k), _| !gone.contains(k));
+        self.peers_forgotten += by_age.len() as u64;
     }
 
     /// Numbers for one peer: over a window (from the group's recent connections), or over
     /// the whole run.
-    fn summarize(&self, k: &GroupKey, g: &Group, window: Option<(u64, u64)>) -> PeerSummary {
-        let cw_now = || self.close_wait.values().filter(move |(_, key)| key == k);
-        let close_wait_open = cw_now().count() as u64;
-        let cw_longest = cw_now()
-            .map(|(t, _)| self.now.saturating_sub(*t))
-            .max()
-            .unwrap_or(0);
+    /// `cw`: the group's sockets in CLOSE_WAIT now (`close_wait_by_group`).
+    fn summarize(
+        &self,
+        k: &GroupKey,
+        g: &Group,
+        window: Option<(u64, u64)>,
+        cw: Option<&(u64, u64)>,
+    ) -> PeerSummary {
+        let (close_wait_open, cw_longest) =
+            cw.map_or((0, 0), |&(n, since)| (n, self.now.saturating_sub(since)));
         let Some((from, to)) = window else {
             let span = g.last_ns.saturating_sub(g.first_ns).max(1);
             return PeerSummary {
                 window: None,
+                forgotten: false,
                 tgid: k.tgid,
                 comm: g.comm.clone(),
                 netns: k.netns,
                 peer: k.peer,
                 connections: g.total,
                 rate_per_s: ((g.total as f64 / (span as f64 / 1e9)) * 10.0).round() / 10.0,
-                lifetime_p50_ns: quantile(&g.lifetimes, 0.5),
-                lifetime_p90_ns: quantile(&g.lifetimes, 0.9),
-                lifetime_p99_ns: quantile(&g.lifetimes, 0.99),
-                idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| quantile(&g.idles, q)),
+                lifetime_p50_ns: g.lifetimes.quantile(0.5),
+                lifetime_p90_ns: g.lifetimes.quantile(0.9),
+                lifetime_p99_ns: g.lifetimes.quantile(0.99),
+                idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| g.idles.quantile(q)),
                 concurrent_max: max_concurrent(g.recent.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
                 closers: g.closers.clone(),
                 ends: g.ends.clone(),
@@ -672,6 +822,7 @@ impl Detector {
         }
         PeerSummary {
             window: Some((from, to)),
+            forgotten: false,
             tgid: k.tgid,
             comm: g.comm.clone(),
             netns: k.netns,
@@ -708,7 +859,28 @@ impl Detector {
     pub fn advance(&mut self, now: u64, out: &mut Vec<Finding>) {
         self.roll_windows(now);
         self.now = self.now.max(now);
-        self.check_close_wait(out);
+        // A finding about stuck sockets changes only when one more becomes stuck.
+        if self.close_wait_crossed() {
+            self.check_close_wait(out);
+        }
+    }
+
+    /// Whether a socket has been in CLOSE_WAIT past the limit since the last check.
+    fn close_wait_crossed(&self) -> bool {
+        let limit = self.cfg.close_wait_stuck_ns;
+        // Stuck at `t`: entered before `t - limit`.
+        let Some(stuck_before) = self.now.checked_sub(limit) else {
+            return false;
+        };
+        let checked_before = self.close_wait_checked_ns.saturating_sub(limit);
+        let first = SocketId {
+            skaddr: 0,
+            start_ns: 0,
+        };
+        self.close_wait_since
+            .range((checked_before, first)..)
+            .next()
+            .is_some_and(|(t, _)| *t < stuck_before)
     }
 
     /// Whether anything waits for time to pass (sockets in CLOSE_WAIT).
@@ -727,7 +899,10 @@ impl Detector {
         let comm = ev.socket.owner.as_ref().map_or("", |o| o.comm.as_str());
         match &ev.body {
             Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
-                self.close_wait.insert(ev.socket.id, (ev.ts_ns, key));
+                if let Some((t, _)) = self.close_wait.insert(ev.socket.id, (ev.ts_ns, key)) {
+                    self.close_wait_since.remove(&(t, ev.socket.id));
+                }
+                self.close_wait_since.insert((ev.ts_ns, ev.socket.id));
             }
             Body::Frame(f) if matches!(f.body, http2::FrameBody::RstStream { code } if code == http2::CANCEL) =>
             {
@@ -745,7 +920,9 @@ impl Detector {
             Body::Life(l) | Body::Open(l) => {
                 // `of_event` derives them for every life.
                 let Some(f) = facts else { return };
-                self.close_wait.remove(&ev.socket.id);
+                if let Some((t, _)) = self.close_wait.remove(&ev.socket.id) {
+                    self.close_wait_since.remove(&(t, ev.socket.id));
+                }
                 // Resets whose live events were folded into this record count as if seen.
                 let folded = [
                     (l.folded.resets_sent, l.first_reset_sent_ns),
@@ -806,6 +983,9 @@ impl Detector {
             cap(&mut p.time_waits);
             cap(&mut p.closes);
         }
+        if self.groups.len() >= self.cfg.max_peers && !self.groups.contains_key(&key) {
+            self.forget_peers(out);
+        }
         let g = self.groups.entry(key.clone()).or_default();
         if g.comm.is_empty() {
             g.comm = comm.to_string();
@@ -814,9 +994,9 @@ impl Detector {
         g.total += 1;
         g.first_ns = g.first_ns.min(c.f.start_ns);
         g.last_ns = g.last_ns.max(c.f.end_ns);
-        record(&mut g.lifetimes, c.f.lifetime_ns);
+        g.lifetimes.record(c.f.lifetime_ns);
         if let Some(idle) = c.f.idle_before_close_ns {
-            record(&mut g.idles, idle);
+            g.idles.record(idle);
         }
         *g.closers.entry(c.f.fin_first.as_str()).or_default() += 1;
         *g.ends.entry(c.f.end.as_str()).or_default() += 1;
@@ -1458,16 +1638,11 @@ impl Detector {
         let Some(ug) = self.groups.get(&up) else {
             return;
         };
-        let up_p50 = ug
-            .lifetimes
-            .as_ref()
-            .map_or(0, |h| h.value_at_quantile(0.5));
+        let up_p50 = ug.lifetimes.quantile(0.5);
         let down = self.groups.iter().find(|(k, g)| {
             k.tgid == tgid
                 && matches!(k.peer, Peer::Listen(_))
-                && g.lifetimes
-                    .as_ref()
-                    .is_some_and(|h| h.max() >= 10 * up_p50.max(1))
+                && g.lifetimes.max() >= 10 * up_p50.max(1)
                 && ug.total >= 2 * g.total
         });
         let Some((dk, dg)) = down else {
@@ -1475,7 +1650,7 @@ impl Detector {
         };
         let numbers = json!({
             "connections": ug.total, "upstream_lifetime_p50_ns": up_p50, "downstream_connections": dg.total,
-            "downstream_lifetime_max_ns": dg.lifetimes.as_ref().map_or(0, |h| h.max()),
+            "downstream_lifetime_max_ns": dg.lifetimes.max(),
         });
         let summary = format!(
             "{} (pid {tgid}) keeps its clients' connections ({}) open but opens a new upstream connection to {} per request ({} upstream connections living {} each): a proxy without upstream keep-alive.",
@@ -1604,6 +1779,7 @@ impl Detector {
     fn check_close_wait(&mut self, out: &mut Vec<Finding>) {
         let limit = self.cfg.close_wait_stuck_ns;
         let now = self.now;
+        self.close_wait_checked_ns = now;
         let stuck: BTreeMap<GroupKey, Vec<(SocketId, u64)>> = self
             .close_wait
             .iter()
@@ -1648,9 +1824,10 @@ impl Detector {
         for k in &keys {
             self.check_group(k, out);
         }
+        let cw = self.close_wait_by_group();
         self.groups
             .iter()
-            .map(|(k, g)| self.summarize(k, g, None))
+            .map(|(k, g)| self.summarize(k, g, None, cw.get(k)))
             .collect()
     }
 }
@@ -1685,37 +1862,10 @@ mod tests {
             .chain([9_000_000_000])
             .collect();
         for (i, &t) in times.iter().enumerate() {
-            let ev = Event {
-                ts_ns: t + 2_000_000,
-                cpu: 0,
-                socket: Socket {
-                    id: SocketId {
-                        skaddr: i as u64,
-                        start_ns: t,
-                    },
-                    netns: 1,
-                    local: "10.0.0.1:40000".parse().unwrap(),
-                    remote: "10.0.0.2:80".parse().unwrap(),
-                    owner: None,
-                    origin: Origin::Active,
-                },
-                body: Body::Life(Box::new(Life {
-                    first_state: CLOSE,
-                    transitions: [
-                        (t, SYN_SENT),
-                        (t + 1_000, ESTABLISHED),
-                        (t + 1_000_000, FIN_WAIT1),
-                        (t + 2_000_000, CLOSE),
-                    ]
-                    .map(|(ts_ns, state)| Transition { ts_ns, state })
-                    .into_iter()
-                    .collect(),
-                    ..Life::default()
-                })),
-            };
+            let ev = closed(i as u64, t, "10.0.0.2:80", None);
             d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
         }
-        let w = d.take_windows();
+        let (at, w): (Vec<u64>, Vec<PeerSummary>) = d.take_windows().into_iter().unzip();
         // Windows of 1 s from the first event: three full, one with the last five; the quiet
         // ones before the connection at 9 s are skipped, and its own window is still open.
         assert_eq!(w.len(), 4, "{w:?}");
@@ -1725,6 +1875,170 @@ mod tests {
         );
         assert_eq!(w[1].window.unwrap().0, w[0].window.unwrap().1);
         assert_eq!(w[0].ends.get("fin"), Some(&10));
+        assert!(
+            at.iter()
+                .zip(&w)
+                .all(|(t, p)| Some(*t) == p.window.map(|w| w.1))
+        );
+    }
+
+    /// A connection to `remote` that the client closed first, from `t` to `t + 2 ms`.
+    fn closed(id: u64, t: u64, remote: &str, tgid: Option<u32>) -> Event {
+        use crate::event::{Life, Transition};
+        use h2trace_common::tcp_state::*;
+        let mut ev = socket_event(id, t + 2_000_000, remote, tgid);
+        ev.socket.id.start_ns = t;
+        ev.body = Body::Life(Box::new(Life {
+            first_state: CLOSE,
+            transitions: [
+                (t, SYN_SENT),
+                (t + 1_000, ESTABLISHED),
+                (t + 1_000_000, FIN_WAIT1),
+                (t + 2_000_000, CLOSE),
+            ]
+            .map(|(ts_ns, state)| Transition { ts_ns, state })
+            .into_iter()
+            .collect(),
+            ..Life::default()
+        }));
+        ev
+    }
+
+    /// An event of a client socket to `remote` at `t` (a state change to CLOSE_WAIT).
+    fn socket_event(id: u64, t: u64, remote: &str, tgid: Option<u32>) -> Event {
+        use crate::event::{Origin, Owner, OwnerSource, Socket};
+        Event {
+            ts_ns: t,
+            cpu: 0,
+            socket: Socket {
+                id: SocketId {
+                    skaddr: id,
+                    start_ns: 0,
+                },
+                netns: 1,
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                owner: tgid.map(|tgid| Owner {
+                    tgid,
+                    pid: tgid,
+                    comm: "client".into(),
+                    cgroup_id: 1,
+                    cgroup_path: None,
+                    source: OwnerSource::Connect,
+                }),
+                origin: Origin::Active,
+            },
+            body: Body::State {
+                old: h2trace_common::tcp_state::ESTABLISHED,
+                new: h2trace_common::tcp_state::CLOSE_WAIT,
+            },
+        }
+    }
+
+    #[test]
+    fn past_max_peers_the_least_recently_active_are_written_out_and_forgotten() {
+        let cfg = DetectConfig {
+            max_peers: 8,
+            ..DetectConfig::default()
+        };
+        let mut d = Detector::new(cfg);
+        let mut out = Vec::new();
+        let mut written = Vec::new();
+        // 20 peers, one connection each, 10 ms apart; the first peer comes back last.
+        for i in 0..21u64 {
+            let remote = format!("10.0.1.{}:80", i % 20);
+            let ev = closed(i, i * 10_000_000, &remote, Some(7));
+            d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
+            assert!(d.groups.len() <= 8);
+            written.extend(d.take_windows());
+        }
+        // Each went when the table was full: the oldest eighth (one) at a time.
+        assert_eq!(d.peers_forgotten, 13);
+        assert_eq!(written.len(), 13);
+        assert!(
+            written
+                .iter()
+                .all(|(_, p)| p.forgotten && p.window.is_none())
+        );
+        // Oldest first, each written at the time it was dropped, with its numbers.
+        let dropped: Vec<String> = written.iter().map(|(_, p)| p.peer.to_string()).collect();
+        let expected: Vec<String> = (0..13).map(|i| format!("10.0.1.{i}:80")).collect();
+        assert_eq!(dropped, expected);
+        assert!(written.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(
+            written
+                .iter()
+                .all(|(_, p)| p.connections == 1 && p.tgid == 7)
+        );
+        // The first peer came back as a new entry; the run's table has the last eight.
+        let last = d.finish(300_000_000, &mut out);
+        assert_eq!(last.len(), 8);
+        assert!(last.iter().all(|p| !p.forgotten));
+        let total: u64 = last
+            .iter()
+            .chain(written.iter().map(|(_, p)| p))
+            .map(|p| p.connections)
+            .sum();
+        assert_eq!(
+            total, 21,
+            "every connection is in exactly one peer's numbers"
+        );
+    }
+
+    #[test]
+    fn a_process_quiet_for_a_whole_window_is_dropped() {
+        let mut d = Detector::new(DetectConfig::default());
+        let mut out = Vec::new();
+        for (i, tgid) in [(0, 7), (1, 8)] {
+            let ev = closed(i, 0, "10.0.0.2:80", Some(tgid));
+            d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
+        }
+        assert_eq!(d.processes.len(), 2);
+        // Process 8 stays busy; 7 says nothing for more than a window.
+        for i in 2..30 {
+            let ev = closed(i, i * 1_000_000_000, "10.0.0.2:80", Some(8));
+            d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
+        }
+        assert_eq!(d.processes.keys().copied().collect::<Vec<_>>(), [8]);
+    }
+
+    #[test]
+    fn stuck_close_waits_are_reported_as_they_cross_the_limit() {
+        let mut d = Detector::new(DetectConfig::default());
+        let limit = d.cfg.close_wait_stuck_ns;
+        let mut out = Vec::new();
+        // Two sockets enter CLOSE_WAIT at 0, two more at 1 s, and stay.
+        for (id, t) in [(1, 0), (2, 0), (3, 1_000_000_000), (4, 1_000_000_000)] {
+            d.on_event(&socket_event(id, t, "10.0.0.2:80", Some(7)), None, &mut out);
+        }
+        let stuck = |out: &mut Vec<Finding>| -> Vec<(&'static str, u64)> {
+            out.drain(..)
+                .filter(|f| f.pattern == Pattern::CloseWaitStuck)
+                .map(|f| (f.status, f.numbers["connections"].as_u64().unwrap()))
+                .collect()
+        };
+        d.advance(limit, &mut out);
+        assert!(
+            stuck(&mut out).is_empty(),
+            "exactly at the limit is not past it"
+        );
+        d.advance(limit + 1, &mut out);
+        assert_eq!(stuck(&mut out), [("new", 2)]);
+        // Nothing new crosses: nothing more to say, however often time advances.
+        for t in [limit + 2, limit + 500_000_000] {
+            d.advance(t, &mut out);
+        }
+        assert!(stuck(&mut out).is_empty());
+        // The other two cross: twice the evidence, an update.
+        d.advance(limit + 1_000_000_001, &mut out);
+        assert_eq!(stuck(&mut out), [("update", 4)]);
+        // One closes; the rest stay stuck and the finding stands.
+        let mut ev = closed(1, 0, "10.0.0.2:80", Some(7));
+        ev.ts_ns = limit + 2_000_000_000;
+        d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
+        assert!(stuck(&mut out).is_empty());
+        assert_eq!(d.close_wait.len(), 3);
+        assert_eq!(d.close_wait_since.len(), 3);
     }
 
     /// Idle closes of HTTP/2 connections: announced with GOAWAY (the client then closes

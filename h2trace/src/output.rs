@@ -299,6 +299,10 @@ pub struct Summary {
     /// Conntrack entries forgotten to keep the join table bounded.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub conntrack_evicted: u64,
+    /// Peers the detector dropped to stay within `max_peers` (`--max-peers`), each written
+    /// as a `peer-summary` marked `forgotten` when it went.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub peers_forgotten: u64,
     pub losses: Losses,
 }
 
@@ -773,6 +777,9 @@ impl<W: Write> Sink for Ndjson<W> {
             if let Some((start, end)) = p.window {
                 v["h2trace"]["peer"]["window"] = json!({ "start_ns": start, "end_ns": end });
             }
+            if p.forgotten {
+                v["h2trace"]["peer"]["forgotten"] = json!(true);
+            }
             if p.http2_connections > 0 {
                 v["h2trace"]["peer"]["http2"] = json!({
                     "connections": p.http2_connections,
@@ -1069,6 +1076,13 @@ impl<W: Write> Sink for Text<W> {
                     )?;
                 }
                 writeln!(self.out, "  findings             {}", s.findings)?;
+                if s.peers_forgotten > 0 {
+                    writeln!(
+                        self.out,
+                        "  peers forgotten      {} (least recently active, past --max-peers; their numbers are in the NDJSON stream)",
+                        s.peers_forgotten
+                    )?;
+                }
                 writeln!(self.out, "  records lost         {}", s.losses.total())
             }
         }
@@ -1093,8 +1107,13 @@ impl<W: Write> Sink for Text<W> {
     }
 
     fn peers(&mut self, _ktime_ns: u64, peers: &[PeerSummary]) -> io::Result<()> {
-        // People get the table at exit; the per-window numbers are for the NDJSON stream.
-        if peers.is_empty() || peers.iter().all(|p| p.window.is_some()) {
+        // People get the table at exit; the per-window numbers, and those of peers forgotten
+        // on the way (counted in the summary), are for the NDJSON stream.
+        let peers: Vec<&PeerSummary> = peers
+            .iter()
+            .filter(|p| p.window.is_none() && !p.forgotten)
+            .collect();
+        if peers.is_empty() {
             return Ok(());
         }
         writeln!(

@@ -320,10 +320,10 @@ impl Pipeline {
     }
 
     fn drain_findings(&mut self) {
-        for w in self.detector.take_windows() {
-            let end = w.window.map_or(0, |(_, to)| to);
-            self.write(|sink| sink.peers(end, std::slice::from_ref(&w)));
+        for (at, w) in self.detector.take_windows() {
+            self.write(|sink| sink.peers(at, std::slice::from_ref(&w)));
         }
+        self.summary.peers_forgotten = self.detector.peers_forgotten;
         let found = std::mem::take(&mut self.findings);
         self.summary.findings += found.len() as u64;
         for f in &found {
