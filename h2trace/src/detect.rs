@@ -1848,8 +1848,6 @@ mod tests {
 
     #[test]
     fn windows_report_each_active_peer_once_per_window() {
-        use crate::event::{Life, Origin, Socket, Transition};
-        use h2trace_common::tcp_state::*;
         let cfg = DetectConfig {
             window_ns: 1_000_000_000,
             ..DetectConfig::default()
