@@ -11,6 +11,8 @@
 //! per request. Prints `exchanges=N connections=M seconds=S` at the end.
 //! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
 //! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
+//! `--peers N` (close and rst): the clients dial N addresses in turn, 127.0.x.y on ADDR's port
+//! (ADDR should then be 0.0.0.0:PORT): a node talking to ever new peers.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -164,6 +166,7 @@ fn main() {
     let threads: usize = get("--threads", "2").parse().expect("--threads");
     let seconds: f64 = get("--seconds", "5").parse().expect("--seconds");
     let mode = get("--mode", "close");
+    let peers: u32 = get("--peers", "1").parse().expect("--peers");
 
     let listener = Arc::new(TcpListener::bind(addr).expect("bind"));
     if mode == "hold" {
@@ -187,14 +190,16 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let exchanges = Arc::new(AtomicU64::new(0));
     let connections = Arc::new(AtomicU64::new(0));
+    let next_peer = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (stop, exchanges, connections, mode) = (
+            let (stop, exchanges, connections, mode, next_peer) = (
                 stop.clone(),
                 exchanges.clone(),
                 connections.clone(),
                 mode.clone(),
+                next_peer.clone(),
             );
             std::thread::spawn(move || {
                 let mut kept: Option<TcpStream> = None;
@@ -221,7 +226,16 @@ fn main() {
                         }
                         continue;
                     }
-                    let Ok(mut s) = TcpStream::connect(addr) else {
+                    let to = if peers > 1 {
+                        let i =
+                            (next_peer.fetch_add(1, Ordering::Relaxed) % u64::from(peers)) as u32;
+                        let ip =
+                            std::net::Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250 + 1) as u8);
+                        SocketAddr::from((ip, addr.port()))
+                    } else {
+                        addr
+                    };
+                    let Ok(mut s) = TcpStream::connect(to) else {
                         continue; // out of ports for a moment: try again
                     };
                     connections.fetch_add(1, Ordering::Relaxed);

@@ -229,3 +229,83 @@ fn loss_forced_by_a_tiny_ring_is_counted_and_reported() {
         n("discarded_children")
     );
 }
+
+/// A node that talks to ever new peers (a client dialing 2,000 addresses in turn): the
+/// diagnosis keeps `--max-peers` of them, writes out each one it drops with its numbers, so
+/// that every connection is counted in exactly one peer record, and its memory stays flat.
+#[test]
+fn ever_new_peers_are_forgotten_with_their_numbers_and_memory_stays_flat() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("peers", 46);
+    let tracer = Tracer::start("peers", &["--max-peers", "64"]);
+    let mut load = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &net.server])
+            .arg(example_bin("churn"))
+            .args(["0.0.0.0:8080", "--threads", "2", "--seconds", "3"])
+            .args(["--peers", "2000"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let load_pid = u64::from(load.0.id());
+    assert!(
+        wait_timeout(&mut load.0, Duration::from_secs(60))
+            .expect("churn did not end")
+            .success()
+    );
+    let connections = connections_made(&mut load);
+    let rss = rss_kib(tracer.pid());
+    let (recs, _dir, path) = tracer.stop_keep();
+    assert_replay_identical(&path);
+    let ns = NetPair::inode(&net.server);
+    let mine = |r: &&Value| r["h2trace"]["netns"] == ns && owner_pid(r) == Some(load_pid);
+    // Connections per peer, from the connection records (client side: to port 8080).
+    let mut conns: std::collections::BTreeMap<String, u64> = Default::default();
+    for r in recs.iter().filter(mine).filter(|r| {
+        matches!(action(r), "connection-closed" | "connection-open")
+            && r["destination"]["port"] == 8080
+    }) {
+        let ip = r["destination"]["ip"].as_str().unwrap();
+        *conns.entry(format!("{ip}:8080")).or_default() += 1;
+    }
+    // The same, from the peer records: those forgotten on the way, and the run's table.
+    let peers: Vec<&Value> = recs
+        .iter()
+        .filter(mine)
+        .filter(|r| action(r) == "peer-summary")
+        .collect();
+    let forgotten = |r: &Value| r["h2trace"]["peer"]["forgotten"] == true;
+    let mut counted: std::collections::BTreeMap<String, u64> = Default::default();
+    for p in peers
+        .iter()
+        .filter(|p| p["h2trace"]["peer"]["peer"] != "clients on port 8080")
+    {
+        let peer = p["h2trace"]["peer"]["peer"].as_str().unwrap().to_string();
+        *counted.entry(peer).or_default() += p["h2trace"]["peer"]["connections"].as_u64().unwrap();
+    }
+    let summary = &recs.last().unwrap()["h2trace"]["summary"];
+    let dropped = peers.iter().filter(|p| forgotten(p)).count() as u64;
+    eprintln!(
+        "peers: {connections} connections to {} peers, {dropped} peer records written as forgotten, RSS after the load {} MiB",
+        conns.len(),
+        rss / 1024
+    );
+    assert!(conns.len() > 1_000, "{} peers", conns.len());
+    assert_eq!(
+        counted, conns,
+        "every connection in exactly one peer record"
+    );
+    assert!(dropped > 1_000);
+    assert!(summary["peers_forgotten"].as_u64().unwrap() >= dropped);
+    // The run's table: at most the cap, and the server's side (always busy) never dropped.
+    let kept = peers.iter().filter(|p| !forgotten(p)).count();
+    assert!(kept <= 64, "{kept} peers in the final table");
+    assert!(
+        peers
+            .iter()
+            .any(|p| !forgotten(p) && p["h2trace"]["peer"]["peer"] == "clients on port 8080")
+    );
+    // The bound (before, these 2,000 peers took over 300 MiB).
+    assert!(rss < 64 * 1024, "RSS {rss} KiB after the load");
+}
