@@ -11,6 +11,8 @@
 //! per request. Prints `exchanges=N connections=M seconds=S` at the end.
 //! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
 //! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
+//! stuck: close, while N sockets (`--stuck N`, 2,000 by default) sit in CLOSE_WAIT for the
+//! whole run, as behind a server that leaks them (what the diagnosis costs then).
 //! `--peers N` (close and rst): the clients dial N addresses in turn, 127.0.x.y on ADDR's port
 //! (ADDR should then be 0.0.0.0:PORT): a node talking to ever new peers.
 use std::{
@@ -175,6 +177,19 @@ fn main() {
         return;
     }
     let addr = listener.local_addr().unwrap();
+    // Accepted and never closed once their clients have: CLOSE_WAIT until the end.
+    let _stuck: Vec<TcpStream> = if mode == "stuck" {
+        let n: usize = get("--stuck", "2000").parse().expect("--stuck");
+        (0..n)
+            .map(|_| {
+                drop(TcpStream::connect(addr).expect("connect"));
+                listener.accept().expect("accept").0
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mode = if mode == "stuck" { "close".into() } else { mode };
     // Each client thread has at most one connection open: as many acceptors, each serving its
     // connection to the end, keep up without a thread per connection.
     let h2 = mode == "h2";
