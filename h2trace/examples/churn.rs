@@ -12,7 +12,9 @@
 //! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
 //! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
 //! stuck: close, while N sockets (`--stuck N`, 2,000 by default) sit in CLOSE_WAIT for the
-//! whole run, as behind a server that leaks them (what the diagnosis costs then).
+//! whole run, as behind a server that leaks them (what the diagnosis costs then). Run by hand,
+//! alternating two builds: inside `cargo xtask bench`, whole rounds of it ran at a fifth of
+//! the usual rate with or without a tracer, for a reason not found yet.
 //! `--peers N` (close and rst): the clients dial N addresses in turn, 127.0.x.y on ADDR's port
 //! (ADDR should then be 0.0.0.0:PORT): a node talking to ever new peers.
 use std::{

@@ -55,8 +55,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Load modes: close (FIN), rst (abortive), keep (one connection per thread), h2 (keep,
-        /// framed as HTTP/2: the frame walk's cost per request), stuck (close, while 2,000
-        /// sockets sit in CLOSE_WAIT as behind a leaking server; not in the default list).
+        /// framed as HTTP/2: the frame walk's cost per request).
         #[arg(long, value_delimiter = ',', default_value = "close,rst,keep,h2")]
         modes: Vec<String>,
         /// Live sockets for the memory run (connections held idle while h2trace runs, both
