@@ -191,7 +191,11 @@ fn main() {
     } else {
         Vec::new()
     };
-    let mode = if mode == "stuck" { "close".into() } else { mode };
+    let mode = if mode == "stuck" {
+        "close".into()
+    } else {
+        mode
+    };
     // Each client thread has at most one connection open: as many acceptors, each serving its
     // connection to the end, keep up without a thread per connection.
     let h2 = mode == "h2";

@@ -737,7 +737,28 @@ fn grpc_go_connection_per_call_carries_one_stream_each() {
     ) else {
         return;
     };
-    assert_eq!(requests(&h2_conns(&recs, &net.client)), [1; 25]);
+    // Should one go missing, say what each connection looked like, and what was lost.
+    let seen: Vec<String> = ["connection-closed", "connection-open"]
+        .iter()
+        .flat_map(|a| in_netns(&recs, &net.client, a))
+        .map(|r| {
+            let c = &r["h2trace"]["connection"];
+            format!(
+                "{} :{} {} {} http2={}",
+                action(r),
+                r["source"]["port"],
+                r["h2trace"]["socket"]["seen_from"],
+                c["states"],
+                c["http2"]
+            )
+        })
+        .collect();
+    let summary = &recs.last().unwrap()["h2trace"]["summary"];
+    assert_eq!(
+        requests(&h2_conns(&recs, &net.client)),
+        [1; 25],
+        "{seen:#?}\n{summary}"
+    );
     let f = finding_for(&recs, "dial-per-request", Some(client), None);
     let msg = f["message"].as_str().unwrap();
     assert!(msg.contains("single stream"), "{msg}");
