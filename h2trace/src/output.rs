@@ -1079,7 +1079,7 @@ impl<W: Write> Sink for Text<W> {
                 if s.peers_forgotten > 0 {
                     writeln!(
                         self.out,
-                        "  peers forgotten      {} (least recently active, past --max-peers; their numbers are in the NDJSON stream)",
+                        "  peers forgotten      {} (least recently active, past --max-peers; -f ndjson writes each one's numbers as it goes)",
                         s.peers_forgotten
                     )?;
                 }
