@@ -34,11 +34,15 @@ fn connections_opened_before_the_start_have_their_owners() {
     let net = NetPair::new("snapshot", 81);
     let busy = format!("{}:8080", net.server_v4);
     let idle = format!("{}:8081", net.server_v4);
-    let busy_server = net.server(&busy, &["--requests", "1000"]);
-    let idle_server = net.server(&idle, &["--idle-timeout", "20000"]);
-    // One connection keeps exchanging while traced, the other sits idle throughout.
-    let busy_client = net.spawn_client(&busy, &["--requests", "80", "--interval", "150"]);
-    // Its pause outlasts the two tracers' start and stop.
+    // One connection keeps exchanging while traced, the other sits idle throughout: both
+    // outlast the two tracers' start and stop however slow the machine (an emulated kernel
+    // under load took long enough for a fixed 12 s of exchanges, or a 20 s idle timeout, to
+    // run out while traced).
+    let requests = (scaled(Duration::from_secs(60)).as_millis() / 150).to_string();
+    let idle_timeout = scaled(Duration::from_secs(60)).as_millis().to_string();
+    let busy_server = net.server(&busy, &["--requests", &requests]);
+    let idle_server = net.server(&idle, &["--idle-timeout", &idle_timeout]);
+    let busy_client = net.spawn_client(&busy, &["--requests", &requests, "--interval", "150"]);
     let pause = scaled(Duration::from_secs(8)).as_millis().to_string();
     let idle_client = net.spawn_client(&idle, &["--requests", "2", "--pause-after-first", &pause]);
     let id = |k: &KillOnDrop| u64::from(k.0.id());
@@ -74,7 +78,10 @@ fn connections_opened_before_the_start_have_their_owners() {
         assert_eq!(client_open["h2trace"]["socket"]["seen_from"], "snapshot");
         assert_eq!(pid_of(client_open), Some(client_pid), "{client_open:#}");
         let server_open = connection(&recs, "source", port);
-        assert_eq!(server_open["h2trace"]["socket"]["seen_from"], "snapshot");
+        assert_eq!(
+            server_open["h2trace"]["socket"]["seen_from"], "snapshot",
+            "{server_open:#}\n{server_snap:#}"
+        );
         assert_eq!(pid_of(server_open), Some(server_pid));
     }
     // The idle one never reached the kernel programs: its record and owner come from the
