@@ -566,8 +566,14 @@ impl Dist {
         }
     }
 
+    /// Several at once: a peer with few values builds its histogram once, not per quantile.
+    fn quantiles<const N: usize>(&self, qs: [f64; N]) -> [u64; N] {
+        self.with(|h| qs.map(|q| h.value_at_quantile(q)))
+            .unwrap_or([0; N])
+    }
+
     fn quantile(&self, q: f64) -> u64 {
-        self.with(|h| h.value_at_quantile(q)).unwrap_or(0)
+        self.quantiles([q])[0]
     }
 
     fn max(&self) -> u64 {
@@ -778,6 +784,7 @@ impl Detector {
             cw.map_or((0, 0), |&(n, since)| (n, self.now.saturating_sub(since)));
         let Some((from, to)) = window else {
             let span = g.last_ns.saturating_sub(g.first_ns).max(1);
+            let [p50, p90, p99] = g.lifetimes.quantiles([0.5, 0.9, 0.99]);
             return PeerSummary {
                 window: None,
                 forgotten: false,
@@ -787,10 +794,10 @@ impl Detector {
                 peer: k.peer,
                 connections: g.total,
                 rate_per_s: ((g.total as f64 / (span as f64 / 1e9)) * 10.0).round() / 10.0,
-                lifetime_p50_ns: g.lifetimes.quantile(0.5),
-                lifetime_p90_ns: g.lifetimes.quantile(0.9),
-                lifetime_p99_ns: g.lifetimes.quantile(0.99),
-                idle_before_close_ns: [0.5, 0.9, 0.99].map(|q| g.idles.quantile(q)),
+                lifetime_p50_ns: p50,
+                lifetime_p90_ns: p90,
+                lifetime_p99_ns: p99,
+                idle_before_close_ns: g.idles.quantiles([0.5, 0.9, 0.99]),
                 concurrent_max: max_concurrent(g.recent.iter().map(|c| (c.f.start_ns, c.f.end_ns))),
                 closers: g.closers.clone(),
                 ends: g.ends.clone(),
