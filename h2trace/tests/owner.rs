@@ -107,6 +107,46 @@ fn connections_opened_before_the_start_have_their_owners() {
     assert_eq!(open["h2trace"]["socket"]["seen_from"], "snapshot");
 }
 
+/// A connection found by the start-up snapshot that ends while traced: both ends' records say
+/// it predates the trace (`seen_from: snapshot`, not `mid-life`) and keep their processes,
+/// whichever hook the kernel programs use for state changes.
+#[test]
+fn a_connection_found_at_start_that_closes_while_traced_says_it_predates_the_trace() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("snapclose", 71);
+    let addr = format!("{}:8082", net.server_v4);
+    let long = scaled(Duration::from_secs(60)).as_millis().to_string();
+    let mut server = net.server(&addr, &["--idle-timeout", &long]);
+    let client = net.spawn_client(&addr, &["--requests", "2", "--pause-after-first", &long]);
+    let (client_pid, server_pid) = (u64::from(client.0.id()), u64::from(server.0.id()));
+    NetPair::wait_established(&net.client, 1);
+    NetPair::wait_established(&net.server, 1);
+    let tracer = Tracer::start("snapclose", &[]);
+    // Once traced (and the snapshot taken), the client ends: the kernel closes its socket
+    // with a FIN and the server, reading EOF, closes its own and exits.
+    drop(client);
+    let ended = wait_timeout(&mut server.0, scaled(Duration::from_secs(20)));
+    assert!(ended.is_some(), "the server did not see the client go");
+    std::thread::sleep(Duration::from_millis(500));
+    let (recs, _dir, path) = tracer.stop_keep();
+    validate_all(&recs);
+    assert_replay_identical(&path);
+    for (side, pid) in [("destination", client_pid), ("source", server_pid)] {
+        let snap = find(&recs, "socket-snapshot", side, 8082);
+        let closed = find(&recs, "connection-closed", side, 8082);
+        assert_eq!(
+            closed["h2trace"]["socket"]["seen_from"], "snapshot",
+            "{closed:#}\n{snap:#}"
+        );
+        assert_eq!(pid_of(closed), Some(pid), "{closed:#}");
+    }
+    let server_closed = find(&recs, "connection-closed", "source", 8082);
+    assert_eq!(
+        server_closed["h2trace"]["connection"]["fin_first"], "peer",
+        "{server_closed:#}"
+    );
+}
+
 /// A cgroup made for a test (under the v2 hierarchy), removed when dropped.
 struct TestCgroup(std::path::PathBuf);
 
