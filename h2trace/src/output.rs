@@ -1404,6 +1404,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_state_change_before_the_tuple_is_complete_has_no_community_id() {
+        use h2trace_common::tcp_state::*;
+        let id = |local: &str, remote: &str| {
+            let mut ev = life_event();
+            ev.socket.local = local.parse().unwrap();
+            ev.socket.remote = remote.parse().unwrap();
+            ev.body = Body::State {
+                old: CLOSE,
+                new: SYN_SENT,
+            };
+            let mut sink = Ndjson::new(Vec::new(), Clock { offset_ns: 0 }, BTreeMap::new());
+            sink.event(&ev, None).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&sink.into_inner()).unwrap();
+            assert_eq!(v["network"]["iana_number"], "6");
+            v["network"]["community_id"].as_str().map(str::to_owned)
+        };
+        // connect() sets SYN_SENT before it picks the local port; a listener has no peer.
+        assert_eq!(id("10.0.0.1:0", "10.0.0.2:443"), None);
+        assert_eq!(id("0.0.0.0:8080", "0.0.0.0:0"), None);
+        assert_eq!(id("[::]:8080", "[::]:0"), None);
+        assert_eq!(
+            id("10.0.0.1:40000", "10.0.0.2:443").as_deref(),
+            Some(
+                community_id(
+                    "10.0.0.1:40000".parse().unwrap(),
+                    "10.0.0.2:443".parse().unwrap()
+                )
+                .as_str()
+            )
+        );
+    }
+
+    #[test]
     fn text_has_header_and_states() {
         let mut sink = Text::new(Vec::new(), Clock { offset_ns: 0 }, BTreeMap::new());
         let ev = life_event();

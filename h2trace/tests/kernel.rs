@@ -138,6 +138,28 @@ fn graceful(transport: &str, subnet: u8, v6: bool) {
     assert_owned(c, r.client_pid, "client");
     assert_owned(s, r.server_pid, "server");
     assert_eq!(c["network"]["community_id"], s["network"]["community_id"]);
+    // Each live state change of the flow names it by the same Community ID, except the client's
+    // SYN_SENT, which comes before connect() picks the local port: no flow yet, so no ID.
+    let flow = &c["network"]["community_id"];
+    assert!(flow.is_string(), "{c:#}");
+    let mut incomplete = 0;
+    for life in [c, s] {
+        let id = life["h2trace"]["socket"]["id"].as_str().unwrap();
+        for r in r
+            .recs
+            .iter()
+            .filter(|r| action(r) == "state-change" && r["h2trace"]["socket"]["id"] == id)
+        {
+            let complete = r["source"]["port"] != 0 && r["destination"]["port"] != 0;
+            let want = if complete { flow } else { &Value::Null };
+            assert_eq!(&r["network"]["community_id"], want, "{r:#}");
+            incomplete += usize::from(!complete);
+        }
+    }
+    assert_eq!(
+        incomplete, 1,
+        "the client's SYN_SENT, before its port was picked"
+    );
     assert_eq!(c["network"]["type"], if v6 { "ipv6" } else { "ipv4" });
     let server_ip = if v6 {
         &r.net.server_v6

@@ -6,7 +6,10 @@
 //! reason names) is escaped by serde_json. The layout is the documented one (docs/ndjson.md),
 //! field for field and in the same order as before: the recorded fixtures replay to
 //! themselves byte for byte, and the replay round-trip property test reads these lines back.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use super::{
     Clock, FrameOut, SCHEMA, closed_ns, container, ct_join, http2_out, push_community_id,
@@ -143,10 +146,15 @@ pub(super) fn write(
     }
     j.raw(",\"network\":{\"transport\":\"tcp\",\"type\":");
     j.plain(if s.is_ipv6() { "ipv6" } else { "ipv4" });
-    j.raw(",\"iana_number\":\"6\",\"community_id\":");
-    j.0.push(b'"');
-    push_community_id(s.local, s.remote, j.0);
-    j.0.push(b'"');
+    j.raw(",\"iana_number\":\"6\"");
+    // A tuple not complete yet (connect()'s SYN_SENT before the local port is picked, a
+    // listener's unspecified peer) is no flow: its ID would match no other record.
+    let complete = |a: SocketAddr| a.port() != 0 && !a.ip().is_unspecified();
+    if complete(s.local) && complete(s.remote) {
+        j.raw(",\"community_id\":\"");
+        push_community_id(s.local, s.remote, j.0);
+        j.0.push(b'"');
+    }
     j.raw("}");
     if let Some(c) = s.owner.as_ref().and_then(container) {
         j.raw(",\"container\":");
