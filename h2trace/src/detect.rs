@@ -492,12 +492,20 @@ pub struct PeerSummary {
     pub http2_requests: u64,
 }
 
+/// A socket in CLOSE_WAIT: since when, its group, and its process's name as the event gave it
+/// (the group may be forgotten, past `max_peers`, before the socket becomes stuck).
+struct Waiting {
+    since_ns: u64,
+    key: GroupKey,
+    comm: compact_str::CompactString,
+}
+
 pub struct Detector {
     cfg: DetectConfig,
     groups: BTreeMap<GroupKey, Group>,
     processes: BTreeMap<u32, Process>,
-    /// Sockets now in CLOSE_WAIT: entered at, group.
-    close_wait: BTreeMap<SocketId, (u64, GroupKey)>,
+    /// Sockets now in CLOSE_WAIT.
+    close_wait: BTreeMap<SocketId, Waiting>,
     /// The same sockets by the time they entered: which became stuck since the last check is
     /// a range lookup, not a walk over all of them at every event (a leaking server can hold
     /// thousands).
@@ -673,10 +681,10 @@ impl Detector {
     /// Per group with sockets in CLOSE_WAIT now: how many, and since when the oldest.
     fn close_wait_by_group(&self) -> BTreeMap<&GroupKey, (u64, u64)> {
         let mut m: BTreeMap<&GroupKey, (u64, u64)> = BTreeMap::new();
-        for (t, k) in self.close_wait.values() {
-            let e = m.entry(k).or_insert((0, *t));
+        for w in self.close_wait.values() {
+            let e = m.entry(&w.key).or_insert((0, w.since_ns));
             e.0 += 1;
-            e.1 = e.1.min(*t);
+            e.1 = e.1.min(w.since_ns);
         }
         m
     }
@@ -906,8 +914,13 @@ impl Detector {
         let comm = ev.socket.owner.as_ref().map_or("", |o| o.comm.as_str());
         match &ev.body {
             Body::State { new, .. } if *new == h2trace_common::tcp_state::CLOSE_WAIT => {
-                if let Some((t, _)) = self.close_wait.insert(ev.socket.id, (ev.ts_ns, key)) {
-                    self.close_wait_since.remove(&(t, ev.socket.id));
+                let w = Waiting {
+                    since_ns: ev.ts_ns,
+                    key,
+                    comm: comm.into(),
+                };
+                if let Some(old) = self.close_wait.insert(ev.socket.id, w) {
+                    self.close_wait_since.remove(&(old.since_ns, ev.socket.id));
                 }
                 self.close_wait_since.insert((ev.ts_ns, ev.socket.id));
             }
@@ -927,8 +940,8 @@ impl Detector {
             Body::Life(l) | Body::Open(l) => {
                 // `of_event` derives them for every life.
                 let Some(f) = facts else { return };
-                if let Some((t, _)) = self.close_wait.remove(&ev.socket.id) {
-                    self.close_wait_since.remove(&(t, ev.socket.id));
+                if let Some(w) = self.close_wait.remove(&ev.socket.id) {
+                    self.close_wait_since.remove(&(w.since_ns, ev.socket.id));
                 }
                 // Resets whose live events were folded into this record count as if seen.
                 let folded = [
@@ -1787,25 +1800,27 @@ impl Detector {
         let limit = self.cfg.close_wait_stuck_ns;
         let now = self.now;
         self.close_wait_checked_ns = now;
-        let stuck: BTreeMap<GroupKey, Vec<(SocketId, u64)>> = self
-            .close_wait
-            .iter()
-            .filter(|(_, (t, _))| now.saturating_sub(*t) > limit)
-            .fold(BTreeMap::new(), |mut m, (id, (t, k))| {
-                m.entry(k.clone()).or_default().push((*id, now - t));
-                m
-            });
-        for (key, socks) in stuck {
+        // Per group: the stuck sockets, and the process name the first of them carried.
+        let mut stuck: BTreeMap<GroupKey, (Vec<(SocketId, u64)>, String)> = BTreeMap::new();
+        for (id, w) in &self.close_wait {
+            if now.saturating_sub(w.since_ns) > limit {
+                let e = stuck.entry(w.key.clone()).or_default();
+                e.0.push((*id, now - w.since_ns));
+                if e.1.is_empty() {
+                    e.1 = w.comm.to_string();
+                }
+            }
+        }
+        for (key, (socks, sock_comm)) in stuck {
             let longest = socks.iter().map(|s| s.1).max().unwrap_or(0);
-            let comm = self
-                .groups
-                .get(&key)
-                .map(|g| g.comm.clone())
-                .unwrap_or_default();
-            let who = if key.tgid == 0 {
-                "a process".to_string()
-            } else {
-                format!("{comm} (pid {})", key.tgid)
+            let known = |c: &str| Some(c.to_string()).filter(|c| !c.is_empty());
+            let comm = (self.groups.get(&key).and_then(|g| known(&g.comm)))
+                .or_else(|| known(&self.processes.get(&key.tgid)?.comm))
+                .unwrap_or(sock_comm);
+            let who = match (key.tgid, comm.is_empty()) {
+                (0, _) => "a process".to_string(),
+                (pid, true) => format!("pid {pid}"),
+                (pid, false) => format!("{comm} (pid {pid})"),
             };
             let summary = format!(
                 "{} connection(s) of {who} with {} were closed by the peer {} ago and are still in CLOSE_WAIT: the application has not noticed the close, or leaks the sockets.",
@@ -1816,6 +1831,7 @@ impl Detector {
             let numbers = json!({"connections": socks.len(), "close_wait_longest_ns": longest});
             let ids = socks.iter().map(|s| s.0.to_string()).collect();
             let mut f = self.finding(Pattern::CloseWaitStuck, &key, numbers, 0.9, ids, summary);
+            f.comm = comm;
             // The window of this finding is the longest dwell.
             f.window_start_ns = now.saturating_sub(longest);
             self.emit(Pattern::CloseWaitStuck, &key, f, out);
@@ -2028,6 +2044,16 @@ mod tests {
             "exactly at the limit is not past it"
         );
         d.advance(limit + 1, &mut out);
+        // Named after the process the sockets carried: it has no group of its own yet (no
+        // connection of it has closed), or has one no longer (forgotten past `max_peers`).
+        let f = out.iter().find(|f| f.pattern == Pattern::CloseWaitStuck);
+        let f = f.expect("a stuck finding");
+        assert_eq!(f.comm, "client");
+        assert!(
+            f.summary.contains(" of client (pid 7) with "),
+            "{}",
+            f.summary
+        );
         assert_eq!(stuck(&mut out), [("new", 2)]);
         // Nothing new crosses: nothing more to say, however often time advances.
         for t in [limit + 2, limit + 500_000_000] {

@@ -284,6 +284,9 @@ fn close_wait_stuck() {
         vec![server, client]
     });
     let f = the_finding(&recs, "close-wait-stuck", client_pid);
+    // Named, although no connection of the client has closed yet.
+    let name = f["process"]["name"].as_str().unwrap_or_default();
+    assert!(name.starts_with("tcp_peer"), "{f:#}");
     let peer = recs
         .iter()
         .find(|r| action(r) == "peer-summary" && owner_pid(r) == Some(client_pid as u64))

@@ -203,6 +203,13 @@ fn fixtures_replay_to_themselves_with_the_expected_findings() {
         for p in *not {
             assert!(findings(&recs, p).is_empty(), "{name}: unexpected {p}");
         }
+        // A finding about a process names it (the recorded close-wait-stuck ones did not).
+        for f in recs.iter().filter(|r| action(r) == "finding") {
+            if f["process"]["pid"].as_u64() > Some(0) {
+                let named = f["process"]["name"].as_str().is_some_and(|n| !n.is_empty());
+                assert!(named, "{name}: {f:#}");
+            }
+        }
     }
 }
 
