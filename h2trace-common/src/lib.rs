@@ -247,7 +247,11 @@ pub struct SockLife {
     pub h2_desync: u8,
     /// [`h2_tls`] bits: the socket's plaintext comes from a TLS library's calls.
     pub h2_tls: u8,
-    pub _pad3: [u8; 5],
+    /// The client preface was seen sent (`[0]`) or received (`[1]`). Each byte is written
+    /// only by its own direction's calls: a client's first send and first receive can run at
+    /// once on two CPUs, and the side one of them sets can be overwritten by the other's.
+    pub h2_preface: [u8; 2],
+    pub _pad3: [u8; 3],
 }
 
 /// `SockLife::h2_tls` bits (`--http2 all`).

@@ -184,6 +184,7 @@ fn detect<C: EbpfContext>(
     let side = life.h2_side;
     if let Some(head) = head(ptr, len, iov, iov_n, ret) {
         if head == PREFACE {
+            life.h2_preface[d & 1] = 1;
             if d == 0 && side == h2_side::NONE {
                 start(life, sk, h2_side::CLIENT)?;
             } else if d == 0 && side == h2_side::MAYBE_CLIENT {
@@ -208,6 +209,19 @@ fn detect<C: EbpfContext>(
         }
     }
     if side == h2_side::MAYBE_SERVER || side == h2_side::MAYBE_CLIENT {
+        if life.h2_preface[d & 1] != 0 {
+            // The preface went this way already, in the first call, while the first call the
+            // other way ran on another CPU: that one saw no side yet, took its SETTINGS for a
+            // server's, and its MAYBE overwrote the side this way's call had set (a client's
+            // reader and writer, as grpc-go's, can race so).
+            life.h2_side = if side == h2_side::MAYBE_CLIENT {
+                h2_side::CLIENT
+            } else {
+                h2_side::SERVER
+            };
+            confirm(ctx, life, sk, (d ^ 1) as u8);
+            return Some(());
+        }
         // No preface where it had to be: not HTTP/2 after all.
         life.h2_side = h2_side::NONE;
         let _ = H2.remove(&sk);

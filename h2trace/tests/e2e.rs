@@ -743,8 +743,17 @@ fn grpc_go_connection_per_call_carries_one_stream_each() {
         .flat_map(|a| in_netns(&recs, &net.client, a))
         .map(|r| {
             let c = &r["h2trace"]["connection"];
+            let id = &r["h2trace"]["socket"]["id"];
+            let frames: Vec<String> = recs
+                .iter()
+                .filter(|f| action(f) == "http2-frame" && &f["h2trace"]["socket"]["id"] == id)
+                .map(|f| {
+                    let f = &f["h2trace"]["http2_frame"];
+                    format!("{} {} {}", f["direction"], f["type"], f["side"])
+                })
+                .collect();
             format!(
-                "{} :{} {} {} http2={}",
+                "{} :{} {} {} http2={} frames={frames:?}",
                 action(r),
                 r["source"]["port"],
                 r["h2trace"]["socket"]["seen_from"],
