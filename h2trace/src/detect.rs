@@ -1093,6 +1093,15 @@ impl Detector {
         out.push(f);
     }
 
+    /// The process's name as its connections or live events gave it, if any did.
+    fn process_name(&self, key: &GroupKey) -> Option<&str> {
+        let group = self.groups.get(key).map(|g| g.comm.as_str());
+        let process = || self.processes.get(&key.tgid).map(|p| p.comm.as_str());
+        group
+            .filter(|c| !c.is_empty())
+            .or_else(|| process().filter(|c| !c.is_empty()))
+    }
+
     /// A finding over the current window; the process name comes from what was seen of it.
     fn finding(
         &self,
@@ -1107,12 +1116,7 @@ impl Detector {
         let digest = sha1::Digest::finalize(<sha1::Sha1 as sha1::Digest>::new_with_prefix(
             id_src.as_bytes(),
         ));
-        let comm = self
-            .groups
-            .get(key)
-            .map(|g| g.comm.as_str())
-            .or_else(|| self.processes.get(&key.tgid).map(|p| p.comm.as_str()))
-            .unwrap_or_default();
+        let comm = self.process_name(key).unwrap_or_default();
         let from = self.now.saturating_sub(self.cfg.window_ns);
         Finding {
             id: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
@@ -1813,10 +1817,7 @@ impl Detector {
         }
         for (key, (socks, sock_comm)) in stuck {
             let longest = socks.iter().map(|s| s.1).max().unwrap_or(0);
-            let known = |c: &str| Some(c.to_string()).filter(|c| !c.is_empty());
-            let comm = (self.groups.get(&key).and_then(|g| known(&g.comm)))
-                .or_else(|| known(&self.processes.get(&key.tgid)?.comm))
-                .unwrap_or(sock_comm);
+            let comm = self.process_name(&key).map_or(sock_comm, str::to_string);
             let who = match (key.tgid, comm.is_empty()) {
                 (0, _) => "a process".to_string(),
                 (pid, true) => format!("pid {pid}"),
