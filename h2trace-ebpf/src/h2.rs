@@ -18,6 +18,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
@@ -40,6 +41,8 @@ const SKIP: u8 = 2;
 const LOST: u8 = 3;
 
 const HEADERS: u8 = 1;
+
+const EEXIST: i32 = 17;
 
 /// What the entry tracepoint stashed (`UserBuf::kind`).
 pub const BUF: u32 = 0;
@@ -68,9 +71,12 @@ pub struct Dir {
 #[derive(Clone, Copy)]
 pub struct Conn {
     dirs: [Dir; 2],
-    /// A server's first frame (SETTINGS), held until the client preface confirms HTTP/2.
+    /// The unconfirmed side's first frame (the server's SETTINGS: sent by a server, received
+    /// by a client), held until the client preface confirms HTTP/2.
     held: Dir,
     has_held: u64,
+    /// `start_ns` of the life this entry belongs to (0 while its first `start` makes it).
+    life_start: u64,
 }
 
 /// Parse state of HTTP/2 sockets, keyed by `struct sock *`. Removed when the life ends.
@@ -185,23 +191,19 @@ fn detect<C: EbpfContext>(
     if let Some(head) = head(ptr, len, iov, iov_n, ret) {
         if head == PREFACE {
             life.h2_preface[d & 1] = 1;
-            if d == 0 && side == h2_side::NONE {
-                start(life, sk, h2_side::CLIENT)?;
-            } else if d == 0 && side == h2_side::MAYBE_CLIENT {
-                life.h2_side = h2_side::CLIENT;
-                confirm(ctx, life, sk, 1);
-            } else if d == 1 {
-                if side == h2_side::MAYBE_SERVER {
-                    life.h2_side = h2_side::SERVER;
-                    confirm(ctx, life, sk, 0);
+            if side == h2_side::NONE {
+                let side = if d == 0 {
+                    h2_side::CLIENT
                 } else {
-                    start(life, sk, h2_side::SERVER)?;
-                }
-            } else {
+                    h2_side::SERVER
+                };
+                start(life, sk, side)?;
+            } else if !settle(life) {
                 return None;
             }
             // The preface is not a frame: the walk steps over it (it may span iovecs).
             let c = H2.get_ptr_mut(&sk)?;
+            flush_held(ctx.as_ptr(), life, c);
             let st = unsafe { &mut (*c).dirs[d & 1] };
             st.phase = SKIP;
             st.need = PREFACE.len() as u32;
@@ -209,17 +211,9 @@ fn detect<C: EbpfContext>(
         }
     }
     if side == h2_side::MAYBE_SERVER || side == h2_side::MAYBE_CLIENT {
-        if life.h2_preface[d & 1] != 0 {
-            // The preface went this way already, in the first call, while the first call the
-            // other way ran on another CPU: that one saw no side yet, took its SETTINGS for a
-            // server's, and its MAYBE overwrote the side this way's call had set (a client's
-            // reader and writer, as grpc-go's, can race so).
-            life.h2_side = if side == h2_side::MAYBE_CLIENT {
-                h2_side::CLIENT
-            } else {
-                h2_side::SERVER
-            };
-            confirm(ctx, life, sk, (d ^ 1) as u8);
+        if settle(life) {
+            // The preface went this way already, in this way's first call (see `settle`).
+            flush_held(ctx.as_ptr(), life, H2.get_ptr_mut(&sk)?);
             return Some(());
         }
         // No preface where it had to be: not HTTP/2 after all.
@@ -274,27 +268,70 @@ fn head(ptr: u64, len: u64, iov: u64, iov_n: u64, ret: u32) -> Option<[u8; 24]> 
     Some(out)
 }
 
+/// Make the socket's parse state and set its side.
+///
+/// A socket's first send and first receive can run at once on two CPUs (a client's reader
+/// and writer, as grpc-go's, do), and both may start: the first entry is kept, so that the
+/// frame one of them holds in it is not replaced by the other's empty one.
 #[inline(always)]
 fn start(life: &mut SockLife, sk: u64, side: u8) -> Option<()> {
     let zero = H2_ZERO.get_ptr(0)?;
-    if H2.insert(&sk, unsafe { &*zero }, 0).is_err() {
-        count(counter::H2_TRACK_FAIL);
-        return None;
+    let zero = unsafe { &*zero };
+    let made = match H2.insert(&sk, zero, BPF_NOEXIST as u64) {
+        Ok(()) => true,
+        Err(e) if e == -EEXIST => false,
+        Err(_) => {
+            count(counter::H2_TRACK_FAIL);
+            return None;
+        }
+    };
+    let mut c = H2.get_ptr_mut(&sk)?;
+    let owner = unsafe { (*c).life_start };
+    if !made && owner != 0 && owner != life.meta.start_ns {
+        // Left by an earlier life at this address whose end went unseen (its life record
+        // was evicted): start afresh.
+        if H2.insert(&sk, zero, 0).is_err() {
+            count(counter::H2_TRACK_FAIL);
+            return None;
+        }
+        c = H2.get_ptr_mut(&sk)?;
     }
+    unsafe { (*c).life_start = life.meta.start_ns };
     life.h2_side = side;
     Some(())
 }
 
-/// The client preface confirmed HTTP/2: deliver the frame held since the socket's first
-/// send (a server, `received` 0) or first receive (a client, `received` 1).
+/// A MAYBE side whose preface has gone the way it had to (sent by a client, received by a
+/// server) is confirmed. Returns whether the side is confirmed.
+///
+/// The preface is looked for in `h2_preface`, not only in the side: a client's first send
+/// (the preface) and first receive (the server's SETTINGS) can run at once on two CPUs, and
+/// the receive's MAYBE_CLIENT can overwrite the CLIENT the send set. Each direction writes
+/// only its own `h2_preface` byte, so that one survives.
 #[inline(always)]
-fn confirm<C: EbpfContext>(ctx: &C, life: &SockLife, sk: u64, received: u8) {
-    if let Some(c) = H2.get_ptr_mut(&sk) {
-        let c = unsafe { &mut *c };
-        if c.has_held != 0 {
-            c.has_held = 0;
-            emit_frame(ctx.as_ptr(), life, &c.held, received);
-        }
+fn settle(life: &mut SockLife) -> bool {
+    match life.h2_side {
+        h2_side::MAYBE_CLIENT if life.h2_preface[0] != 0 => life.h2_side = h2_side::CLIENT,
+        h2_side::MAYBE_SERVER if life.h2_preface[1] != 0 => life.h2_side = h2_side::SERVER,
+        h2_side::CLIENT | h2_side::SERVER => {}
+        _ => return false,
+    }
+    true
+}
+
+/// Deliver the frame held while the side was a MAYBE, once it is confirmed. A client held
+/// a frame it received, a server one it sent.
+///
+/// Called wherever a confirmed side may first meet the held frame: when the preface
+/// confirms it, at each walk, and at the life's end. The call that confirmed the side may
+/// have run on another CPU before this frame was held.
+#[inline(always)]
+fn flush_held(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn) {
+    let c = unsafe { &mut *c };
+    if c.has_held != 0 && settle(life) {
+        c.has_held = 0;
+        let received = (life.h2_side == h2_side::CLIENT) as u8;
+        emit_frame(ctx, life, &c.held, received);
     }
 }
 
@@ -322,6 +359,7 @@ fn walk<C: EbpfContext>(ctx: &C, life: &mut SockLife, sk: u64, b: &UserBuf, ret:
     let Some(c) = H2.get_ptr_mut(&sk) else {
         return;
     };
+    flush_held(ctx.as_ptr(), life, c);
     if unsafe { (*c).dirs[d & 1].phase } == LOST {
         return;
     }
@@ -495,7 +533,10 @@ fn frame_start(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir
 /// A captured frame's payload is in: report it, then skip what was not captured.
 #[inline(always)]
 fn frame_end(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir, d: usize) {
-    if life.h2_side == h2_side::MAYBE_SERVER || life.h2_side == h2_side::MAYBE_CLIENT {
+    if settle(life) {
+        flush_held(ctx, life, c);
+        emit_frame(ctx, life, st, d as u8);
+    } else {
         // Not confirmed yet: keep the first frame (the SETTINGS) for when it is.
         unsafe {
             if (*c).has_held == 0 {
@@ -503,8 +544,6 @@ fn frame_end(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn, st: &mut Dir, 
                 (*c).has_held = 1;
             }
         }
-    } else {
-        emit_frame(ctx, life, st, d as u8);
     }
     st.need = st.len - st.have as u32;
     st.phase = if st.need > 0 { SKIP } else { HEADER };
@@ -536,10 +575,14 @@ fn emit_frame(ctx: *mut c_void, life: &SockLife, st: &Dir, received: u8) {
     emit_raw(ctx, rec as *const FrameRecord);
 }
 
-/// The socket's life ended: drop its parse state.
+/// The socket's life ended: deliver a frame still held, drop its parse state.
 #[inline(always)]
-pub fn end(life: &SockLife) {
+pub fn end<C: EbpfContext>(ctx: &C, life: &mut SockLife) {
     if life.h2_side != h2_side::NONE {
-        let _ = H2.remove(&life.meta.skaddr);
+        let sk = life.meta.skaddr;
+        if let Some(c) = H2.get_ptr_mut(&sk) {
+            flush_held(ctx.as_ptr(), life, c);
+        }
+        let _ = H2.remove(&sk);
     }
 }

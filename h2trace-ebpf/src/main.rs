@@ -283,9 +283,9 @@ fn emit_live<C: EbpfContext>(
 
 /// Emit the life record of a tracked socket (the entry stays; callers remove or reuse it).
 #[inline(always)]
-fn end_life<C: EbpfContext>(ctx: &C, life: *const SockLife, now: u64) {
+fn end_life<C: EbpfContext>(ctx: &C, life: *mut SockLife, now: u64) {
     count(counter::SOCK_ENDED);
-    h2::end(unsafe { &*life });
+    h2::end(ctx, unsafe { &mut *life });
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -806,7 +806,7 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn destroy<C: EbpfContext>(ctx: &C, sk: u64, life: *const SockLife) {
+fn destroy<C: EbpfContext>(ctx: &C, sk: u64, life: *mut SockLife) {
     end_life(ctx, life, unsafe { bpf_ktime_get_ns() });
     let _ = SOCKS.remove(&sk);
 }
