@@ -11,6 +11,7 @@
 //! HOW says how a side ends a connection once its part is done:
 //!   close       close() at once          rst        SO_LINGER 0, then close(): a RST
 //!   wait-peer   read until the peer closes, then close()
+//!   shutdown    shutdown(SHUT_WR), then close() at once (the kernel sets FIN_WAIT1/2 twice)
 //!   hold:MS     wait MS milliseconds (a FIN from the peer leaves us in CLOSE_WAIT), then close()
 //!   reject      (server) close at once without reading or answering
 //! The server prints `ready` on stdout once it listens; with `--fork` a child process serves
@@ -138,6 +139,7 @@ fn finish(mut s: TcpStream, how: &str) {
                 l_linger: 0,
             },
         ),
+        "shutdown" => s.shutdown(std::net::Shutdown::Write).unwrap(),
         "wait-peer" => {
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let mut buf = [0u8; 4096];

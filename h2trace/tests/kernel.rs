@@ -208,6 +208,36 @@ fn graceful_close_ipv6_perf() {
     graceful("perf", 14, true);
 }
 
+/// A client that calls shutdown(SHUT_WR) and then close(): the close sets its FIN_WAIT state a
+/// second time, which the kernel reports like any change and the record keeps (docs/ndjson.md
+/// says what a repeated state means). The server holds its close long enough for the client's
+/// close to come before the server's FIN.
+#[test]
+fn close_after_shutdown_repeats_the_fin_wait_state() {
+    let Some(_lock) = kernel_test() else { return };
+    let r = exchange("shut", 15, false, "hold:300", "shutdown", &[]);
+    let (c, s) = (r.client_life(), r.server_life());
+    let st = states(c);
+    // The peer's ACK of the FIN may come before shutdown() returns: FIN_WAIT1 or FIN_WAIT2.
+    let repeated: Vec<&str> = st
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].as_str())
+        .collect();
+    assert!(
+        repeated == ["FIN_WAIT1"] || repeated == ["FIN_WAIT2"],
+        "client states {st:?}"
+    );
+    assert_eq!(st[..3], ["CLOSE", "SYN_SENT", "ESTABLISHED"], "{st:?}");
+    assert_eq!(st.last().map(String::as_str), Some("CLOSE"), "{st:?}");
+    assert_eq!(c["h2trace"]["connection"]["fin_first"], "local");
+    assert_eq!(
+        states(s),
+        ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    );
+    assert_eq!(s["h2trace"]["connection"]["fin_first"], "peer");
+}
+
 /// `hold`: `--live-hold`. With the default, the resets' live events are folded into the
 /// lives (the sockets end microseconds later); with 0 they are written as they happen; with
 /// 1 ns the agent's hold runs out before either record comes, so only the kernel folds: the
