@@ -314,6 +314,8 @@ pub enum Notice<'a> {
         detect: &'a DetectConfig,
         /// How long live events wait to be folded into their socket's life record.
         live_hold_ns: u64,
+        /// From a recording (`replay`), not this run's kernel.
+        replayed: bool,
     },
     Loss {
         ktime_ns: u64,
@@ -661,6 +663,7 @@ impl<W: Write> Sink for Ndjson<W> {
                 probe,
                 detect,
                 live_hold_ns,
+                ..
             } => {
                 // What replay needs to decide and print as this run did.
                 let mut h = json!({ "probe": probe, "detect": detect, "reset_reasons": self.reset_reasons });
@@ -1020,12 +1023,25 @@ impl<W: Write> Sink for Text<W> {
 
     fn notice(&mut self, n: &Notice<'_>) -> io::Result<()> {
         match n {
-            Notice::Started { probe, .. } => writeln!(
-                self.out,
-                "h2trace: tracing with {} (transport {}); Ctrl-C to stop",
-                probe["state_hook"].as_str().unwrap_or("?"),
-                probe["transport"].as_str().unwrap_or("?")
-            ),
+            Notice::Started {
+                probe, replayed, ..
+            } => {
+                let (hook, transport) = (
+                    probe["state_hook"].as_str().unwrap_or("?"),
+                    probe["transport"].as_str().unwrap_or("?"),
+                );
+                if *replayed {
+                    writeln!(
+                        self.out,
+                        "h2trace: replaying a recording of a run with {hook} (transport {transport})"
+                    )
+                } else {
+                    writeln!(
+                        self.out,
+                        "h2trace: tracing with {hook} (transport {transport}); Ctrl-C to stop"
+                    )
+                }
+            }
             Notice::Loss { losses, .. } => {
                 writeln!(self.out, "h2trace: LOSS so far: {}", losses.explain())
             }

@@ -461,6 +461,7 @@ mod tests {
             probe: &serde_json::json!({}),
             detect: &detect,
             live_hold_ns: hold_ns,
+            replayed: false,
         });
         (p, out)
     }

@@ -136,6 +136,7 @@ pub fn replay(
                 pipeline.set_live_hold(live_hold_ns);
                 let detect = pipeline.detect_config().clone();
                 pipeline.notice(&Notice::Started {
+                    replayed: true,
                     live_hold_ns,
                     ktime_ns,
                     probe: &probe,

@@ -324,6 +324,7 @@ pub async fn trace(cfg: Config) -> Result<Outcome, RunError> {
         detect: &cfg.detect,
         ktime_ns: started,
         probe: &describe,
+        replayed: false,
     });
     for l in &cts {
         o.pipeline.conntrack_namespace(started, l.ns.clone());

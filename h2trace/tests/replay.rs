@@ -356,6 +356,11 @@ fn text_replay_prints_findings_and_the_peer_table() {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("!! FINDING dial-per-request [new]"), "{text}");
+    // The recording's start, not an invitation to press Ctrl-C.
+    assert!(
+        text.starts_with("h2trace: replaying a recording of a run with tracepoint"),
+        "{text}"
+    );
     assert!(
         text.contains("Per peer:") && text.contains("LIFE p50"),
         "{text}"
