@@ -233,7 +233,14 @@ fn close_after_shutdown_repeats_the_fin_wait_state() {
     assert_eq!(c["h2trace"]["connection"]["fin_first"], "local");
     assert_eq!(
         states(s),
-        ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+        [
+            "LISTEN",
+            "SYN_RECV",
+            "ESTABLISHED",
+            "CLOSE_WAIT",
+            "LAST_ACK",
+            "CLOSE"
+        ]
     );
     assert_eq!(s["h2trace"]["connection"]["fin_first"], "peer");
 }
