@@ -89,6 +89,16 @@ fn assert_owned(life: &Value, pid: u32, role: &str) {
     );
 }
 
+/// The states of an accepted socket whose client closed first.
+const SERVER_CLOSED_BY_PEER: [&str; 6] = [
+    "LISTEN",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "CLOSE",
+];
+
 fn graceful(transport: &str, subnet: u8, v6: bool) {
     let Some(_lock) = kernel_test() else { return };
     let tag = format!("fin-{transport}{}", if v6 { "6" } else { "" });
@@ -109,14 +119,7 @@ fn graceful(transport: &str, subnet: u8, v6: bool) {
         "FIN_WAIT2",
         "CLOSE",
     ];
-    let server_states = [
-        "LISTEN",
-        "SYN_RECV",
-        "ESTABLISHED",
-        "CLOSE_WAIT",
-        "LAST_ACK",
-        "CLOSE",
-    ];
+    let server_states = SERVER_CLOSED_BY_PEER;
     assert_eq!(states(c), client_states);
     assert_eq!(states(s), server_states);
     assert_eq!(c["h2trace"]["connection"]["fin_first"], "local");
@@ -231,17 +234,7 @@ fn close_after_shutdown_repeats_the_fin_wait_state() {
     assert_eq!(st[..3], ["CLOSE", "SYN_SENT", "ESTABLISHED"], "{st:?}");
     assert_eq!(st.last().map(String::as_str), Some("CLOSE"), "{st:?}");
     assert_eq!(c["h2trace"]["connection"]["fin_first"], "local");
-    assert_eq!(
-        states(s),
-        [
-            "LISTEN",
-            "SYN_RECV",
-            "ESTABLISHED",
-            "CLOSE_WAIT",
-            "LAST_ACK",
-            "CLOSE"
-        ]
-    );
+    assert_eq!(states(s), SERVER_CLOSED_BY_PEER);
     assert_eq!(s["h2trace"]["connection"]["fin_first"], "peer");
 }
 
@@ -463,17 +456,7 @@ fn pid_filter(transport: &str, subnet: u8) {
     // Including the transitions that ran in softirq before the server touched the socket.
     for l in lives {
         let id = l["h2trace"]["socket"]["id"].as_str().unwrap();
-        assert_eq!(
-            live_states(&recs, id),
-            [
-                "LISTEN",
-                "SYN_RECV",
-                "ESTABLISHED",
-                "CLOSE_WAIT",
-                "LAST_ACK",
-                "CLOSE"
-            ]
-        );
+        assert_eq!(live_states(&recs, id), SERVER_CLOSED_BY_PEER);
     }
     assert!(recs.iter().all(|r| owner_pid(r) != Some(client_pid as u64)));
 }
