@@ -167,7 +167,7 @@ pub fn on_io<C: EbpfContext>(
     if (side == h2_side::NONE
         || side == h2_side::MAYBE_SERVER && d == 1
         || side == h2_side::MAYBE_CLIENT && d == 0)
-        && detect(ctx, life, sk, b, ret, d, other_quiet).is_none()
+        && detect(life, sk, b, ret, d, other_quiet).is_none()
     {
         return;
     }
@@ -177,8 +177,7 @@ pub fn on_io<C: EbpfContext>(
 /// At a socket's first send or receive: does it speak HTTP/2? `Some` when this call is to be
 /// walked.
 #[inline(always)]
-fn detect<C: EbpfContext>(
-    ctx: &C,
+fn detect(
     life: &mut SockLife,
     sk: u64,
     b: &UserBuf,
@@ -203,7 +202,6 @@ fn detect<C: EbpfContext>(
             }
             // The preface is not a frame: the walk steps over it (it may span iovecs).
             let c = H2.get_ptr_mut(&sk)?;
-            flush_held(ctx.as_ptr(), life, c);
             let st = unsafe { &mut (*c).dirs[d & 1] };
             st.phase = SKIP;
             st.need = PREFACE.len() as u32;
@@ -213,7 +211,6 @@ fn detect<C: EbpfContext>(
     if side == h2_side::MAYBE_SERVER || side == h2_side::MAYBE_CLIENT {
         if settle(life) {
             // The preface went this way already, in this way's first call (see `settle`).
-            flush_held(ctx.as_ptr(), life, H2.get_ptr_mut(&sk)?);
             return Some(());
         }
         // No preface where it had to be: not HTTP/2 after all.
@@ -322,9 +319,10 @@ fn settle(life: &mut SockLife) -> bool {
 /// Deliver the frame held while the side was a MAYBE, once it is confirmed. A client held
 /// a frame it received, a server one it sent.
 ///
-/// Called wherever a confirmed side may first meet the held frame: when the preface
-/// confirms it, at each walk, and at the life's end. The call that confirmed the side may
-/// have run on another CPU before this frame was held.
+/// Called wherever a confirmed side may first meet the held frame: at each walk (the call
+/// whose preface confirms the side walks on from it), at a frame's end, and at the life's
+/// end. The call that confirmed the side may have run on another CPU before this frame was
+/// held.
 #[inline(always)]
 fn flush_held(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn) {
     let c = unsafe { &mut *c };
