@@ -119,9 +119,8 @@ fn graceful(transport: &str, subnet: u8, v6: bool) {
         "FIN_WAIT2",
         "CLOSE",
     ];
-    let server_states = SERVER_CLOSED_BY_PEER;
     assert_eq!(states(c), client_states);
-    assert_eq!(states(s), server_states);
+    assert_eq!(states(s), SERVER_CLOSED_BY_PEER);
     assert_eq!(c["h2trace"]["connection"]["fin_first"], "local");
     assert_eq!(s["h2trace"]["connection"]["fin_first"], "peer");
     // The same sequences from the live transitions of --events all.
@@ -131,7 +130,7 @@ fn graceful(transport: &str, subnet: u8, v6: bool) {
     );
     assert_eq!(
         live_states(&r.recs, s["h2trace"]["socket"]["id"].as_str().unwrap()),
-        server_states
+        SERVER_CLOSED_BY_PEER
     );
     // Bytes, both sides, and the server socket owned by the server, not the softirq's task.
     assert_eq!(c["source"]["bytes"], SENT_BY_CLIENT);
