@@ -89,6 +89,7 @@ fn main() -> Result<()> {
             } else {
                 vm::plan(&kernel, is_root())
             };
+            warn_if_disk_short();
             setup()?;
             build_ebpf()?;
             if host {
@@ -184,6 +185,27 @@ fn is_root() -> bool {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+/// What a whole test run from a fresh clone writes: ~2.5 GiB of builds (3.3 with cargo's
+/// incremental caches), ~0.2 GiB of VM scratch, and on a new machine the toolchain, LLVM and
+/// the matrix kernels (~3 GiB). A disk that fills half-way shows up as a bare ENOSPC from
+/// whichever compiler hit it, so say it up front. A warning, not an error: on a machine set up
+/// before, less is enough.
+fn warn_if_disk_short() {
+    const NEED_GIB: f64 = 6.0;
+    let dir = root();
+    let Ok(fs) = nix::sys::statvfs::statvfs(&dir) else {
+        return;
+    };
+    let free_gib = (fs.blocks_available() as f64 * fs.fragment_size() as f64) / (1u64 << 30) as f64;
+    if free_gib < NEED_GIB {
+        eprintln!(
+            "xtask: warning: {free_gib:.1} GiB free on the file system of {}; a whole test run \
+             from a fresh clone on a new machine needs about {NEED_GIB} GiB",
+            dir.display()
+        );
+    }
 }
 
 fn setup() -> Result<()> {
