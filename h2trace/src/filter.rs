@@ -168,7 +168,10 @@ impl Selector {
     }
 
     fn flush(&mut self, ev: Event, out: &mut impl FnMut(Event)) {
-        if let Some(waiting) = self.pending.remove(&ev.socket.id) {
+        // Nearly always nothing waits (no owner or port filter): skip hashing the id.
+        if self.pending_len > 0
+            && let Some(waiting) = self.pending.remove(&ev.socket.id)
+        {
             self.pending_len -= waiting.len();
             for mut w in waiting {
                 // The owner was learned after these happened; it owned the socket all along.
@@ -182,7 +185,9 @@ impl Selector {
     }
 
     fn discard(&mut self, id: &SocketId) {
-        if let Some(waiting) = self.pending.remove(id) {
+        if self.pending_len > 0
+            && let Some(waiting) = self.pending.remove(id)
+        {
             self.pending_len -= waiting.len();
         }
     }
