@@ -372,14 +372,14 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         return;
     }
 
-    let (life, fresh) = match SOCKS.get_ptr_mut(&sk) {
+    let life = match SOCKS.get_ptr_mut(&sk) {
         // CLOSE → SYN_SENT on a socket we know: connect() after a disconnect; a new life.
         Some(p) if old == tcp_state::CLOSE => {
             end_life(ctx, p, now);
-            (start_life(sk, old, new, t, netns(), now), true)
+            start_life(sk, old, new, t, netns(), now)
         }
-        Some(p) => (Some(p), false),
-        None => (start_life(sk, old, new, t, netns(), now), true),
+        Some(p) => Some(p),
+        None => start_life(sk, old, new, t, netns(), now),
     };
     let Some(life) = life else { return };
     let life = unsafe { &mut *life };
@@ -388,9 +388,18 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
     if t.sport != 0 || life.meta.sport == 0 {
         fill_tuple(&mut life.meta, t);
     }
-    // The LISTEN → SYN_RECV step start_life added for a hook on `tcp_set_state`, live too.
-    if fresh && emit_all && old == tcp_state::SYN_RECV {
-        emit_live(ctx, kind::STATE, &life.meta, tcp_state::LISTEN, old, 0, now);
+    // An accepted socket's LISTEN → SYN_RECV is written live once it leaves SYN_RECV, stamped
+    // with its own time. The tracepoint sees the step in `inet_csk_clone_lock`, where 6.1 and
+    // 6.12 have not yet filled in the peer (`tcp_v4_syn_recv_sock` does it after the clone);
+    // a hook on `tcp_set_state` never sees it, and start_life added it. Either way the tuple
+    // is whole by the next step, microseconds later.
+    if emit_all
+        && old == tcp_state::SYN_RECV
+        && life.n_trans == 1
+        && life.first_state == tcp_state::LISTEN
+    {
+        let at = life.trans_ns[0];
+        emit_live(ctx, kind::STATE, &life.meta, tcp_state::LISTEN, old, 0, at);
     }
     let n = life.n_trans as usize;
     if n < MAX_TRANSITIONS {
@@ -416,7 +425,7 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         _ => {}
     }
 
-    if emit_all || new == tcp_state::CLOSE_WAIT {
+    if (emit_all && old != tcp_state::LISTEN) || new == tcp_state::CLOSE_WAIT {
         emit_live(ctx, kind::STATE, &life.meta, old, new, 0, now);
     }
     if new == tcp_state::CLOSE && config!(flags) & flags::END_AT_CLOSE != 0 {
