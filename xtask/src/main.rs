@@ -187,9 +187,9 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// What a whole test run from a fresh clone writes: ~2.5 GiB of builds (3.3 with cargo's
-/// incremental caches), ~0.2 GiB of VM scratch, and on a new machine the toolchain, LLVM and
-/// the matrix kernels (~3 GiB). A disk that fills half-way shows up as a bare ENOSPC from
+/// What a whole test run from a fresh clone writes: 2.7 GiB in the clone, builds and VM scratch
+/// (3.3 with cargo's incremental caches), and on a new machine the toolchain, LLVM and the
+/// matrix kernels (~3 GiB). A disk that fills half-way shows up as a bare ENOSPC from
 /// whichever compiler hit it, so say it up front. A warning, not an error: on a machine set up
 /// before, less is enough.
 fn warn_if_disk_short() {
