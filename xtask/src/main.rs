@@ -178,13 +178,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    nix::unistd::geteuid().is_root()
 }
 
 /// What a whole test run from a fresh clone writes: 2.7 GiB in the clone, builds and VM scratch
