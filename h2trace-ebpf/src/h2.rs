@@ -87,6 +87,15 @@ static H2: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(8192, 0);
 #[map]
 static H2_ZERO: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
 
+/// Held frames delivered, keyed by socket and life start. Two calls on two CPUs can both find
+/// the held frame before either clears `has_held`; the one whose `BPF_NOEXIST` insert succeeds
+/// delivers it (the map update is atomic, which a plain store is not, and BPF atomics would
+/// need ISA v3 and a `core` with them). One entry per HTTP/2 life that held a frame; old ones
+/// age out of the LRU, and the life start keeps a reused `struct sock` from meeting its
+/// predecessor's entry.
+#[map]
+static HELD_SENT: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(4096, 0);
+
 #[map]
 static FRAME_SCRATCH: PerCpuArray<FrameRecord> = PerCpuArray::with_max_entries(1, 0);
 
@@ -328,6 +337,10 @@ fn flush_held(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn) {
     let c = unsafe { &mut *c };
     if c.has_held != 0 && settle(life) {
         c.has_held = 0;
+        let key = [life.meta.skaddr, life.meta.start_ns];
+        if HELD_SENT.insert(&key, &0, BPF_NOEXIST as u64).is_err() {
+            return;
+        }
         let received = (life.h2_side == h2_side::CLIENT) as u8;
         emit_frame(ctx, life, &c.held, received);
     }
