@@ -101,9 +101,10 @@ pub struct DetectArgs {
     #[arg(long, value_name = "N")]
     pub cancel_storm: Option<usize>,
     /// Peers (a process and the address it dials, or a process and the port it serves) the
-    /// diagnosis keeps at once. Past it, the least recently active are written out with their
-    /// numbers (a peer-summary marked forgotten) and dropped, which keeps memory flat on a
-    /// node that talks to ever new addresses [default: 1024].
+    /// diagnosis keeps at once. Past it, the least recently active are dropped: one with
+    /// findings or --min-conns connections is written out with its numbers (a peer-summary
+    /// marked forgotten), the rest are summed in the process's "other peers". Memory stays
+    /// flat on a node that talks to ever new addresses [default: 1024].
     #[arg(long, value_name = "N")]
     pub max_peers: Option<usize>,
 }

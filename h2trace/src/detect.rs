@@ -60,8 +60,8 @@ pub struct DetectConfig {
     )]
     pub cancel_storm: usize,
     /// Peers (process and remote address, or process and local port) the detector keeps at
-    /// once: past it, the least recently active are written out (their `peer-summary`, marked
-    /// forgotten) and dropped. Written only when not the default, as `cancel_storm`.
+    /// once: past it, the least recently active are dropped (see `forget_peers`). Written only
+    /// when not the default, as `cancel_storm`.
     #[serde(
         default = "default_max_peers",
         skip_serializing_if = "is_default_max_peers"
@@ -233,6 +233,9 @@ pub enum Peer {
     Listen(u16),
     /// All of the process's connections (process-wide findings).
     All,
+    /// The process's peers and ports dropped past `max_peers` that had too little to be
+    /// written on their own: their numbers added together.
+    Others,
 }
 
 impl fmt::Display for Peer {
@@ -241,6 +244,7 @@ impl fmt::Display for Peer {
             Self::Remote(a) => write!(f, "{a}"),
             Self::Listen(p) => write!(f, "clients on port {p}"),
             Self::All => f.write_str("all peers"),
+            Self::Others => f.write_str("other peers"),
         }
     }
 }
@@ -389,6 +393,35 @@ struct Group {
     /// HTTP/2 connections and the streams their clients opened (reuse health).
     http2_connections: u64,
     http2_requests: u64,
+}
+
+impl Group {
+    /// Add a dropped group's totals into this one (its process's [`Peer::Others`]). Its
+    /// recent connections go with it: the sum has no window or concurrency of its own.
+    fn absorb(&mut self, g: Group, now: u64) {
+        if self.comm.is_empty() {
+            self.comm = g.comm;
+            self.first_ns = g.first_ns;
+        }
+        self.total += g.total;
+        self.first_ns = self.first_ns.min(g.first_ns);
+        // As recent as the last group it took in: the sum is not the next one dropped.
+        self.last_ns = self.last_ns.max(g.last_ns).max(now);
+        self.lifetimes.absorb(g.lifetimes);
+        self.idles.absorb(g.idles);
+        for (k, n) in g.closers {
+            *self.closers.entry(k).or_default() += n;
+        }
+        for (k, n) in g.ends {
+            *self.ends.entry(k).or_default() += n;
+        }
+        self.time_waits += g.time_waits;
+        self.retransmits += g.retransmits;
+        self.close_wait_max_ns = self.close_wait_max_ns.max(g.close_wait_max_ns);
+        self.close_wait_open += g.close_wait_open;
+        self.http2_connections += g.http2_connections;
+        self.http2_requests += g.http2_requests;
+    }
 }
 
 const AGE_HISTORY: usize = 32;
@@ -587,6 +620,18 @@ impl Dist {
     fn max(&self) -> u64 {
         self.with(|h| h.max()).unwrap_or(0)
     }
+
+    fn absorb(&mut self, other: Dist) {
+        for v in other.few {
+            self.record(v);
+        }
+        if let Some(h) = other.hist {
+            let mine = self
+                .hist
+                .get_or_insert_with(|| histogram(&std::mem::take(&mut self.few)));
+            mine.add(h).expect("auto-resizing histogram");
+        }
+    }
 }
 
 /// The most intervals `(start, end)` that overlap at one instant.
@@ -741,8 +786,11 @@ impl Detector {
         }
     }
 
-    /// Past `max_peers`, drop the least recently active eighth of the peers (at least one),
-    /// each written out first with its whole run's numbers and last findings.
+    /// Past `max_peers`, drop the least recently active eighth of the peers (at least one).
+    /// One with findings or at least `min_conns` connections is written out first with its
+    /// whole run's numbers and last findings; the rest, a node's one-off peers, are added
+    /// into their process's [`Peer::Others`], so that ever new peers do not make a record
+    /// each.
     fn forget_peers(&mut self, out: &mut Vec<Finding>) {
         let n = (self.cfg.max_peers / 8).max(1);
         let mut by_age: Vec<(u64, GroupKey)> = self
@@ -759,11 +807,14 @@ impl Detector {
         for (_, k) in &by_age {
             self.check_group(k, out);
         }
+        let on_its_own = |k: &GroupKey, g: &Group| {
+            k.peer == Peer::Others || !g.findings.is_empty() || g.total >= self.cfg.min_conns as u64
+        };
         let cw = self.close_wait_by_group();
         let summaries: Vec<(u64, PeerSummary)> = by_age
             .iter()
             .filter_map(|(_, k)| {
-                let g = self.groups.get(k)?;
+                let g = self.groups.get(k).filter(|g| on_its_own(k, g))?;
                 let mut s = self.summarize(k, g, None, cw.get(k));
                 s.forgotten = true;
                 Some((self.now, s))
@@ -771,7 +822,16 @@ impl Detector {
             .collect();
         self.windows.extend(summaries);
         for (_, k) in &by_age {
-            self.groups.remove(k);
+            let Some(g) = self.groups.remove(k) else {
+                continue;
+            };
+            if !on_its_own(k, &g) {
+                let others = GroupKey {
+                    peer: Peer::Others,
+                    ..k.clone()
+                };
+                self.groups.entry(others).or_default().absorb(g, self.now);
+            }
         }
         let gone: BTreeSet<&GroupKey> = by_age.iter().map(|(_, k)| k).collect();
         self.emitted.retain(|(_, k), _| !gone.contains(k));
@@ -1003,7 +1063,8 @@ impl Detector {
             cap(&mut p.time_waits);
             cap(&mut p.closes);
         }
-        if self.groups.len() >= self.cfg.max_peers && !self.groups.contains_key(&key) {
+        // A round can add the process's `Others` as it drops one peer: then another.
+        while self.groups.len() >= self.cfg.max_peers && !self.groups.contains_key(&key) {
             self.forget_peers(out);
         }
         let g = self.groups.entry(key.clone()).or_default();
@@ -1144,7 +1205,8 @@ impl Detector {
         let cfg = self.cfg.clone();
         let now = self.now;
         let from = now.saturating_sub(cfg.window_ns);
-        let Some(g) = self.groups.get(key) else {
+        // `Others` is a sum of peers with too little to judge, and has no connections of its own.
+        let Some(g) = self.groups.get(key).filter(|_| key.peer != Peer::Others) else {
             return;
         };
         let who = if key.tgid == 0 {
@@ -1958,51 +2020,72 @@ mod tests {
     }
 
     #[test]
-    fn past_max_peers_the_least_recently_active_are_written_out_and_forgotten() {
+    fn past_max_peers_the_least_recently_active_are_dropped_and_the_one_offs_summed() {
         let cfg = DetectConfig {
             max_peers: 8,
             ..DetectConfig::default()
         };
+        let min_conns = cfg.min_conns as u64;
         let mut d = Detector::new(cfg);
         let mut out = Vec::new();
         let mut written = Vec::new();
-        // 20 peers, one connection each, 10 ms apart; the first peer comes back last.
-        for i in 0..21u64 {
-            let remote = format!("10.0.1.{}:80", i % 20);
-            let ev = closed(i, i * 10_000_000, &remote, Some(7));
+        let mut feed = |d: &mut Detector, id: u64, t: u64, remote: &str| {
+            let ev = closed(id, t, remote, Some(7));
             d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
             assert!(d.groups.len() <= 8);
             written.extend(d.take_windows());
+        };
+        // A busy peer first (`min_conns` connections), then 20 peers of one connection
+        // each, 10 ms apart; the first of them comes back last.
+        for j in 0..min_conns {
+            feed(&mut d, 1000 + j, j * 1_000_000, "10.0.2.1:80");
         }
-        // Each went when the table was full: the oldest eighth (one) at a time.
-        assert_eq!(d.peers_forgotten, 13);
-        assert_eq!(written.len(), 13);
-        assert!(
-            written
-                .iter()
-                .all(|(_, p)| p.forgotten && p.window.is_none())
+        let t0 = 100_000_000;
+        for i in 0..21u64 {
+            feed(
+                &mut d,
+                i,
+                t0 + i * 10_000_000,
+                &format!("10.0.1.{}:80", i % 20),
+            );
+        }
+        // The busy peer went first, written out with its numbers; the one-off peers that
+        // went after it (the oldest, one at a time) were added into `other peers`.
+        assert_eq!(written.len(), 1, "{written:#?}");
+        let (_, busy) = &written[0];
+        assert!(busy.forgotten && busy.window.is_none());
+        assert_eq!(
+            (busy.peer.to_string(), busy.connections, busy.tgid),
+            ("10.0.2.1:80".to_string(), min_conns, 7)
         );
-        // Oldest first, each written at the time it was dropped, with its numbers.
-        let dropped: Vec<String> = written.iter().map(|(_, p)| p.peer.to_string()).collect();
-        let expected: Vec<String> = (0..13).map(|i| format!("10.0.1.{i}:80")).collect();
-        assert_eq!(dropped, expected);
-        assert!(written.windows(2).all(|w| w[0].0 < w[1].0));
-        assert!(
-            written
-                .iter()
-                .all(|(_, p)| p.connections == 1 && p.tgid == 7)
-        );
-        // The first peer came back as a new entry; the run's table has the last eight.
-        let last = d.finish(300_000_000, &mut out);
+        // The table at the end: `other peers` and the 7 newest.
+        let last = d.finish(t0 + 300_000_000, &mut out);
         assert_eq!(last.len(), 8);
-        assert!(last.iter().all(|p| !p.forgotten));
+        let others: Vec<&PeerSummary> = last.iter().filter(|p| p.peer == Peer::Others).collect();
+        assert_eq!(others.len(), 1);
+        let o = others[0];
+        assert_eq!((o.connections, o.tgid, o.forgotten), (14, 7, false));
+        assert_eq!(o.ends.values().sum::<u64>(), 14);
+        // Every one lived 2 ms.
+        assert_eq!(o.lifetime_p50_ns / 1_000_000, 2);
+        assert_eq!(d.peers_forgotten, 1 + 14);
+        let kept: Vec<String> = last
+            .iter()
+            .filter(|p| p.peer != Peer::Others)
+            .map(|p| p.peer.to_string())
+            .collect();
+        let mut expected: Vec<String> = (14..20).map(|i| format!("10.0.1.{i}:80")).collect();
+        expected.push("10.0.1.0:80".to_string());
+        expected.sort();
+        assert_eq!(kept, expected);
         let total: u64 = last
             .iter()
             .chain(written.iter().map(|(_, p)| p))
             .map(|p| p.connections)
             .sum();
         assert_eq!(
-            total, 21,
+            total,
+            min_conns + 21,
             "every connection is in exactly one peer's numbers"
         );
     }

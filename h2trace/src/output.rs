@@ -1095,7 +1095,7 @@ impl<W: Write> Sink for Text<W> {
                 if s.peers_forgotten > 0 {
                     writeln!(
                         self.out,
-                        "  peers forgotten      {} (least recently active, past --max-peers; -f ndjson writes each one's numbers as it goes)",
+                        "  peers forgotten      {} (least recently active, past --max-peers: one-off peers are summed in \"other peers\", -f ndjson writes the others' numbers as they go)",
                         s.peers_forgotten
                     )?;
                 }
