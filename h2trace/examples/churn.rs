@@ -12,9 +12,7 @@
 //! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
 //! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
 //! stuck: close, while N sockets (`--stuck N`, 2,000 by default) sit in CLOSE_WAIT for the
-//! whole run, as behind a server that leaks them (what the diagnosis costs then). Run by hand,
-//! alternating two builds: inside `cargo xtask bench`, whole rounds of it ran at a fifth of
-//! the usual rate with or without a tracer, for a reason not found yet.
+//! whole run, as behind a server that leaks them (what the diagnosis costs then).
 //! `--peers N` (close and rst): the clients dial N addresses in turn, 127.0.x.y on ADDR's port
 //! (ADDR should then be 0.0.0.0:PORT): a node talking to ever new peers.
 use std::{
@@ -109,9 +107,9 @@ fn exchange(s: &mut TcpStream) -> bool {
     s.write_all(REQ).is_ok() && s.read_exact(&mut buf).is_ok()
 }
 
-/// Both ends of `conns` connections, one exchange each, kept open for `seconds`.
-fn hold(listener: &TcpListener, conns: usize, seconds: f64) {
-    // Two descriptors per connection, beyond the usual soft limit (up to the hard one).
+/// Room for both ends of `conns` connections: beyond the usual soft limit of descriptors, up
+/// to the hard one.
+fn allow_descriptors(conns: usize) {
     let want = (2 * conns + 64) as libc::rlim_t;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -130,6 +128,11 @@ fn hold(listener: &TcpListener, conns: usize, seconds: f64) {
         );
         std::process::exit(2);
     }
+}
+
+/// Both ends of `conns` connections, one exchange each, kept open for `seconds`.
+fn hold(listener: &TcpListener, conns: usize, seconds: f64) {
+    allow_descriptors(conns);
     let addr = listener.local_addr().unwrap();
     let start = Instant::now();
     let mut held = Vec::with_capacity(2 * conns);
@@ -179,13 +182,21 @@ fn main() {
         return;
     }
     let addr = listener.local_addr().unwrap();
-    // Accepted and never closed once their clients have: CLOSE_WAIT until the end.
-    let _stuck: Vec<TcpStream> = if mode == "stuck" {
+    // Accepted and never closed once their clients have: CLOSE_WAIT until the end. The
+    // clients only shut down their sending side and stay open (FIN_WAIT2), so that their
+    // ports stay theirs: a client socket closed outright becomes an orphan, which the kernel
+    // drops at once when the namespace's TIME_WAIT table is full (earlier runs fill it).
+    // Its port is then free while the server still holds the connection in CLOSE_WAIT, and
+    // every new connection that picks that port has its SYN answered with a challenge ACK
+    // and waits a second to retry: whole runs went at a tenth of the rate.
+    let _stuck: Vec<(TcpStream, TcpStream)> = if mode == "stuck" {
         let n: usize = get("--stuck", "2000").parse().expect("--stuck");
+        allow_descriptors(n);
         (0..n)
             .map(|_| {
-                drop(TcpStream::connect(addr).expect("connect"));
-                listener.accept().expect("accept").0
+                let c = TcpStream::connect(addr).expect("connect");
+                c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                (c, listener.accept().expect("accept").0)
             })
             .collect()
     } else {
