@@ -102,7 +102,10 @@ pub mod counter {
     /// Of the records lost to a full ring or a failed perf output, those that were socket
     /// lives: the agent can then account for every life exactly (ended = written + lost).
     pub const LIFE_LOST: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// `--events all` state changes not written because the ring buffer was more than half
+    /// full (the rest of it is kept for socket lives).
+    pub const STATES_SHED: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Flags in [`ProgConfig::flags`].

@@ -32,6 +32,7 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u8 = 6;
 const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
 const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const MSG_PEEK: i32 = 2;
@@ -281,6 +282,23 @@ fn emit_live<C: EbpfContext>(
     emit(ctx, &rec as *const LiveRecord);
 }
 
+/// A state change written only because of `--events all`. While the ring buffer is more than
+/// half full it is shed (counted) instead: the agent is behind, and the room left is kept for
+/// the socket lives, which say every state change anyway. Perf buffers cannot be asked how
+/// full they are.
+#[inline(always)]
+fn emit_state_change<C: EbpfContext>(ctx: &C, meta: &SockMeta, old: u8, new: u8, at: u64) {
+    if config!(flags) & flags::USE_PERF == 0 {
+        let map = addr_of!(RING) as *mut c_void;
+        let waiting = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
+        if waiting > unsafe { bpf_ringbuf_query(map, BPF_RB_RING_SIZE) } / 2 {
+            count(counter::STATES_SHED);
+            return;
+        }
+    }
+    emit_live(ctx, kind::STATE, meta, old, new, 0, at);
+}
+
 /// Emit the life record of a tracked socket (the entry stays; callers remove or reuse it).
 #[inline(always)]
 fn end_life<C: EbpfContext>(ctx: &C, life: *mut SockLife, now: u64) {
@@ -367,7 +385,7 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
             if let Some(o) = current_owner() {
                 set_owner(&mut meta, &o, owner_src::LISTENER);
             }
-            emit_live(ctx, kind::STATE, &meta, old, new, 0, now);
+            emit_state_change(ctx, &meta, old, new, now);
         }
         return;
     }
@@ -399,7 +417,7 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         && life.first_state == tcp_state::LISTEN
     {
         let at = life.trans_ns[0];
-        emit_live(ctx, kind::STATE, &life.meta, tcp_state::LISTEN, old, 0, at);
+        emit_state_change(ctx, &life.meta, tcp_state::LISTEN, old, at);
     }
     let n = life.n_trans as usize;
     if n < MAX_TRANSITIONS {
@@ -425,8 +443,12 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8, t: &Tuple) {
         _ => {}
     }
 
-    if (emit_all && old != tcp_state::LISTEN) || new == tcp_state::CLOSE_WAIT {
+    // CLOSE_WAIT is written in every mode and never shed: a socket stuck there has no life
+    // record to come, and the diagnosis needs to know it is there.
+    if new == tcp_state::CLOSE_WAIT {
         emit_live(ctx, kind::STATE, &life.meta, old, new, 0, now);
+    } else if emit_all && old != tcp_state::LISTEN {
+        emit_state_change(ctx, &life.meta, old, new, now);
     }
     if new == tcp_state::CLOSE && config!(flags) & flags::END_AT_CLOSE != 0 {
         end_life(ctx, life, now);

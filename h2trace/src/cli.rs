@@ -121,7 +121,9 @@ pub enum Format {
 pub enum Events {
     /// One record per finished connection, plus CLOSE_WAIT, resets and retransmissions live.
     Default,
-    /// Also every state transition as it happens (like tcpstates), for debugging.
+    /// Also every state transition as it happens (like tcpstates), for debugging. When they
+    /// come faster than h2trace reads them, the kernel sheds them past half the ring buffer
+    /// (counted as states_shed) to keep room for the connection records.
     All,
 }
 

@@ -184,6 +184,10 @@ pub struct Losses {
     /// is a part of those two.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub lives_lost: u64,
+    /// `--events all` state changes the kernel did not write because the ring buffer was more
+    /// than half full: the room left went to socket lives, which list every state change.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub states_shed: u64,
 }
 
 impl Losses {
@@ -199,6 +203,7 @@ impl Losses {
             + self.conntrack_malformed
             + self.http2_untracked
             + self.http2_desync
+            + self.states_shed
     }
 
     /// The counters that are not zero, in an operator's words, each with what helps. For the
@@ -255,6 +260,11 @@ impl Losses {
         say(
             self.http2_desync,
             "HTTP/2 directions that lost frame boundaries",
+        );
+        say(
+            self.states_shed,
+            "--events all state changes not written while the ring buffer was over half full \
+             (kept for connection records, which list every state change)",
         );
         parts.join("; ")
     }
@@ -1246,8 +1256,9 @@ pub(crate) mod tests {
             http2_untracked: 1,
             http2_desync: 1,
             lives_lost: 0,
+            states_shed: 1,
         };
-        assert_eq!(all.explain().split("; ").count(), 9);
+        assert_eq!(all.explain().split("; ").count(), 10);
     }
 
     #[test]

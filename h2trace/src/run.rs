@@ -213,6 +213,7 @@ fn apply_counters(l: &mut Losses, c: &CounterValues, perf_lost: u64) {
     l.http2_untracked = c.h2_track_failed;
     l.http2_desync = c.h2_desync;
     l.lives_lost = c.lives_lost;
+    l.states_shed = c.states_shed;
 }
 
 fn drain_conntrack(cts: &mut [Listener], stamp: u64, o: &mut Ordered) {

@@ -134,6 +134,7 @@ pub struct CounterValues {
     pub h2_track_failed: u64,
     pub h2_desync: u64,
     pub lives_lost: u64,
+    pub states_shed: u64,
 }
 
 impl Counters {
@@ -159,6 +160,7 @@ impl Counters {
             h2_track_failed: get(counter::H2_TRACK_FAIL),
             h2_desync: get(counter::H2_DESYNC),
             lives_lost: get(counter::LIFE_LOST),
+            states_shed: get(counter::STATES_SHED),
         }
     }
 }

@@ -230,6 +230,58 @@ fn loss_forced_by_a_tiny_ring_is_counted_and_reported() {
     );
 }
 
+/// `--events all` writes every state change: more than the agent can read under maximum churn
+/// here. Past half a ring, the kernel sheds those state changes (counted) and keeps the room
+/// for the connection records, which list every state change themselves: the records the
+/// diagnosis stands on are not the ones lost.
+#[test]
+fn events_all_past_half_a_ring_sheds_state_changes_not_connections() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("shed", 47);
+    let tracer = Tracer::start("shed", &["--events", "all", "--ring-size", "1MiB"]);
+    let mut load = churn(&net, 3);
+    assert!(
+        wait_timeout(&mut load.0, Duration::from_secs(30))
+            .expect("churn did not end")
+            .success()
+    );
+    let connections = connections_made(&mut load);
+    let recs = tracer.stop();
+    let summary = &recs.last().unwrap()["h2trace"]["summary"];
+    assert_eq!(action(recs.last().unwrap()), "summary");
+    let loss = |k: &str| summary["losses"][k].as_u64().unwrap_or(0);
+    let ns = NetPair::inode(&net.server);
+    let mine = |a: &str| {
+        recs.iter()
+            .filter(|r| action(r) == a && r["h2trace"]["netns"] == ns)
+            .count() as u64
+    };
+    let (lives, states) = (mine("connection-closed"), mine("state-change"));
+    eprintln!(
+        "shed: {connections} connections, {lives} lives and {states} state changes written, {} shed, {} lost ({} of them lives)",
+        loss("states_shed"),
+        loss("ringbuf_full"),
+        loss("lives_lost")
+    );
+    assert!(loss("states_shed") > 0, "{summary:#}");
+    // What is lost beyond that is a small part, and every life is written or counted.
+    assert!(
+        loss("lives_lost") * 10 <= loss("states_shed"),
+        "{summary:#}"
+    );
+    let n = |k: &str| summary[k].as_u64().unwrap_or(0);
+    assert!(
+        (n("connections") + n("discarded_children") + loss("lives_lost")).abs_diff(n("ended")) <= 2,
+        "{summary:#}"
+    );
+    assert!(2 * connections <= lives + loss("lives_lost") + n("open_at_exit"));
+    // Said as it happened, not only at the end.
+    assert!(
+        recs.iter()
+            .any(|r| action(r) == "loss" && r["h2trace"]["loss"]["states_shed"].as_u64() > Some(0))
+    );
+}
+
 /// A node that talks to ever new peers (a client dialing 2,000 addresses in turn): the
 /// diagnosis keeps `--max-peers` of them and sums the one-off peers it drops in `other
 /// peers`, so that every connection is counted in exactly one peer record, the stream does
