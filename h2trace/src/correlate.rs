@@ -144,6 +144,10 @@ pub struct Facts {
     pub silent_gap_ns: Option<u64>,
     /// From the first bytes sent, when captured (`--peek`).
     pub protocol: Option<Protocol>,
+    /// This side sent a RST before the connection was established, and it was established
+    /// after all: its SYN met a connection the peer still held on the same ports (the peer
+    /// answered with an ACK for that one, which this side reset), and was sent again.
+    pub handshake_reset: bool,
 }
 
 fn first_at(l: &Life, pred: impl Fn(u8) -> bool) -> Option<u64> {
@@ -210,14 +214,23 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         });
     // Consecutive states, without collecting them: this runs for every record written.
     let steps = || l.states().zip(l.transitions.iter().map(|t| t.state));
-    let no_rst = l.resets_sent == 0 && l.resets_received == 0;
+    // Not how the connection ended, nor are the handshake's retransmissions (the SYN again).
+    let handshake_reset = established_ns
+        .zip(l.first_reset_sent_ns)
+        .is_some_and(|(e, r)| r < e);
+    let resets_sent = l.resets_sent - u16::from(handshake_reset);
+    let retransmitted_after_handshake = l.retransmits > 0
+        && !established_ns
+            .zip(l.last_retransmit_ns)
+            .is_some_and(|(e, r)| r < e);
+    let no_rst = resets_sent == 0 && l.resets_received == 0;
     let time_wait = no_rst && steps().any(|w| matches!(w, (FIN_WAIT2, CLOSE) | (CLOSING, CLOSE)));
     let local_closed_first = matches!(l.fin_first(), FinFirst::Local | FinFirst::Simultaneous);
     let kind = if open {
         EndKind::Open
     } else if established_ns.is_none() && l.first_state != ESTABLISHED {
         EndKind::ConnectFailed
-    } else if l.resets_received > 0 && l.resets_sent > 0 && local_closed_first && {
+    } else if l.resets_received > 0 && resets_sent > 0 && local_closed_first && {
         let (r, t) = (
             l.first_reset_received_ns.unwrap_or(0),
             l.first_reset_sent_ns.unwrap_or(u64::MAX),
@@ -227,9 +240,9 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         EndKind::LocalAbort
     } else if l.resets_received > 0 {
         EndKind::ResetReceived
-    } else if l.resets_sent > 0 {
+    } else if resets_sent > 0 {
         EndKind::ResetSent
-    } else if l.retransmits > 0 && steps().any(|w| w == (ESTABLISHED, CLOSE)) {
+    } else if retransmitted_after_handshake && steps().any(|w| w == (ESTABLISHED, CLOSE)) {
         EndKind::Timeout
     } else {
         EndKind::Fin
@@ -239,7 +252,7 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
     // request came before the reset or the retransmissions; else from the last byte received.
     let trouble = match kind {
         EndKind::ResetReceived => l.first_reset_received_ns,
-        _ if l.retransmits > 0 => l.last_retransmit_ns,
+        _ if retransmitted_after_handshake => l.last_retransmit_ns,
         _ => None,
     };
     let silent_gap_ns = trouble.and_then(|t| match l.longest_request_gap {
@@ -263,6 +276,7 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         time_wait,
         silent_gap_ns,
         protocol: Protocol::of(&l.first_bytes),
+        handshake_reset,
     }
 }
 
@@ -338,6 +352,46 @@ mod tests {
         assert_eq!(f.lifetime_ns, 10_000);
         assert_eq!(f.idle_before_close_ns, Some(6_000));
         assert_eq!(f.close_wait_ns, None);
+    }
+
+    #[test]
+    fn a_reset_in_the_handshake_is_not_how_the_connection_ended() {
+        // As recorded: the SYN met a connection the server still held in CLOSE_WAIT on the
+        // same ports, its ACK was reset (TCP_INVALID_ACK_SEQUENCE), the SYN went again.
+        let handshake = [
+            (1_000, SYN_SENT),
+            (11_000_000, ESTABLISHED),
+            (11_200_000, FIN_WAIT1),
+            (11_300_000, FIN_WAIT2),
+            (11_400_000, CLOSE),
+        ];
+        let mut l = life(CLOSE, &handshake);
+        l.resets_sent = 1;
+        l.first_reset_sent_ns = Some(45_000);
+        l.retransmits = 1;
+        l.last_retransmit_ns = Some(10_000_000);
+        let f = facts(&sock(Origin::Active), &l, false, 12_000_000);
+        assert_eq!(f.end, EndKind::Fin);
+        assert!(f.handshake_reset && f.time_wait);
+        assert_eq!(f.silent_gap_ns, None);
+        // A second reset, at the end, is how it ended.
+        l.resets_sent = 2;
+        let f = facts(&sock(Origin::Active), &l, false, 12_000_000);
+        assert_eq!(f.end, EndKind::ResetSent);
+        assert!(f.handshake_reset && !f.time_wait);
+        // A reset after establishment is not the handshake's.
+        l.resets_sent = 1;
+        l.first_reset_sent_ns = Some(11_100_000);
+        let f = facts(&sock(Origin::Active), &l, false, 12_000_000);
+        assert_eq!(f.end, EndKind::ResetSent);
+        assert!(!f.handshake_reset);
+        // Nor is a handshake that never completed: the connect failed.
+        let mut never = life(CLOSE, &[(1_000, SYN_SENT), (3_000_000, CLOSE)]);
+        never.resets_sent = 1;
+        never.first_reset_sent_ns = Some(45_000);
+        let f = facts(&sock(Origin::Active), &never, false, 4_000_000);
+        assert_eq!(f.end, EndKind::ConnectFailed);
+        assert!(!f.handshake_reset);
     }
 
     #[test]

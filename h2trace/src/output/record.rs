@@ -346,6 +346,9 @@ fn connection(
         ",\"time_wait\":false"
     });
     j.opt(",\"silent_gap_ns\":", f.silent_gap_ns);
+    if f.handshake_reset {
+        j.raw(",\"handshake_reset\":true");
+    }
     if let Some(p) = f.protocol {
         j.raw(",\"protocol\":");
         j.plain(p.as_str());
