@@ -220,9 +220,9 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
         .is_some_and(|(e, r)| r < e);
     let resets_sent = l.resets_sent - u16::from(handshake_reset);
     let retransmitted_after_handshake = l.retransmits > 0
-        && !established_ns
+        && established_ns
             .zip(l.last_retransmit_ns)
-            .is_some_and(|(e, r)| r < e);
+            .is_none_or(|(e, r)| r >= e);
     let no_rst = resets_sent == 0 && l.resets_received == 0;
     let time_wait = no_rst && steps().any(|w| matches!(w, (FIN_WAIT2, CLOSE) | (CLOSING, CLOSE)));
     let local_closed_first = matches!(l.fin_first(), FinFirst::Local | FinFirst::Simultaneous);
