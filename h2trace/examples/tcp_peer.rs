@@ -6,6 +6,7 @@
 //!   tcp_peer client ADDR [--conns N] [--send B] [--reply B] [--requests K] [--interval MS]
 //!                        [--then HOW] [--gap MS] [--gap-growth F] [--until-eof]
 //!                        [--user-timeout MS] [--pause-after-first MS] [--handoff]
+//!                        [--bind IP:PORT]
 //!   tcp_peer proxy LISTEN UPSTREAM [--requests K] [--reply B]
 //!
 //! HOW says how a side ends a connection once its part is done:
@@ -14,6 +15,8 @@
 //!   shutdown    shutdown(SHUT_WR), then close() at once (the kernel sets FIN_WAIT1/2 twice)
 //!   hold:MS     wait MS milliseconds (a FIN from the peer leaves us in CLOSE_WAIT), then close()
 //!   reject      (server) close at once without reading or answering
+//! `--bind`: every connection from that address and port (IPv4, SO_REUSEADDR): a client that
+//! takes the same port again while the server may still hold the old connection.
 //! The server prints `ready` on stdout once it listens; with `--fork` a child process serves
 //! each connection and prints `served PID PEER-PORT` when done. Everything is bounded: counts, timeouts.
 use std::{
@@ -39,6 +42,7 @@ struct Opts {
     pause_after_first_ms: u64,
     fork: bool,
     handoff: bool,
+    bind: Option<std::net::SocketAddrV4>,
 }
 
 fn usage(msg: &str) -> ! {
@@ -63,6 +67,7 @@ fn parse(args: &[String]) -> Opts {
         pause_after_first_ms: 0,
         fork: false,
         handoff: false,
+        bind: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -102,6 +107,12 @@ fn parse(args: &[String]) -> Opts {
             }
             "--user-timeout" => o.user_timeout_ms = Some(num() as u32),
             "--pause-after-first" => o.pause_after_first_ms = num(),
+            "--bind" => {
+                o.bind = Some(
+                    v.parse()
+                        .unwrap_or_else(|_| usage(&format!("--bind {v}: not IPv4 IP:PORT"))),
+                )
+            }
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
@@ -232,6 +243,54 @@ fn serve(mut s: TcpStream, o: &Opts) {
     finish(s, &o.then);
 }
 
+/// Connect to `addr` from `local`, which may be taken again (SO_REUSEADDR).
+fn connect_from(local: std::net::SocketAddrV4, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        usage("--bind: IPv4 only")
+    };
+    let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let check = |r: i32| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY: a new descriptor that the TcpStream owns from here on, and sockaddr_in values
+    // of the size given.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let s = TcpStream::from_raw_fd(fd);
+        setsockopt(&s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1i32);
+        let from = sin(local);
+        check(libc::bind(
+            fd,
+            (&from as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
+        let to = sin(to);
+        check(libc::connect(
+            fd,
+            (&to as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
+        Ok(s)
+    }
+}
+
 fn client(addr: SocketAddr, o: &Opts) {
     let mut gap = o.gap_ms as f64;
     for i in 0..o.conns {
@@ -239,7 +298,11 @@ fn client(addr: SocketAddr, o: &Opts) {
             std::thread::sleep(Duration::from_millis(gap as u64));
             gap *= o.gap_growth;
         }
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        let mut s = match o.bind {
+            Some(local) => connect_from(local, addr),
+            None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        }
+        .expect("connect");
         if let Some(ms) = o.user_timeout_ms {
             setsockopt(&s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
         }

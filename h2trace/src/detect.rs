@@ -124,6 +124,7 @@ pub enum Pattern {
     ConntrackClosedEarly,
     TooManyPings,
     StreamCancelStorm,
+    PortReuseCollision,
 }
 
 impl Pattern {
@@ -143,6 +144,7 @@ impl Pattern {
             Self::ConntrackClosedEarly => "conntrack-closed-early",
             Self::TooManyPings => "too-many-pings",
             Self::StreamCancelStorm => "stream-cancel-storm",
+            Self::PortReuseCollision => "port-reuse-collision",
         }
     }
 
@@ -176,6 +178,11 @@ impl Pattern {
             Self::CloseWaitStuck => &[
                 "make the application notice EOF/errors and close (or return to its pool) connections the peer closed",
                 "look for leaked sockets: file descriptors that are never closed",
+            ],
+            Self::PortReuseCollision => &[
+                "find why the peer keeps connections its clients closed (CLOSE_WAIT: it never closes them); h2trace on its node names it as close-wait-stuck",
+                "do not bind clients to fixed source ports; with many connections to one peer, widen net.ipv4.ip_local_port_range so a port comes back less often",
+                "a NAT or load balancer in between may hand out ports whose old connections the server still holds: check its port allocation",
             ],
             Self::HandshakeFailureLoop => &[
                 "look at the peer's logs for the handshake error (TLS version/cipher/ALPN, certificates, SNI, h2c vs TLS)",
@@ -1598,6 +1605,40 @@ impl Detector {
             }
         }
 
+        // Port reuse collision: connections whose SYN met a connection the peer still held on
+        // the same ports; the peer answered for the old one, this side reset that and sent the
+        // SYN again (`handshake_reset`). What it costs is the wait before the SYN goes again.
+        let collided: Vec<&Conn> = window
+            .iter()
+            .copied()
+            .filter(|c| matches!(key.peer, Peer::Remote(_)) && c.f.handshake_reset)
+            .collect();
+        if collided.len() >= cfg.min_handshake_failures {
+            let delays: Vec<u64> = collided
+                .iter()
+                .filter_map(|c| c.f.established_ns.map(|e| e.saturating_sub(c.f.start_ns)))
+                .collect();
+            let p50 = percentile(&delays, 0.5);
+            let numbers = json!({ "connections": collided.len(), "handshake_p50_ns": p50 });
+            let summary = format!(
+                "{} connection(s) of {who} to {} took a local port on which the peer still held an older connection (usually in CLOSE_WAIT: a server that does not close what its clients closed): the SYN was answered for the old connection, reset, and sent again, which held connect() up {} (p50).",
+                collided.len(),
+                key.peer,
+                ms(p50)
+            );
+            found.push((
+                Pattern::PortReuseCollision,
+                self.finding(
+                    Pattern::PortReuseCollision,
+                    key,
+                    numbers,
+                    0.9,
+                    ids(&collided),
+                    summary,
+                ),
+            ));
+        }
+
         // Black hole / reset after idle: silence, then retransmissions into nothing or a RST.
         for (pattern, pick) in [
             (
@@ -2105,6 +2146,43 @@ mod tests {
             d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
         }
         assert_eq!(d.processes.keys().copied().collect::<Vec<_>>(), [8]);
+    }
+
+    #[test]
+    fn syns_that_met_the_peers_old_connection_are_a_port_reuse_collision() {
+        let mut d = Detector::new(DetectConfig::default());
+        let mut out = Vec::new();
+        // One connection a second to the same peer; from the third on, each SYN meets the
+        // peer's older connection on the same ports and goes again 0.4 ms later.
+        for i in 0..6u64 {
+            let t = i * 1_000_000_000;
+            let mut ev = closed(i, t, "10.0.0.2:80", Some(7));
+            if i >= 2 {
+                let Body::Life(l) = &mut ev.body else {
+                    unreachable!()
+                };
+                l.transitions[1].ts_ns = t + 500_000;
+                l.resets_sent = 1;
+                l.first_reset_sent_ns = Some(t + 50_000);
+                l.retransmits = 1;
+                l.last_retransmit_ns = Some(t + 400_000);
+            }
+            d.on_event(&ev, crate::correlate::of_event(&ev), &mut out);
+        }
+        let hits: Vec<&Finding> = out
+            .iter()
+            .filter(|f| f.pattern == Pattern::PortReuseCollision)
+            .collect();
+        // Named at the third such connection; the fourth does not double the evidence.
+        assert_eq!(hits.len(), 1, "{out:#?}");
+        let f = hits[0];
+        assert_eq!(f.numbers["connections"], 3);
+        // Two significant digits.
+        let p50 = f.numbers["handshake_p50_ns"].as_u64().unwrap();
+        assert!((495_000..=505_000).contains(&p50), "{p50}");
+        assert_eq!(f.peer.to_string(), "10.0.0.2:80");
+        // They ended with a FIN like the others: the reset was the handshake's.
+        assert!(out.iter().all(|f| f.pattern != Pattern::RstStorm));
     }
 
     #[test]

@@ -361,6 +361,60 @@ fn handshake_failure_loop() {
 }
 
 /// A connection through the router goes idle; then the router starts `verdict`ing its packets.
+/// A server that keeps what its client closed (CLOSE_WAIT), and a client that connects from
+/// the same port each time. The client's namespace keeps no TIME_WAIT sockets, as when its
+/// table is full under churn, so nothing there remembers the old connection: each new SYN
+/// meets the server's, is answered for it, and goes again after the client resets that.
+#[test]
+fn port_reuse_collision() {
+    let Some(_lock) = kernel_test() else { return };
+    let net = NetPair::new("portreuse", 77);
+    let st = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.client, "sysctl", "-qw"])
+        .arg("net.ipv4.tcp_max_tw_buckets=0")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let addr = format!("{}:8080", net.server_v4);
+    let from = format!("{}:40100", net.client_v4);
+    let mut client_pid = 0;
+    let recs = traced("port-reuse-collision", &[], || {
+        // One connection at a time: each waits in CLOSE_WAIT for a second after the client's
+        // FIN, and the client comes back from the same port 200 ms after it.
+        let server = net.server(&addr, &["--conns", "4", "--then", "hold:1000"]);
+        client_pid = net.client(&addr, &["--conns", "4", "--bind", &from, "--gap", "200"]);
+        vec![server]
+    });
+    let f = the_finding(&recs, "port-reuse-collision", client_pid);
+    assert_eq!(number(f, "connections"), 3, "{f:#}");
+    // The client's records: the first connection clean, each later one with the handshake's
+    // reset, and all of them ended with a FIN.
+    let mine: Vec<&Value> = recs
+        .iter()
+        .filter(|r| action(r) == "connection-closed" && owner_pid(r) == Some(client_pid as u64))
+        .collect();
+    let analysis = |r: &Value| {
+        let a = &r["h2trace"]["connection"]["analysis"];
+        (
+            a["end"].as_str().map(String::from),
+            a["handshake_reset"] == true,
+        )
+    };
+    let seen: Vec<_> = mine.iter().map(|r| analysis(r)).collect();
+    let fin = Some("fin".to_string());
+    assert_eq!(
+        seen,
+        [
+            (fin.clone(), false),
+            (fin.clone(), true),
+            (fin.clone(), true),
+            (fin, true)
+        ],
+        "{mine:#?}"
+    );
+    assert!(mine.iter().all(|r| r["source"]["port"] == 40100));
+}
+
 fn middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
     let net = NetPair::with_router(tag, subnet);
     let addr = format!("{}:8080", net.server_v4);
