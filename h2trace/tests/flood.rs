@@ -43,6 +43,21 @@ fn connections_made(load: &mut KillOnDrop) -> u64 {
         .unwrap_or_else(|| panic!("churn said: {done}"))
 }
 
+/// Three seconds of churn in a new namespace pair (`tag`, `subnet`), traced with `args`: the
+/// connections made, the records, and the pair.
+fn churn_traced(tag: &str, subnet: u8, args: &[&str]) -> (u64, Vec<Value>, NetPair) {
+    let net = NetPair::new(tag, subnet);
+    let tracer = Tracer::start(tag, args);
+    let mut load = churn(&net, 3);
+    assert!(
+        wait_timeout(&mut load.0, Duration::from_secs(30))
+            .expect("churn did not end")
+            .success()
+    );
+    let connections = connections_made(&mut load);
+    (connections, tracer.stop(), net)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -171,16 +186,7 @@ fn sigint_during_a_flood_exits_with_a_summary_and_detaches() {
 #[test]
 fn loss_forced_by_a_tiny_ring_is_counted_and_reported() {
     let Some(_lock) = kernel_test() else { return };
-    let net = NetPair::new("tinyring", 45);
-    let tracer = Tracer::start("tinyring", &["--ring-size", "4KiB"]);
-    let mut load = churn(&net, 3);
-    assert!(
-        wait_timeout(&mut load.0, Duration::from_secs(30))
-            .expect("churn did not end")
-            .success()
-    );
-    let connections = connections_made(&mut load);
-    let recs = tracer.stop();
+    let (connections, recs, net) = churn_traced("tinyring", 45, &["--ring-size", "4KiB"]);
     let ns = NetPair::inode(&net.server);
     // Both ends of each connection live in the server namespace (churn runs there).
     let written = recs
@@ -237,16 +243,8 @@ fn loss_forced_by_a_tiny_ring_is_counted_and_reported() {
 #[test]
 fn events_all_past_half_a_ring_sheds_state_changes_not_connections() {
     let Some(_lock) = kernel_test() else { return };
-    let net = NetPair::new("shed", 47);
-    let tracer = Tracer::start("shed", &["--events", "all", "--ring-size", "1MiB"]);
-    let mut load = churn(&net, 3);
-    assert!(
-        wait_timeout(&mut load.0, Duration::from_secs(30))
-            .expect("churn did not end")
-            .success()
-    );
-    let connections = connections_made(&mut load);
-    let recs = tracer.stop();
+    let (connections, recs, net) =
+        churn_traced("shed", 47, &["--events", "all", "--ring-size", "1MiB"]);
     let summary = &recs.last().unwrap()["h2trace"]["summary"];
     assert_eq!(action(recs.last().unwrap()), "summary");
     let loss = |k: &str| summary["losses"][k].as_u64().unwrap_or(0);
