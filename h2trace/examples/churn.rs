@@ -188,7 +188,7 @@ fn main() {
     // drops at once when the namespace's TIME_WAIT table is full (earlier runs fill it).
     // Its port is then free while the server still holds the connection in CLOSE_WAIT, and
     // every new connection that picks that port has its SYN answered with a challenge ACK
-    // and waits a second to retry: whole runs went at a tenth of the rate.
+    // and waits for the SYN to go again: whole runs went at a tenth of the rate.
     let _stuck: Vec<(TcpStream, TcpStream)> = if mode == "stuck" {
         let n: usize = get("--stuck", "2000").parse().expect("--stuck");
         allow_descriptors(n);

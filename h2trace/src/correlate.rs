@@ -218,7 +218,8 @@ pub fn facts(s: &Socket, l: &Life, open: bool, end_ns: u64) -> Facts {
     let handshake_reset = established_ns
         .zip(l.first_reset_sent_ns)
         .is_some_and(|(e, r)| r < e);
-    let resets_sent = l.resets_sent - u16::from(handshake_reset);
+    // Saturating: a replayed record need not be consistent.
+    let resets_sent = l.resets_sent.saturating_sub(u16::from(handshake_reset));
     let retransmitted_after_handshake = l.retransmits > 0
         && established_ns
             .zip(l.last_retransmit_ns)

@@ -1070,7 +1070,8 @@ impl Detector {
             cap(&mut p.time_waits);
             cap(&mut p.closes);
         }
-        // A round can add the process's `Others` as it drops one peer: then another.
+        // A round that drops one peer into a new `Others` entry leaves the count as it was: go
+        // again.
         while self.groups.len() >= self.cfg.max_peers && !self.groups.contains_key(&key) {
             self.forget_peers(out);
         }
@@ -1621,7 +1622,7 @@ impl Detector {
             let p50 = percentile(&delays, 0.5);
             let numbers = json!({ "connections": collided.len(), "handshake_p50_ns": p50 });
             let summary = format!(
-                "{} connection(s) of {who} to {} took a local port on which the peer still held an older connection (usually in CLOSE_WAIT: a server that does not close what its clients closed): the SYN was answered for the old connection, reset, and sent again, which held connect() up {} (p50).",
+                "{} connection(s) of {who} to {} took a local port on which the peer still held an older connection (usually in CLOSE_WAIT: a server that does not close what its clients closed): the SYN was answered for the old connection, reset, and sent again, which delayed connect() by {} (p50).",
                 collided.len(),
                 key.peer,
                 ms(p50)
