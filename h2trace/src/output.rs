@@ -1182,7 +1182,12 @@ impl<W: Write> Sink for Text<W> {
                     "-".to_string()
                 },
                 p.rate_per_s,
-                p.concurrent_max,
+                // A sum of peers has no concurrency of its own.
+                if p.peer == Peer::Others {
+                    "-".to_string()
+                } else {
+                    p.concurrent_max.to_string()
+                },
                 ms(p.lifetime_p50_ns),
                 ms(p.lifetime_p99_ns),
                 ms(p.idle_before_close_ns[0]),
