@@ -369,12 +369,7 @@ fn handshake_failure_loop() {
 fn port_reuse_collision() {
     let Some(_lock) = kernel_test() else { return };
     let net = NetPair::new("portreuse", 77);
-    let st = std::process::Command::new("ip")
-        .args(["netns", "exec", &net.client, "sysctl", "-qw"])
-        .arg("net.ipv4.tcp_max_tw_buckets=0")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    NetPair::sysctl(&net.client, "net.ipv4.tcp_max_tw_buckets=0");
     let addr = format!("{}:8080", net.server_v4);
     let from = format!("{}:40100", net.client_v4);
     let mut client_pid = 0;

@@ -469,12 +469,7 @@ fn a_traced_process_that_exits_keeps_its_sockets_to_their_end() {
     let net = NetPair::new("pid-exit", 43);
     // Above the TIME_WAIT length, an orphaned FIN_WAIT2 socket stays a full socket for the
     // difference (5 s) instead of turning into a timewait entry at once (tcp_rcv_state_process).
-    let st = std::process::Command::new("ip")
-        .args(["netns", "exec", &net.server, "sysctl", "-qw"])
-        .arg("net.ipv4.tcp_fin_timeout=65")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    NetPair::sysctl(&net.server, "net.ipv4.tcp_fin_timeout=65");
     let addr = format!("{}:8080", net.server_v4);
     let reply = REPLY.to_string();
     // The server answers once, closes first and exits; the client holds its end for 3 s.

@@ -335,6 +335,11 @@ impl NetPair {
         )
     }
 
+    /// Set one sysctl (`name=value`) inside namespace `ns`.
+    pub fn sysctl(ns: &str, setting: &str) {
+        ip(&["netns", "exec", ns, "sysctl", "-qw", setting]);
+    }
+
     /// Wait (at most 30 s) until namespace `ns` holds at least `n` established TCP sockets: a
     /// fixed sleep is too short on a loaded machine.
     pub fn wait_established(ns: &str, n: usize) {
