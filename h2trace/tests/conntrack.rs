@@ -26,11 +26,7 @@ fn router(tag: &str, subnet: u8, invalid: &str, extra: &str) -> NetPair {
         ),
         ("net.netfilter.nf_conntrack_tcp_loose", "0".to_string()),
     ] {
-        let st = std::process::Command::new("ip")
-            .args(["netns", "exec", &r, "sysctl", "-qw", &format!("{k}={v}")])
-            .status()
-            .unwrap();
-        assert!(st.success(), "sysctl {k}");
+        NetPair::sysctl(&r, &format!("{k}={v}"));
     }
     net.router_nft(&format!(
         "table ip h2tct {{\n chain postrouting_nat {{\n  type nat hook postrouting priority 100;\n  oifname \"h2rs{subnet}\" masquerade\n }}\n chain forward_filter {{\n  type filter hook forward priority 0;\n  ct state invalid {invalid}\n  {extra}\n }}\n}}\n"
