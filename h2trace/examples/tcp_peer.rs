@@ -18,7 +18,9 @@
 //! `--bind`: every connection from that address and port (IPv4, SO_REUSEADDR): a client that
 //! takes the same port again while the server may still hold the old connection.
 //! The server prints `ready` on stdout once it listens; with `--fork` a child process serves
-//! each connection and prints `served PID PEER-PORT` when done. Everything is bounded: counts, timeouts.
+//! each connection and prints `served PID PEER-PORT` when done. A client with
+//! `--pause-after-first` prints `paused` when its first exchange is done and the pause begins.
+//! Everything is bounded: counts, timeouts.
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -318,6 +320,8 @@ fn client(addr: SocketAddr, o: &Opts) {
                 }
             }
             if r == 1 && o.pause_after_first_ms > 0 {
+                println!("paused");
+                std::io::stdout().flush().unwrap();
                 std::thread::sleep(Duration::from_millis(o.pause_after_first_ms));
             } else if r > 0 && o.interval_ms > 0 {
                 std::thread::sleep(Duration::from_millis(o.interval_ms));

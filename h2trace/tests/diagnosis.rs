@@ -440,7 +440,10 @@ fn middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
             ],
         );
         client_pid = client.0.id();
-        std::thread::sleep(Duration::from_millis(500));
+        // The path dies during the pause, after the first exchange however slow the machine,
+        // and after its last (delayed) ACK.
+        NetPair::wait_paused(&mut client);
+        std::thread::sleep(Duration::from_millis(300));
         net.router_block(8080, verdict);
         wait_timeout(&mut client.0, Duration::from_secs(20)).expect("client timed out");
         vec![server]

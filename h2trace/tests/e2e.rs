@@ -1054,11 +1054,15 @@ fn grpc_through_middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, 
                     "3",
                 ],
             )
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
         );
         client = c.0.id();
-        std::thread::sleep(Duration::from_millis(700));
+        // The path dies during the pause: after the first call however slow the start, and
+        // after the HTTP/2 frames that follow a call at once (WINDOW_UPDATE, a BDP PING).
+        NetPair::wait_paused(&mut c);
+        std::thread::sleep(Duration::from_millis(300));
         net.router_block(50051, verdict);
         wait_timeout(&mut c.0, Duration::from_secs(20)).expect("client timed out");
         vec![server]

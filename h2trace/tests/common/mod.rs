@@ -330,9 +330,20 @@ impl NetPair {
     pub fn spawn_client(&self, addr: &str, args: &[&str]) -> KillOnDrop {
         KillOnDrop(
             Self::peer(&self.client, &[&["client", addr], args].concat())
+                .stdout(Stdio::piped())
                 .spawn()
                 .unwrap(),
         )
+    }
+
+    /// Wait until a client started with `--pause-after-first` has done its first exchange and
+    /// pauses: on an emulated kernel the first exchange can take longer than any fixed sleep.
+    pub fn wait_paused(client: &mut KillOnDrop) {
+        let mut line = String::new();
+        BufReader::new(client.0.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "paused", "the client ended before its pause");
     }
 
     /// Set one sysctl (`name=value`) inside namespace `ns`.

@@ -8,6 +8,9 @@ address it is given (inside the test's private network namespaces).
                        [--pause-after-first-ms M] [--deadline-s S] [--expect-failures]
                        [--cancel-after-ms M] [--keepalive-ms N] [--hold-ms M]
   peers.py http-client URL --requests N [--pause-ms M] [--session] [--abandon] [--hold-ms M]
+
+Servers print `ready` once they listen; a client with --pause-after-first-ms prints `paused`
+when its first call is done and the pause begins.
 """
 import argparse
 import sys
@@ -107,6 +110,8 @@ def grpc_client(addr, calls, interval_ms, channel_per_call, tls, pause_after_fir
         channel = None if channel_per_call else grpc.insecure_channel(addr, options=opts)
     for i in range(calls):
         if i == 1 and pause_after_first_ms:
+            # Tells the test that the first call is done and the pause begins.
+            print("paused", flush=True)
             time.sleep(pause_after_first_ms / 1000)
         elif i and interval_ms:
             time.sleep(interval_ms / 1000)
