@@ -280,7 +280,10 @@ fn close_wait_stuck() {
         // The client never notices the server's close while h2trace runs.
         let client = net.spawn_client(&addr, &["--then", "hold:30000"]);
         client_pid = client.0.id();
-        std::thread::sleep(Duration::from_millis(3500));
+        // Stuck for over 2 s (and past the 1 s threshold) when tracing stops, however long
+        // the client took to start.
+        NetPair::wait_sockets(&net.client, "close-wait", 1);
+        std::thread::sleep(Duration::from_millis(2500));
         vec![server, client]
     });
     let f = the_finding(&recs, "close-wait-stuck", client_pid);

@@ -370,13 +370,15 @@ fn a_socket_handed_to_another_process_follows_its_user() {
     let Some(_lock) = kernel_test() else { return };
     let net = NetPair::new("handoff", 85);
     let addr = format!("{}:8080", net.server_v4);
-    let _server = net.server(&addr, &["--requests", "3"]);
+    let mut server = net.server(&addr, &["--requests", "3"]);
     let tracer = Tracer::start("handoff", &[]);
     // The client does one exchange, forks, and its child does the other two and closes.
     let parent = u64::from(net.client(
         &addr,
         &["--requests", "3", "--interval", "100", "--handoff"],
     ));
+    // The server ends after the third exchange, however slow the child.
+    assert!(wait_timeout(&mut server.0, Duration::from_secs(20)).is_some());
     std::thread::sleep(Duration::from_millis(500));
     let recs = tracer.stop();
     let c = recs

@@ -354,10 +354,16 @@ impl NetPair {
     /// Wait (at most 30 s) until namespace `ns` holds at least `n` established TCP sockets: a
     /// fixed sleep is too short on a loaded machine.
     pub fn wait_established(ns: &str, n: usize) {
+        Self::wait_sockets(ns, "established", n);
+    }
+
+    /// Wait (at most 30 s) until namespace `ns` holds at least `n` TCP sockets in `state` (as
+    /// `ss` spells it).
+    pub fn wait_sockets(ns: &str, state: &str, n: usize) {
         let start = std::time::Instant::now();
         loop {
             let out = Command::new("ip")
-                .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+                .args(["netns", "exec", ns, "ss", "-Htn", "state", state])
                 .output()
                 .unwrap();
             let have = String::from_utf8_lossy(&out.stdout).lines().count();
@@ -366,7 +372,7 @@ impl NetPair {
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "{ns}: {have} established sockets, expected {n}"
+                "{ns}: {have} {state} sockets, expected {n}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
