@@ -95,7 +95,8 @@ pub mod counter {
     pub const LISTENER_TRACK_FAIL: u32 = 6;
     /// A conntrack entry's last state could not be stored (its next change may repeat).
     pub const CT_TRACK_FAIL: u32 = 7;
-    /// An HTTP/2 socket's parse state could not be stored: its frames go unseen.
+    /// An HTTP/2 socket's parse state, or the claim on its held first frame, could not be
+    /// stored: those frames go unseen.
     pub const H2_TRACK_FAIL: u32 = 8;
     /// A direction of an HTTP/2 socket lost track of frame boundaries (see `h2_desync`).
     pub const H2_DESYNC: u32 = 9;

@@ -338,7 +338,11 @@ fn flush_held(ctx: *mut c_void, life: &mut SockLife, c: *mut Conn) {
     if c.has_held != 0 && settle(life) {
         c.has_held = 0;
         let key = [life.meta.skaddr, life.meta.start_ns];
-        if HELD_SENT.insert(&key, &0, BPF_NOEXIST as u64).is_err() {
+        // An existing key: another call delivered it. Any other failure loses the frame.
+        if let Err(e) = HELD_SENT.insert(&key, &0, BPF_NOEXIST as u64) {
+            if e != -EEXIST {
+                count(counter::H2_TRACK_FAIL);
+            }
             return;
         }
         let received = (life.h2_side == h2_side::CLIENT) as u8;
