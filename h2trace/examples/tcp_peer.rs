@@ -247,50 +247,22 @@ fn serve(mut s: TcpStream, o: &Opts) {
 
 /// Connect to `addr` from `local`, which may be taken again (SO_REUSEADDR).
 fn connect_from(local: std::net::SocketAddrV4, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
     let SocketAddr::V4(to) = addr else {
         usage("--bind: IPv4 only")
     };
-    let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let check = |r: i32| {
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    };
-    // SAFETY: a new descriptor that the TcpStream owns from here on, and sockaddr_in values
-    // of the size given.
-    unsafe {
-        let fd = check(libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-        ))?;
-        let s = TcpStream::from_raw_fd(fd);
-        setsockopt(&s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1i32);
-        let from = sin(local);
-        check(libc::bind(
-            fd,
-            (&from as *const libc::sockaddr_in).cast(),
-            len,
-        ))?;
-        let to = sin(to);
-        check(libc::connect(
-            fd,
-            (&to as *const libc::sockaddr_in).cast(),
-            len,
-        ))?;
-        Ok(s)
-    }
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(local))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
 }
 
 fn client(addr: SocketAddr, o: &Opts) {

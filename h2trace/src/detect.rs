@@ -1609,12 +1609,13 @@ impl Detector {
         // Port reuse collision: connections whose SYN met a connection the peer still held on
         // the same ports; the peer answered for the old one, this side reset that and sent the
         // SYN again (`handshake_reset`). What it costs is the wait before the SYN goes again.
+        // Seen from the side that connects.
         let collided: Vec<&Conn> = window
             .iter()
             .copied()
-            .filter(|c| matches!(key.peer, Peer::Remote(_)) && c.f.handshake_reset)
+            .filter(|c| c.f.handshake_reset)
             .collect();
-        if collided.len() >= cfg.min_handshake_failures {
+        if matches!(key.peer, Peer::Remote(_)) && collided.len() >= cfg.min_handshake_failures {
             let delays: Vec<u64> = collided
                 .iter()
                 .filter_map(|c| c.f.established_ns.map(|e| e.saturating_sub(c.f.start_ns)))
