@@ -363,7 +363,6 @@ fn handshake_failure_loop() {
     );
 }
 
-/// A connection through the router goes idle; then the router starts `verdict`ing its packets.
 /// A server that keeps what its client closed (CLOSE_WAIT), and a client that connects from
 /// the same port each time. The client's namespace keeps no TIME_WAIT sockets, as when its
 /// table is full under churn, so nothing there remembers the old connection: each new SYN
@@ -413,6 +412,7 @@ fn port_reuse_collision() {
     assert!(mine.iter().all(|r| r["source"]["port"] == 40100));
 }
 
+/// A connection through the router goes idle; then the router starts `verdict`ing its packets.
 fn middlebox(tag: &str, subnet: u8, verdict: &str) -> (Vec<Value>, u32) {
     let net = NetPair::with_router(tag, subnet);
     let addr = format!("{}:8080", net.server_v4);
