@@ -69,6 +69,25 @@ pub struct DetectConfig {
     pub max_peers: usize,
 }
 
+impl DetectConfig {
+    /// The first threshold no run could have decided with (the command line refuses a zero
+    /// window, stuck time or count): a recorded stream holding one was altered, and a zero
+    /// window would stop the detector's clock.
+    pub fn invalid_field(&self) -> Option<&'static str> {
+        [
+            ("window_ns", self.window_ns),
+            ("close_wait_stuck_ns", self.close_wait_stuck_ns),
+            ("min_conns", self.min_conns as u64),
+            ("time_wait_pileup", self.time_wait_pileup as u64),
+            ("rst_storm", self.rst_storm as u64),
+            ("cancel_storm", self.cancel_storm as u64),
+            ("max_peers", self.max_peers as u64),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| (v == 0).then_some(name))
+    }
+}
+
 fn default_cancel_storm() -> usize {
     50
 }

@@ -194,6 +194,8 @@ pub enum ParseError {
     Schema,
     #[error("missing or invalid field {0}")]
     Field(&'static str),
+    #[error("h2trace.detect.{0} is 0: a threshold no run could have")]
+    Threshold(&'static str),
 }
 
 /// One recorded line.
@@ -510,11 +512,23 @@ pub fn parse_line(line: &str) -> Result<Record, ParseError> {
     let body = match action {
         "started" => {
             let h = &v["h2trace"];
+            // Absent in recordings older than the thresholds; present, it must be whole.
+            let detect = match &h["detect"] {
+                Value::Null => None,
+                d => {
+                    let d: DetectConfig = serde_json::from_value(d.clone())
+                        .map_err(|_| ParseError::Field("h2trace.detect"))?;
+                    if let Some(field) = d.invalid_field() {
+                        return Err(ParseError::Threshold(field));
+                    }
+                    Some(d)
+                }
+            };
             return Ok(Record::Started {
                 ktime_ns,
                 clock_offset_ns: h["clock_offset_ns"].as_i64().map(i128::from),
                 probe: h["probe"].clone(),
-                detect: serde_json::from_value(h["detect"].clone()).ok(),
+                detect,
                 live_hold_ns: h["live_hold_ns"].as_u64().unwrap_or(0),
                 reset_reasons: h["reset_reasons"]
                     .as_object()

@@ -7,7 +7,15 @@
 //! `H2TRACE_FUZZ_CASES=1000000 cargo test --release --test fuzz`.
 use std::path::Path;
 
-use h2trace::{conntrack::netlink, event::decode, replay::parse_line};
+use h2trace::{
+    conntrack::netlink,
+    detect::DetectConfig,
+    event::decode,
+    filter::Filter,
+    output::{Clock, Ndjson},
+    pipeline::Pipeline,
+    replay::{parse_line, replay},
+};
 use h2trace_common::{CtRecord, ForkRecord, Header, LifeRecord, LiveRecord, SockLife, kind};
 use proptest::prelude::*;
 
@@ -60,23 +68,60 @@ fn kernel_seeds() -> Vec<Vec<u8>> {
     ]
 }
 
+/// The recorded fixtures, a stream each (read once).
+fn fixture_streams() -> &'static [Vec<String>] {
+    static STREAMS: std::sync::OnceLock<Vec<Vec<String>>> = std::sync::OnceLock::new();
+    STREAMS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect()
+    })
+}
+
 /// Every recorded line of the fixtures (read once).
 fn fixture_lines() -> &'static [String] {
     static LINES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     LINES.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let mut lines = Vec::new();
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            lines.extend(
-                std::fs::read_to_string(e.path())
-                    .unwrap()
-                    .lines()
-                    .map(str::to_string),
-            );
-        }
+        let lines: Vec<String> = fixture_streams().concat();
         assert!(lines.len() > 100, "the corpus is the recorded fixtures");
         lines
     })
+}
+
+/// A value of another type, or an edge of the same one, for a recorded field.
+fn swapped_value() -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        Just(serde_json::Value::Null),
+        Just(serde_json::Value::from(0)),
+        Just(serde_json::Value::from(u64::MAX)),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(serde_json::Value::from),
+        ".{0,20}".prop_map(serde_json::Value::from),
+        Just(serde_json::json!([1, "x", null])),
+        Just(serde_json::json!({"a": {"b": -1}})),
+    ]
+}
+
+/// A whole recorded stream through `replay` and the diagnosis, to a sink.
+fn replay_stream(lines: &[String]) {
+    let out = Ndjson::new(std::io::sink(), Clock { offset_ns: 0 }, Default::default());
+    let mut pipeline = Pipeline::new(Filter::default(), DetectConfig::default(), Box::new(out));
+    let input = lines.join("\n");
+    replay(input.as_bytes(), &mut pipeline, true, &mut std::io::sink()).unwrap();
 }
 
 /// Mutations: cut at a point, overwrite some bytes, duplicate a slice.
@@ -149,25 +194,44 @@ proptest! {
     fn recorded_values_swapped_never_panic(
         pick in any::<usize>(),
         path_pick in any::<usize>(),
-        value in prop_oneof![
-            Just(serde_json::Value::Null),
-            any::<i64>().prop_map(serde_json::Value::from),
-            any::<f64>().prop_map(serde_json::Value::from),
-            ".{0,20}".prop_map(serde_json::Value::from),
-            Just(serde_json::json!([1, "x", null])),
-            Just(serde_json::json!({"a": {"b": -1}})),
-        ],
+        value in swapped_value(),
     ) {
         let lines = fixture_lines();
         let mut v: serde_json::Value = serde_json::from_str(&lines[pick % lines.len()]).unwrap();
         // Replace one leaf (or subtree) somewhere in the record with a value of another type.
         let mut paths = Vec::new();
         collect_paths(&v, &mut Vec::new(), &mut paths);
-        let path = &paths[path_pick % paths.len()];
-        if let Some(slot) = path.iter().try_fold(&mut v, |cur, k| cur.get_mut(k.as_str())) {
-            *slot = value;
-        }
+        swap(&mut v, &paths[path_pick % paths.len()], value);
         let _ = parse_line(&v.to_string());
+    }
+
+    /// A line that parses can still upset the diagnosis (a zero window in a `started`
+    /// record once divided by zero): whole streams, one value swapped, through `replay`.
+    #[test]
+    fn recorded_streams_with_a_value_swapped_replay_without_panic(
+        pick in any::<usize>(),
+        line_pick in any::<usize>(),
+        path_pick in any::<usize>(),
+        thresholds in any::<bool>(),
+        value in swapped_value(),
+    ) {
+        let streams = fixture_streams();
+        let mut lines = streams[pick % streams.len()].clone();
+        // Half the time one of the recorded thresholds, in the first line (`started`).
+        let (i, under) = if thresholds {
+            (0, &["h2trace", "detect"][..])
+        } else {
+            (line_pick % lines.len(), &[][..])
+        };
+        let mut v: serde_json::Value = serde_json::from_str(&lines[i]).unwrap();
+        let mut paths = Vec::new();
+        let root = under.iter().fold(&v, |cur, k| &cur[*k]);
+        collect_paths(root, &mut under.iter().map(|k| k.to_string()).collect(), &mut paths);
+        if !paths.is_empty() {
+            swap(&mut v, &paths[path_pick % paths.len()], value);
+        }
+        lines[i] = v.to_string();
+        replay_stream(&lines);
     }
 }
 
@@ -179,5 +243,12 @@ fn collect_paths(v: &serde_json::Value, prefix: &mut Vec<String>, out: &mut Vec<
             collect_paths(child, prefix, out);
             prefix.pop();
         }
+    }
+}
+
+/// Replace what is at `path` in a record (a leaf or a subtree) with `value`.
+fn swap(v: &mut serde_json::Value, path: &[String], value: serde_json::Value) {
+    if let Some(slot) = path.iter().try_fold(v, |cur, k| cur.get_mut(k.as_str())) {
+        *slot = value;
     }
 }

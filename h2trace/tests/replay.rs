@@ -326,6 +326,36 @@ fn malformed_lines_are_reported_by_number_and_skipped() {
     assert_same_facts("malformed", &recorded, &out);
 }
 
+/// A `started` record whose thresholds no run could have (a zero window stopped the
+/// detector's clock: a division by zero) or that are not thresholds at all: that line is
+/// reported and skipped, and the rest replays with the defaults, which the fixture used.
+#[test]
+fn a_started_record_with_impossible_thresholds_is_reported_and_skipped() {
+    let recorded = std::fs::read_to_string(fixture("idle-close-by-peer")).unwrap();
+    let (first, rest) = recorded.split_once('\n').unwrap();
+    for (bad, said) in [
+        (
+            first.replace("\"window_ns\":10000000000", "\"window_ns\":0"),
+            "line 1: h2trace.detect.window_ns is 0",
+        ),
+        (
+            first.replace("\"min_conns\":10", "\"min_conns\":0"),
+            "line 1: h2trace.detect.min_conns is 0",
+        ),
+        (
+            first.replace("\"min_conns\":10", "\"min_conns\":-1"),
+            "line 1: missing or invalid field h2trace.detect",
+        ),
+    ] {
+        assert_ne!(bad, first, "the fixture's thresholds changed");
+        let (code, out, err) = replay_bytes(format!("{bad}\n{rest}").as_bytes(), &[]);
+        assert_eq!(code, Some(3), "{said}: {err}");
+        assert!(err.contains(said), "{said}: {err}");
+        assert_same_facts("impossible thresholds", rest, &out);
+        assert!(!findings(&records(&out), "idle-close-by-peer").is_empty());
+    }
+}
+
 #[test]
 fn missing_files_and_bad_thresholds_are_usage_errors() {
     let o = Command::new(h2trace_bin())
