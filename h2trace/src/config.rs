@@ -19,6 +19,8 @@ pub enum ConfigError {
     Duration(&'static str, String, String),
     #[error("invalid --{0} {1}: must be at least 1")]
     Zero(&'static str, usize),
+    #[error("invalid --{0} {1:?}: must be longer than 0")]
+    ZeroDuration(&'static str, String),
     #[error("invalid --ring-size {0:?}: {1}")]
     RingSize(String, String),
     #[error("invalid --perf-pages {0}: must be a power of two")]
@@ -37,7 +39,10 @@ pub enum ConfigError {
     NetnsFilter(String, String),
     #[error("{0}")]
     Http2(String),
-    #[error("invalid --live-hold {0:?}: must be shorter than --close-wait-stuck ({1:?})")]
+    #[error(
+        "--live-hold {0:?} must be shorter than --close-wait-stuck ({1:?}): lower the one or \
+         raise the other"
+    )]
     LiveHold(String, Duration),
 }
 
@@ -84,10 +89,18 @@ pub fn detect_config(a: &DetectArgs, base: DetectConfig) -> Result<DetectConfig,
     };
     let dur =
         |flag, v: &Option<String>, default: u64| v.as_deref().map_or(Ok(default), |v| ns(flag, v));
-    c.window_ns = dur("window", &a.window, c.window_ns)?.max(1);
+    // A zero window or stuck threshold would make every rate vanish or every CLOSE_WAIT stuck.
+    let positive = |flag, v: &Option<String>, default: u64| match dur(flag, v, default)? {
+        0 => Err(ConfigError::ZeroDuration(
+            flag,
+            v.clone().unwrap_or_default(),
+        )),
+        n => Ok(n),
+    };
+    c.window_ns = positive("window", &a.window, c.window_ns)?;
     c.min_conns = count("min-conns", a.min_conns, c.min_conns)?;
     c.short_lifetime_ns = dur("short-lifetime", &a.short_lifetime, c.short_lifetime_ns)?;
-    c.close_wait_stuck_ns = dur(
+    c.close_wait_stuck_ns = positive(
         "close-wait-stuck",
         &a.close_wait_stuck,
         c.close_wait_stuck_ns,

@@ -50,6 +50,8 @@ fn bad_flags_are_usage_errors() {
         &["--live-hold", "a while"],
         &["--live-hold", "5s"],
         &["--live-hold", "2s", "--close-wait-stuck", "1s"],
+        &["--window", "0s"],
+        &["--close-wait-stuck", "0ms"],
     ] {
         let o = h2trace(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
