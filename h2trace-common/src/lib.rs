@@ -539,7 +539,10 @@ pub struct ProgConfig {
     pub fd: FdOffsets,
     /// Offset of `child_pid` in `sched:sched_process_fork`.
     pub fork_child_pid: u16,
-    pub _pad: [u16; 3],
+    pub _pad: u16,
+    /// `--events all`: state changes are shed while more than this many bytes wait in the
+    /// ring buffer (half its size).
+    pub shed_bytes: u32,
 }
 
 /// From the current task to the socket behind one of its file descriptors:

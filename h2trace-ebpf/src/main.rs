@@ -32,7 +32,6 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u8 = 6;
 const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const MSG_PEEK: i32 = 2;
@@ -291,7 +290,7 @@ fn emit_state_change<C: EbpfContext>(ctx: &C, meta: &SockMeta, old: u8, new: u8,
     if config!(flags) & flags::USE_PERF == 0 {
         let map = addr_of!(RING) as *mut c_void;
         let waiting = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
-        if waiting > unsafe { bpf_ringbuf_query(map, BPF_RB_RING_SIZE) } / 2 {
+        if waiting > config!(shed_bytes) as u64 {
             count(counter::STATES_SHED);
             return;
         }

@@ -502,6 +502,7 @@ fn loader_for(
         Transport::Ringbuf => opts.ring_bytes,
     };
     config.wake_bytes = opts.wake_bytes;
+    config.shed_bytes = ring / 2;
     Ok(EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("RING", ring)
