@@ -367,7 +367,7 @@ impl CtSeen {
         let at = match verdict {
             CtVerdict::Forgot { at_ns } | CtVerdict::ClosedEarly { at_ns, .. } => at_ns,
         };
-        let after = |t: Option<u64>| t.is_some_and(|t| t + GRACE_NS >= at);
+        let after = |t: Option<u64>| t.is_some_and(|t| t.saturating_add(GRACE_NS) >= at);
         let then = if l.retransmits > 0 && after(l.last_retransmit_ns) {
             "retransmissions"
         } else if l.resets_received > 0 && after(l.first_reset_received_ns) {
@@ -484,7 +484,7 @@ impl Buckets {
         while self
             .q
             .front()
-            .is_some_and(|(b, _)| (b + 1) * BUCKET_NS <= from)
+            .is_some_and(|(b, _)| (b + 1).saturating_mul(BUCKET_NS) <= from)
         {
             let (_, n) = self.q.pop_front().expect("checked");
             self.total -= n;
@@ -786,7 +786,7 @@ impl Detector {
             .collect();
         self.windows.extend(records);
         // Events arrive in time order: the windows between `to` and `now` are empty.
-        self.next_window_ns = to + w * ((now - to) / w + 1);
+        self.next_window_ns = to.saturating_add(w.saturating_mul((now - to) / w + 1));
         // A process with nothing left in the window is dropped: its entry holds only windowed
         // counts, and pids come and go for as long as h2trace runs. Should it come back, its
         // findings start afresh.
@@ -1128,7 +1128,10 @@ impl Detector {
         g.recent.push_back(c);
         prune(
             &mut g.starts,
-            window_from.min(self.now.saturating_sub(2 * self.cfg.reconnect_gap_ns)),
+            window_from.min(
+                self.now
+                    .saturating_sub(self.cfg.reconnect_gap_ns.saturating_mul(2)),
+            ),
             |s| *s,
         );
         while g.starts.len() > MAX_RECENT {
@@ -1142,7 +1145,7 @@ impl Detector {
         }
         // Evaluating a group costs O(MAX_RECENT): at high churn, at most every CHECK_EVERY_NS.
         if g.total <= EAGER || self.now >= g.next_check_ns {
-            g.next_check_ns = self.now + CHECK_EVERY_NS;
+            g.next_check_ns = self.now.saturating_add(CHECK_EVERY_NS);
             self.check_group(&key, out);
             self.check_process(key.tgid, out);
         }
@@ -1338,7 +1341,8 @@ impl Detector {
                 } else {
                     " HTTP/1.1 without keep-alive looks the same (--peek tells them apart)."
                 });
-                let conf = (closed.len() as f64 / (2 * cfg.min_conns) as f64).min(1.0) * after_use;
+                let conf = (closed.len() as f64 / cfg.min_conns.saturating_mul(2) as f64).min(1.0)
+                    * after_use;
                 found.push((
                     Pattern::DialPerRequest,
                     self.finding(
@@ -1376,8 +1380,8 @@ impl Detector {
                         let close = c.f.close_start_ns.unwrap_or(c.f.end_ns);
                         g.starts.iter().any(|&s| {
                             s != c.f.start_ns
-                                && s + cfg.reconnect_gap_ns >= close
-                                && s <= close + cfg.reconnect_gap_ns
+                                && s.saturating_add(cfg.reconnect_gap_ns) >= close
+                                && s <= close.saturating_add(cfg.reconnect_gap_ns)
                         })
                     })
                     .count() as f64
@@ -1565,7 +1569,7 @@ impl Detector {
                     && c.f.end != EndKind::Open
                     && c.f.established_ns.is_some()
                     && c.f.lifetime_ns <= cfg.handshake_ns
-                    && c.bytes_sent + c.bytes_received <= cfg.handshake_bytes
+                    && c.bytes_sent.saturating_add(c.bytes_received) <= cfg.handshake_bytes
             })
             .collect();
         if failed.len() >= cfg.min_handshake_failures {

@@ -323,7 +323,13 @@ fn life(v: &Value, start: u64) -> Result<Life, ParseError> {
         .iter()
         .map(|t| {
             Ok(Transition {
-                ts_ns: start + u64_at(t, &["offset_ns"], "h2trace.connection.states.offset_ns")?,
+                ts_ns: start
+                    .checked_add(u64_at(
+                        t,
+                        &["offset_ns"],
+                        "h2trace.connection.states.offset_ns",
+                    )?)
+                    .ok_or(ParseError::Field("h2trace.connection.states.offset_ns"))?,
                 state: state_at(t, &["state"], "h2trace.connection.states.state")?,
             })
         })

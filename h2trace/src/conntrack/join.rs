@@ -175,8 +175,10 @@ impl Joiner {
             .iter()
             .filter_map(|k| self.entries.get(k))
             .filter(|e| {
-                e.first_ns <= end_ns + GRACE_NS
-                    && e.end.as_ref().is_none_or(|x| x.ts_ns + GRACE_NS >= start)
+                e.first_ns <= end_ns.saturating_add(GRACE_NS)
+                    && e.end
+                        .as_ref()
+                        .is_none_or(|x| x.ts_ns.saturating_add(GRACE_NS) >= start)
             })
             .map(|e| {
                 let ns = self.namespaces.get(&e.netns);
@@ -208,7 +210,7 @@ fn established_span(l: &Life, start_ns: u64) -> Option<(u64, Option<u64>)> {
 
 fn verdict(e: &Entry, l: &Life, start_ns: u64) -> Option<CtVerdict> {
     let (est, left) = established_span(l, start_ns)?;
-    let live_at = |t: u64| est < t && left.is_none_or(|x| x + GRACE_NS > t);
+    let live_at = |t: u64| est < t && left.is_none_or(|x| x.saturating_add(GRACE_NS) > t);
     if let Some(end) = &e.end
         && end.expired
         && end.state == Some(ct_state::ESTABLISHED)
@@ -221,7 +223,7 @@ fn verdict(e: &Entry, l: &Life, start_ns: u64) -> Option<CtVerdict> {
         .find(|&&(t, s)| {
             matches!(s, ct_state::CLOSE | ct_state::TIME_WAIT)
                 && est < t
-                && left.is_none_or(|x| x > t + GRACE_NS)
+                && left.is_none_or(|x| x > t.saturating_add(GRACE_NS))
         })
         .map(|&(t, s)| CtVerdict::ClosedEarly { at_ns: t, state: s })
 }
