@@ -55,7 +55,11 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     let input: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
         Box::new(io::stdin().lock())
     } else {
-        match File::open(&args.file) {
+        // A directory opens; only its first read would fail, without naming it.
+        match File::open(&args.file).and_then(|f| match f.metadata()?.is_dir() {
+            true => Err(io::Error::from(io::ErrorKind::IsADirectory)),
+            false => Ok(f),
+        }) {
             Ok(f) => Box::new(BufReader::new(f)),
             Err(e) => {
                 eprintln!("h2trace: opening {}: {e}", args.file.display());
@@ -83,7 +87,10 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     let recorded = !config::detect_overridden(&args.detect);
     let stats = h2trace::replay::replay(input, &mut pipeline, recorded, &mut io::stderr());
     match (stats, pipeline.write_error) {
-        (Err(e), _) => fail(&e, 1),
+        (Err(e), _) => {
+            eprintln!("h2trace: reading {}: {e}", args.file.display());
+            ExitCode::from(1)
+        }
         (_, Some(e)) if e.kind() != io::ErrorKind::BrokenPipe => fail(&e, 1),
         (Ok(s), _) if s.skipped > 0 => {
             eprintln!("h2trace replay: {} of {} lines skipped", s.skipped, s.lines);

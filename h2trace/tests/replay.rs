@@ -364,6 +364,14 @@ fn missing_files_and_bad_thresholds_are_usage_errors() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/h2trace.ndjson"));
+    let dir = std::env::temp_dir();
+    let o = Command::new(h2trace_bin())
+        .arg("replay")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("opening {}", dir.display())));
     let (code, _, err) = replay_bytes(b"", &["--window", "soon"]);
     assert_eq!(code, Some(2), "{err}");
 }
