@@ -12,7 +12,7 @@ use h2trace::{
     detect::DetectConfig,
     event::decode,
     filter::Filter,
-    output::{Clock, Ndjson},
+    output::{Clock, Ndjson, Sink, Text},
     pipeline::Pipeline,
     replay::{parse_line, replay},
 };
@@ -116,10 +116,15 @@ fn swapped_value() -> impl Strategy<Value = serde_json::Value> {
     ]
 }
 
-/// A whole recorded stream through `replay` and the diagnosis, to a sink.
-fn replay_stream(lines: &[String]) {
-    let out = Ndjson::new(std::io::sink(), Clock { offset_ns: 0 }, Default::default());
-    let mut pipeline = Pipeline::new(Filter::default(), DetectConfig::default(), Box::new(out));
+/// A whole recorded stream through `replay` and the diagnosis, to either output.
+fn replay_stream(lines: &[String], text: bool) {
+    let clock = Clock { offset_ns: 0 };
+    let out: Box<dyn Sink> = if text {
+        Box::new(Text::new(std::io::sink(), clock, Default::default()))
+    } else {
+        Box::new(Ndjson::new(std::io::sink(), clock, Default::default()))
+    };
+    let mut pipeline = Pipeline::new(Filter::default(), DetectConfig::default(), out);
     let input = lines.join("\n");
     replay(input.as_bytes(), &mut pipeline, true, &mut std::io::sink()).unwrap();
 }
@@ -213,6 +218,7 @@ proptest! {
         line_pick in any::<usize>(),
         path_pick in any::<usize>(),
         thresholds in any::<bool>(),
+        text in any::<bool>(),
         value in swapped_value(),
     ) {
         let streams = fixture_streams();
@@ -231,7 +237,7 @@ proptest! {
             swap(&mut v, &paths[path_pick % paths.len()], value);
         }
         lines[i] = v.to_string();
-        replay_stream(&lines);
+        replay_stream(&lines, text);
     }
 }
 
