@@ -116,15 +116,20 @@ fn swapped_value() -> impl Strategy<Value = serde_json::Value> {
     ]
 }
 
-/// A whole recorded stream through `replay` and the diagnosis, to either output.
-fn replay_stream(lines: &[String], text: bool) {
+/// The agent's pipeline with the default thresholds, writing text or NDJSON to nowhere.
+fn pipeline(text: bool) -> Pipeline {
     let clock = Clock { offset_ns: 0 };
     let out: Box<dyn Sink> = if text {
         Box::new(Text::new(std::io::sink(), clock, Default::default()))
     } else {
         Box::new(Ndjson::new(std::io::sink(), clock, Default::default()))
     };
-    let mut pipeline = Pipeline::new(Filter::default(), DetectConfig::default(), out);
+    Pipeline::new(Filter::default(), DetectConfig::default(), out)
+}
+
+/// A whole recorded stream through `replay` and the diagnosis, to either output.
+fn replay_stream(lines: &[String], text: bool) {
+    let mut pipeline = pipeline(text);
     let input = lines.join("\n");
     replay(input.as_bytes(), &mut pipeline, true, &mut std::io::sink()).unwrap();
 }
@@ -160,6 +165,30 @@ proptest! {
         let _ = decode(&noise);
         let b = mutate(kernel_seeds()[seed].clone(), cut, &flips, dup);
         let _ = decode(&b);
+    }
+
+    /// Records that decode (values flipped, not cut) go on through the agent's pipeline, in
+    /// sequences: the kernel is trusted, but a record of a kernel layout h2trace misreads
+    /// must not stop it.
+    #[test]
+    fn kernel_record_sequences_through_the_pipeline_never_panic(
+        recs in prop::collection::vec(
+            (0..4usize, prop::collection::vec((any::<usize>(), any::<u8>()), 0..8)),
+            1..16,
+        ),
+        text in any::<bool>(),
+    ) {
+        let mut pipeline = pipeline(text);
+        let mut last = 0;
+        for (seed, flips) in recs {
+            let b = mutate(kernel_seeds()[seed].clone(), usize::MAX, &flips, (0, 0));
+            if let Ok(input) = decode(&b) {
+                last = b[8..16].try_into().map(u64::from_le_bytes).unwrap_or(0).max(last);
+                pipeline.deliver_input(input);
+            }
+        }
+        pipeline.finish(last);
+        pipeline.flush();
     }
 
     #[test]
