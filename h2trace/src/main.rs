@@ -56,10 +56,14 @@ fn replay(args: &ReplayArgs) -> ExitCode {
         Box::new(io::stdin().lock())
     } else {
         // A directory opens; only its first read would fail, without naming it.
-        match File::open(&args.file).and_then(|f| match f.metadata()?.is_dir() {
-            true => Err(io::Error::from(io::ErrorKind::IsADirectory)),
-            false => Ok(f),
-        }) {
+        let opened = File::open(&args.file).and_then(|f| {
+            if f.metadata()?.is_dir() {
+                Err(io::Error::from(io::ErrorKind::IsADirectory))
+            } else {
+                Ok(f)
+            }
+        });
+        match opened {
             Ok(f) => Box::new(BufReader::new(f)),
             Err(e) => {
                 eprintln!("h2trace: opening {}: {e}", args.file.display());
