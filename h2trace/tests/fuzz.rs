@@ -177,8 +177,10 @@ proptest! {
             1..16,
         ),
         text in any::<bool>(),
+        hold in prop_oneof![Just(0u64), Just(250_000_000), any::<u64>()],
     ) {
         let mut pipeline = pipeline(text);
+        pipeline.set_live_hold(hold);
         let mut last = 0;
         for (seed, flips) in recs {
             let b = mutate(kernel_seeds()[seed].clone(), usize::MAX, &flips, (0, 0));
