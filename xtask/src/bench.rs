@@ -572,12 +572,19 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             let base = median(&mut base);
             let no_churn = mode == "keep" || mode == "h2";
             let unit = if no_churn { "exchanges" } else { "connections" };
+            // What attaching to `inet_sock_set_state` alone leaves: the most any tracer of
+            // TCP state changes could keep, when the floor row ran.
+            let floor = tools
+                .iter()
+                .position(|t| t.name.starts_with("floor"))
+                .map(|i| median(&mut samples[i].iter().map(|s| s.rate).collect::<Vec<_>>()));
             println!("\nmode {mode}: no tracer {base:.0} {unit}/s (median)");
             println!(
-                "{:<26} {:>12} {:>17} {:>14} {:>9} {:>6} {:>20}",
+                "{:<26} {:>12} {:>17} {:>8} {:>14} {:>9} {:>6} {:>20}",
                 "tracer",
                 if no_churn { "exch/s" } else { "conn/s" },
                 "vs none (min-max)",
+                "vs floor",
                 "CPU s/M chg",
                 "peak RSS",
                 "lost",
@@ -609,13 +616,15 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                 let (w, e): (u64, u64) = s
                     .iter()
                     .fold((0, 0), |a, x| (a.0 + x.written, a.1 + x.expected));
+                let vs_floor = floor.map_or("-".into(), |f| format!("{:.2}", med / f));
                 println!(
-                    "{:<26} {:>12.0} {:>6.2} ({:.2}-{:.2}) {:>14} {:>6} MiB {:>6} {:>9}/{:<10}",
+                    "{:<26} {:>12.0} {:>6.2} ({:.2}-{:.2}) {:>8} {:>14} {:>6} MiB {:>6} {:>9}/{:<10}",
                     t.name,
                     med,
                     med / base,
                     lo / base,
                     hi / base,
+                    vs_floor,
                     cpu,
                     rss / 1024,
                     lost,
