@@ -17,10 +17,8 @@ pub enum ConfigError {
     NoSuchPid(u32),
     #[error("invalid --{0} {1:?}: {2} (examples: 30s, 5m, 1h30m, 500ms)")]
     Duration(&'static str, String, String),
-    #[error("invalid --{0} {1}: must be at least 1")]
-    Zero(&'static str, usize),
-    #[error("invalid --{0} {1:?}: must be longer than 0")]
-    ZeroDuration(&'static str, String),
+    #[error("invalid --{0}: must be more than 0")]
+    Zero(String),
     #[error("invalid --ring-size {0:?}: {1}")]
     RingSize(String, String),
     #[error("invalid --perf-pages {0}: must be a power of two")]
@@ -82,34 +80,27 @@ fn ns(flag: &'static str, v: &str) -> Result<u64, ConfigError> {
 /// The thresholds: `base` (the defaults, or what a recorded stream used) with the flags given.
 pub fn detect_config(a: &DetectArgs, base: DetectConfig) -> Result<DetectConfig, ConfigError> {
     let mut c = base;
-    let count = |flag, v: Option<usize>, default: usize| match v {
-        Some(0) => Err(ConfigError::Zero(flag, 0)),
-        Some(n) => Ok(n),
-        None => Ok(default),
-    };
     let dur =
         |flag, v: &Option<String>, default: u64| v.as_deref().map_or(Ok(default), |v| ns(flag, v));
-    // A zero window or stuck threshold would make every rate vanish or every CLOSE_WAIT stuck.
-    let positive = |flag, v: &Option<String>, default: u64| match dur(flag, v, default)? {
-        0 => Err(ConfigError::ZeroDuration(
-            flag,
-            v.clone().unwrap_or_default(),
-        )),
-        n => Ok(n),
-    };
-    c.window_ns = positive("window", &a.window, c.window_ns)?;
-    c.min_conns = count("min-conns", a.min_conns, c.min_conns)?;
+    c.window_ns = dur("window", &a.window, c.window_ns)?;
+    c.min_conns = a.min_conns.unwrap_or(c.min_conns);
     c.short_lifetime_ns = dur("short-lifetime", &a.short_lifetime, c.short_lifetime_ns)?;
-    c.close_wait_stuck_ns = positive(
+    c.close_wait_stuck_ns = dur(
         "close-wait-stuck",
         &a.close_wait_stuck,
         c.close_wait_stuck_ns,
     )?;
     c.idle_gap_ns = dur("idle-gap", &a.idle_gap, c.idle_gap_ns)?;
-    c.time_wait_pileup = count("time-wait-pileup", a.time_wait_pileup, c.time_wait_pileup)?;
-    c.rst_storm = count("rst-storm", a.rst_storm, c.rst_storm)?;
-    c.cancel_storm = count("cancel-storm", a.cancel_storm, c.cancel_storm)?;
-    c.max_peers = count("max-peers", a.max_peers, c.max_peers)?;
+    c.time_wait_pileup = a.time_wait_pileup.unwrap_or(c.time_wait_pileup);
+    c.rst_storm = a.rst_storm.unwrap_or(c.rst_storm);
+    c.cancel_storm = a.cancel_storm.unwrap_or(c.cancel_storm);
+    c.max_peers = a.max_peers.unwrap_or(c.max_peers);
+    // The detector's own rule, which a recorded stream's thresholds are held to as well. Each
+    // field is named after its flag (`window_ns`: `--window`).
+    if let Some(field) = c.invalid_field() {
+        let flag = field.trim_end_matches("_ns").replace('_', "-");
+        return Err(ConfigError::Zero(flag));
+    }
     Ok(c)
 }
 

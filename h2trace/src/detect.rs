@@ -70,9 +70,9 @@ pub struct DetectConfig {
 }
 
 impl DetectConfig {
-    /// The first threshold no run could have decided with (the command line refuses a zero
-    /// window, stuck time or count): a recorded stream holding one was altered, and a zero
-    /// window would stop the detector's clock.
+    /// The first threshold the detector cannot decide with: a zero window (it would stop the
+    /// detector's clock), stuck time (every CLOSE_WAIT stuck) or count. The command line
+    /// refuses these, and `replay` a recorded stream holding one.
     pub fn invalid_field(&self) -> Option<&'static str> {
         [
             ("window_ns", self.window_ns),
