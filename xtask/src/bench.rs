@@ -568,8 +568,9 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                 }
             }
             eprintln!();
-            let mut base: Vec<f64> = samples[0].iter().map(|s| s.rate).collect();
-            let base = median(&mut base);
+            let median_rate =
+                |s: &[Sample]| median(&mut s.iter().map(|x| x.rate).collect::<Vec<_>>());
+            let base = median_rate(&samples[0]);
             let no_churn = mode == "keep" || mode == "h2";
             let unit = if no_churn { "exchanges" } else { "connections" };
             // What attaching to `inet_sock_set_state` alone leaves: the most any tracer of
@@ -577,7 +578,7 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             let floor = tools
                 .iter()
                 .position(|t| t.name.starts_with("floor"))
-                .map(|i| median(&mut samples[i].iter().map(|s| s.rate).collect::<Vec<_>>()));
+                .map(|i| median_rate(&samples[i]));
             println!("\nmode {mode}: no tracer {base:.0} {unit}/s (median)");
             println!(
                 "{:<26} {:>12} {:>17} {:>8} {:>14} {:>9} {:>6} {:>20}",
