@@ -1,8 +1,11 @@
 //! `cargo xtask bench`: connection churn with and without tracers, interleaved and repeated.
 //! Prints, per tracer, the throughput ratio against no tracer, the tracer's CPU time per
 //! million kernel state changes, its peak RSS, records lost, and records written against
-//! expected. Measures only; nothing here is asserted.
+//! expected; then, from one more run of h2trace's default mode with the kernel's BPF run-time
+//! statistics on, what each of its programs costs per run and per connection. Measures only;
+//! nothing here is asserted.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -28,6 +31,9 @@ pub struct Opts {
 }
 
 const STARTED: &str = "\"action\":\"started\"";
+
+/// The row of h2trace's default mode.
+const DEFAULT: &str = "h2trace ringbuf ndjson";
 
 struct Tool {
     name: &'static str,
@@ -58,6 +64,48 @@ struct Sample {
     written: u64,
     expected: u64,
     state_changes: u64,
+    /// Connections (churn) or exchanges (`keep`, `h2`) of the load.
+    units: u64,
+    /// With `kernel_cost`: each of the tracer's programs that ran, with its runs and run time.
+    programs: Vec<ProgramCost>,
+}
+
+struct ProgramCost {
+    /// The kernel's name for it (cut to 15 characters, as bpftool shows it).
+    name: String,
+    runs: u64,
+    ns: u64,
+}
+
+/// The run counts and run times of the BPF programs a process holds, by program id, from the
+/// kernel's statistics (counted only while BPF_ENABLE_STATS or `kernel.bpf_stats_enabled`
+/// is on). The ids come from the process's own descriptors (`prog_id` in
+/// /proc/PID/fdinfo), so another tracer's programs are never counted.
+fn program_stats(pid: u32) -> Result<BTreeMap<u32, ProgramCost>> {
+    let mut ids = BTreeSet::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = fs::read_to_string(fd.path()).unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|v| v.trim().parse::<u32>().ok()),
+        );
+    }
+    let mut out = BTreeMap::new();
+    for p in aya::programs::loaded_programs() {
+        let p = p.context("listing the loaded BPF programs")?;
+        if ids.contains(&p.id()) {
+            out.insert(
+                p.id(),
+                ProgramCost {
+                    name: p.name_as_str().unwrap_or("?").to_string(),
+                    runs: p.run_count(),
+                    ns: p.run_time().as_nanos() as u64,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
@@ -88,7 +136,7 @@ fn tools(root: &Path, h2trace: &Path) -> Vec<Tool> {
             counts: Unit::None,
         },
         Tool {
-            name: "h2trace ringbuf ndjson",
+            name: DEFAULT,
             argv: s(&[&h, "-f", "ndjson", "--transport", "ringbuf", "-o", "{out}"]),
             ready: Some(STARTED),
             warmup: 0.3,
@@ -374,6 +422,7 @@ fn run_once(
     o: &Opts,
     mode: &str,
     dir: &Path,
+    kernel_cost: bool,
 ) -> Result<Sample> {
     let out = dir.join(format!("{}.out", tool.name.replace([' ', '-', '.'], "_")));
     let mut child: Option<Child> = None;
@@ -412,7 +461,34 @@ fn run_once(
     // The tracer's CPU while the load runs: its start-up (BTF, loading, attaching) is a fixed
     // cost, not a cost per state change.
     let cpu_before = child.as_ref().map_or(0.0, |c| proc_cpu_s(c.id()));
+    // The statistics stay on while the descriptor is held, and go off when it is dropped,
+    // even if the bench dies.
+    let (stats, programs_before) = match (&child, kernel_cost) {
+        (Some(c), true) => (
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("turning on the kernel's BPF run-time statistics")?,
+            ),
+            program_stats(c.id())?,
+        ),
+        _ => (None, BTreeMap::new()),
+    };
     let (connections, exchanges, secs) = churn(churn_bin, ns, o, mode)?;
+    let mut programs = Vec::new();
+    if let (Some(c), Some(_)) = (&child, &stats) {
+        for (id, after) in program_stats(c.id())? {
+            let before = programs_before.get(&id);
+            let runs = after.runs - before.map_or(0, |b| b.runs);
+            if runs > 0 {
+                programs.push(ProgramCost {
+                    runs,
+                    ns: after.ns - before.map_or(0, |b| b.ns),
+                    name: after.name,
+                });
+            }
+        }
+    }
+    drop(stats);
     let mut cpu_s = 0.0;
     let mut rss_kib = 0;
     if let Some(c) = child.as_mut() {
@@ -463,20 +539,22 @@ fn run_once(
         ),
     };
     let _ = fs::remove_file(&out);
+    // The no-churn control is measured by its request/response rate.
+    let units = if mode == "keep" || mode == "h2" {
+        exchanges
+    } else {
+        connections
+    };
     Ok(Sample {
-        // The no-churn control is measured by its request/response rate.
-        rate: if mode == "keep" || mode == "h2" {
-            exchanges
-        } else {
-            connections
-        } as f64
-            / secs,
+        rate: units as f64 / secs,
         cpu_s,
         rss_kib,
         lost,
         written,
         expected,
         state_changes,
+        units,
+        programs,
     })
 }
 
@@ -500,6 +578,41 @@ fn h2trace_losses(text: &str) -> Option<u64> {
             .filter_map(|(_, x)| x.as_u64())
             .sum(),
     )
+}
+
+/// What each of h2trace's programs cost per connection (or exchange) of one run.
+fn print_kernel_cost(s: &Sample, unit: &str) {
+    let per = |x: u64| x as f64 / s.units.max(1) as f64;
+    println!(
+        "\nkernel programs of {DEFAULT}, one more run with the kernel's BPF run-time statistics on \
+         ({} {unit}; the statistics add their own clock reads to every run):",
+        s.units
+    );
+    println!(
+        "{:<18} {:>16} {:>8} {:>16}",
+        "program",
+        format!("runs/{}", &unit[..unit.len() - 1]),
+        "ns/run",
+        format!("ns/{}", &unit[..unit.len() - 1])
+    );
+    let mut programs: Vec<&ProgramCost> = s.programs.iter().collect();
+    programs.sort_by_key(|p| std::cmp::Reverse(p.ns));
+    for p in &programs {
+        println!(
+            "{:<18} {:>16.2} {:>8.0} {:>16.0}",
+            p.name,
+            per(p.runs),
+            p.ns as f64 / p.runs as f64,
+            per(p.ns)
+        );
+    }
+    println!(
+        "{:<18} {:>16} {:>8} {:>16.0}",
+        "all",
+        "",
+        "",
+        per(programs.iter().map(|p| p.ns).sum())
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -564,7 +677,7 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                 // Interleaved: every tool once per round, so drift hits all alike.
                 for (i, t) in tools.iter().enumerate() {
                     eprint!("\r{mode}: round {}/{} {:<28}", round + 1, o.rounds, t.name);
-                    samples[i].push(run_once(t, &churn_bin, &ns, &o, mode, &dir)?);
+                    samples[i].push(run_once(t, &churn_bin, &ns, &o, mode, &dir, false)?);
                 }
             }
             eprintln!();
@@ -632,6 +745,14 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
                     w,
                     e
                 );
+            }
+            // The statistics time every run of every program on the host, which costs the
+            // load too: one more run of the default mode, outside the table.
+            if let Some(t) = tools.iter().find(|t| t.name == DEFAULT) {
+                eprint!("\r{mode}: kernel cost {:<28}", "");
+                let s = run_once(t, &churn_bin, &ns, &o, mode, &dir, true)?;
+                eprintln!();
+                print_kernel_cost(&s, unit);
             }
         }
         if o.held > 0 {
