@@ -2,12 +2,12 @@
 //! (and of TLS sockets, from the library's plaintext: see `tls`).
 //!
 //! `sock:sock_send_length`/`sock_recv_length` fire inside the send or receive syscall with the
-//! socket and the byte count, but without the data. The syscall's entry tracepoint
-//! (`syscalls:sys_enter_write`, `…_sendmsg`, `…_read`, `…_recvmsg`, …) stashes the user buffer
-//! per thread, and the length hook walks the `ret` bytes that went through. Only sockets whose
-//! first bytes were the client preface (or, on the server, whose first send was SETTINGS and
-//! whose first receive the preface) are walked; every other socket costs one map lookup at
-//! its first send and first receive.
+//! socket and the byte count, but without the data. The syscall's arguments are still in the
+//! registers the thread entered the kernel with ([`syscall_buf`]), and the length hook walks
+//! the `ret` bytes that went through. Only sockets whose first bytes were the client preface
+//! (or, on the server, whose first send was SETTINGS and whose first receive the preface) are
+//! walked; every other socket costs one read of those registers at its first send and first
+//! receive.
 //!
 //! Frames do not line up with calls: a header can be split across iovecs or calls, a DATA
 //! frame can span many. Each direction keeps where it is in the current frame (collecting the
@@ -19,13 +19,15 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated,
+    },
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
 use h2trace_common::{FRAME_CAPTURE, FrameRecord, SockLife, counter, h2_side, h2_tls, kind};
 
-use crate::{PEEK, UserBuf, count, emit_raw, header};
+use crate::{UserBuf, count, emit_raw, header};
 
 /// `bpf_loop` steps per call: a step reads (part of) a frame header, captures or skips (part of) a
 /// payload, or moves to the next iovec.
@@ -44,7 +46,7 @@ const HEADERS: u8 = 1;
 
 const EEXIST: i32 = 17;
 
-/// What the entry tracepoint stashed (`UserBuf::kind`).
+/// What a syscall's buffer argument points to (`UserBuf::kind`).
 pub const BUF: u32 = 0;
 pub const IOVEC: u32 = 1;
 pub const MSGHDR: u32 = 2;
@@ -99,23 +101,47 @@ static HELD_SENT: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(4096, 
 #[map]
 static FRAME_SCRATCH: PerCpuArray<FrameRecord> = PerCpuArray::with_max_entries(1, 0);
 
-/// Take the buffer the current thread's syscall stashed, if it was a send (`send`) or a
-/// receive like this one. It serves one length hook only.
+/// The buffer of the send- or receive-family syscall the current thread is in, if it is a
+/// send (`send`) or a receive like this one, of at least `ret` bytes.
+///
+/// The length hooks fire inside `sock_sendmsg`/`sock_recvmsg`, which `write`, `sendto`,
+/// `writev`, `sendmsg`, `read`, `recvfrom`, `readv` and `recvmsg` reach with the buffer (or
+/// the iovec array, or the msghdr) as their second argument and its length (or the iovec
+/// count) as their third. The registers the thread entered the kernel with still hold them:
+/// `bpf_task_pt_regs` (Linux 5.15) reads them where they are needed, at a socket's first
+/// send and receive and on HTTP/2 sockets, instead of an entry tracepoint on each of those
+/// syscalls stashing every read and write on the host.
 #[inline(always)]
-pub fn take_stash(send: bool) -> Option<UserBuf> {
-    let key = bpf_get_current_pid_tgid();
-    let p = PEEK.get_ptr_mut(&key)?;
-    // Marked taken in place rather than removed: the thread's next syscall then overwrites
-    // the entry instead of inserting one (an LRU insert costs several lookups' worth).
-    // SAFETY: the entry is this thread's own; only this thread writes or reads it.
-    unsafe {
-        let b = *p;
-        (*p).send = crate::STASH_TAKEN;
-        (b.send == send as u32).then_some(b)
+pub fn syscall_buf(send: bool, ret: u32) -> Option<UserBuf> {
+    // x86-64 `struct pt_regs` (the ptrace layout): dx at 96, si at 104, di at 112, orig_ax
+    // (the syscall number) at 120.
+    let r = unsafe {
+        let regs = generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) as u64;
+        bpf_probe_read_kernel((regs + 96) as *const [u64; 4]).ok()?
+    };
+    let (count, ptr, nr) = (r[0], r[1], r[3]);
+    // x86-64 syscall numbers. A 32-bit task's numbers mean other calls here, none of which
+    // reaches a socket's sendmsg or recvmsg, and kernel threads (io_uring workers, in-kernel
+    // socket users) carry zeroed registers: `read` of 0 bytes, which the length check turns
+    // away.
+    let (kind, is_send) = match nr {
+        0 => (BUF, false),
+        1 => (BUF, true),
+        19 => (IOVEC, false),
+        20 => (IOVEC, true),
+        44 => (BUF, true),
+        45 => (BUF, false),
+        46 => (MSGHDR, true),
+        47 => (MSGHDR, false),
+        _ => return None,
+    };
+    if is_send != send || kind == BUF && count < ret as u64 {
+        return None;
     }
+    Some(UserBuf { ptr, count, kind })
 }
 
-/// The first segment of a stashed buffer as (pointer, length), and the iovec array with its
+/// The first segment of a syscall's buffer as (pointer, length), and the iovec array with its
 /// length (0, 0 for a plain buffer).
 #[inline(always)]
 pub fn first_segment(b: &UserBuf) -> Option<(u64, u64, u64, u64)> {

@@ -76,12 +76,6 @@ static RING: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
 
-/// `--peek` and `--http2 h2c`: the user buffer of the send or receive syscall a thread is in,
-/// until `sock:sock_send_length`/`sock_recv_length` (which fire inside the same syscall) read
-/// it.
-#[map]
-static PEEK: LruHashMap<u64, UserBuf> = LruHashMap::with_max_entries(16384, 0);
-
 /// Last TCP state reported per conntrack entry, keyed by `struct nf_conn *`: a record is
 /// emitted only when it changes.
 #[map]
@@ -102,20 +96,15 @@ static CT_NETNS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 static IO_SOCK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// [`UserBuf::send`] once a length hook has taken the stash.
-const STASH_TAKEN: u32 = 2;
-
-#[repr(C)]
+/// The user memory a send or receive went through.
 #[derive(Clone, Copy)]
 struct UserBuf {
     ptr: u64,
-    /// The syscall's length argument: bytes (`h2::BUF`) or iovecs (`h2::IOVEC`).
+    /// The length argument: bytes (`h2::BUF`) or iovecs (`h2::IOVEC`).
     count: u64,
     /// `h2::BUF`: the data, `h2::IOVEC`: a `struct iovec *`, `h2::MSGHDR`: a
     /// `struct user_msghdr *`.
     kind: u32,
-    /// 1 for the send family, 0 for the receive family, [`STASH_TAKEN`] once used.
-    send: u32,
 }
 
 #[repr(C)]
@@ -947,7 +936,7 @@ fn on_io<C: EbpfContext>(ctx: &C, sk: u64, ret: i32, send: bool) -> Option<()> {
         let h2 = config!(flags) & flags::H2C != 0 && !in_tls && h2::wants(life, send);
         let peek = send && life.first_bytes_len == 0 && config!(flags) & flags::PEEK != 0;
         if (h2 || peek)
-            && let Some(b) = h2::take_stash(send)
+            && let Some(b) = h2::syscall_buf(send, ret as u32)
         {
             if peek {
                 peek_first_bytes(life, &b, ret);
@@ -1028,87 +1017,7 @@ fn io_return(ctx: &RetProbeContext, send: bool) -> Option<()> {
     on_io(ctx, sk, ctx.ret::<i32>(), send)
 }
 
-/// Remember the buffer of a send- or receive-family syscall. Syscall tracepoint records keep
-/// the arguments at 16 + 8·i: the buffer (or iovec, or msghdr) is the second, its length (or
-/// the iovec count) the third.
-#[inline(always)]
-fn stash(ctx: &TracePointContext, kind: u32, send: u32) -> u32 {
-    if config!(flags) & (flags::PEEK | flags::H2C) == 0 {
-        return 0;
-    }
-    let base = ctx.as_ptr() as *const u8;
-    // SAFETY: every `syscalls:sys_enter_*` record holds `__syscall_nr` at 8 and the arguments
-    // as 8-byte fields from 16; these syscalls have at least three, so 24 and 32 are inside.
-    let b = unsafe {
-        UserBuf {
-            ptr: core::ptr::read(base.add(24) as *const u64),
-            count: core::ptr::read(base.add(32) as *const u64),
-            kind,
-            send,
-        }
-    };
-    // Runs at every read and write on the host: overwrite the thread's entry in place when it
-    // has one (the usual case), insert only for a thread's first syscall.
-    let key = bpf_get_current_pid_tgid();
-    match PEEK.get_ptr_mut(&key) {
-        // SAFETY: the entry is this thread's own.
-        Some(p) => unsafe { *p = b },
-        None => {
-            let _ = PEEK.insert(&key, &b, 0);
-        }
-    }
-    0
-}
-
-/// `syscalls:sys_enter_write` (with `--peek` or `--http2`).
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::BUF, 1)
-}
-
-/// `syscalls:sys_enter_sendto` (with `--peek` or `--http2`).
-#[tracepoint]
-pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::BUF, 1)
-}
-
-/// `syscalls:sys_enter_writev` (with `--peek` or `--http2`).
-#[tracepoint]
-pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::IOVEC, 1)
-}
-
-/// `syscalls:sys_enter_sendmsg` (with `--peek` or `--http2`).
-#[tracepoint]
-pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::MSGHDR, 1)
-}
-
-/// `syscalls:sys_enter_read` (with `--http2`).
-#[tracepoint]
-pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::BUF, 0)
-}
-
-/// `syscalls:sys_enter_recvfrom` (with `--http2`).
-#[tracepoint]
-pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::BUF, 0)
-}
-
-/// `syscalls:sys_enter_readv` (with `--http2`).
-#[tracepoint]
-pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::IOVEC, 0)
-}
-
-/// `syscalls:sys_enter_recvmsg` (with `--http2`).
-#[tracepoint]
-pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    stash(&ctx, h2::MSGHDR, 0)
-}
-
-/// The first bytes of this send, from the buffer the thread's syscall stashed.
+/// The first bytes of this send, from the buffer of the thread's syscall.
 #[inline(always)]
 fn peek_first_bytes(life: &mut SockLife, b: &UserBuf, sent: i32) {
     let Some((ptr, _, _, _)) = h2::first_segment(b) else {

@@ -120,7 +120,6 @@ fn plaintext<C: EbpfContext>(ctx: &C, sk: u64, buf: u64, n: u32, send: bool) -> 
         ptr: buf,
         count: n as u64,
         kind: h2::BUF,
-        send: send as u32,
     };
     h2::on_io(ctx, life, sk, &b, n, d, first, quiet);
     Some(())

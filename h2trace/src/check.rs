@@ -88,9 +88,9 @@ pub fn check(opts: &ProbeOptions) -> Report {
         t,
         "  {}",
         if opts.h2c {
-            "h2c  frames of cleartext connections that begin with the client preface, read from the syscall buffers above (bpf_loop, Linux ≥ 5.17); --http2 off skips it"
+            "h2c  frames of cleartext connections that begin with the client preface, read from the buffers of their read and write syscalls by the length hooks above (bpf_task_pt_regs, bpf_loop: Linux ≥ 5.17); --http2 off skips it"
         } else {
-            "off  (--http2 off): no frames, no syscall tracepoints"
+            "off  (--http2 off): no frames"
         }
     );
     let _ = writeln!(

@@ -129,7 +129,7 @@ pub enum Events {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Http2Choice {
-    /// No HTTP/2 frames: TCP only, no syscall tracepoints.
+    /// No HTTP/2 frames: TCP only.
     Off,
     /// Cleartext HTTP/2 (gRPC without TLS, h2c with prior knowledge), read from the
     /// buffers of the read/write/send/recv syscalls.
@@ -210,14 +210,13 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DURATION", default_value = "250ms")]
     pub live_hold: String,
     /// Read the first 8 bytes each connection sends, to tell HTTP/1.x, HTTP/2 (h2c) and TLS
-    /// apart. Attaches to the write/sendto/writev/sendmsg syscalls of the whole host, which
-    /// costs on write-heavy hosts: off by default.
+    /// apart (from the buffer of its first write, sendto, writev or sendmsg; Linux ≥ 5.15).
     #[arg(long)]
     pub peek: bool,
     /// See HTTP/2 control frames (SETTINGS, PING, RST_STREAM, GOAWAY) and count the streams
     /// of each connection. h2c walks the frames of connections that began with the HTTP/2
-    /// client preface in cleartext; it attaches to the read and write syscall families of
-    /// the whole host, which every other socket, pipe and file pays a map update for.
+    /// client preface in cleartext (from the buffers of the read and write syscall families;
+    /// Linux ≥ 5.17); every other connection costs a look at its first send and receive.
     /// all: TLS too, through OpenSSL (--tls-lib).
     #[arg(long, value_enum, default_value = "h2c", value_name = "MODE")]
     pub http2: Http2Choice,

@@ -182,10 +182,10 @@ pub struct ProbeOptions {
     /// The agent holds live events for their life record (`--live-hold` > 0): the kernel may
     /// count a RST sent from CLOSE in the record instead (`flags::FOLD_CLOSED_RESETS`).
     pub fold_closed_resets: bool,
-    /// Capture the first bytes each socket sends (syscall tracepoints on the send family).
+    /// Capture the first bytes each socket sends (from its first send's syscall buffer).
     pub peek: bool,
     /// `--http2 h2c`: walk the HTTP/2 frames of cleartext sockets that spoke the preface
-    /// (syscall tracepoints on the send and receive families).
+    /// (from the syscall buffers of their sends and receives).
     pub h2c: bool,
     /// `--http2 all`: also TLS plaintext, from this OpenSSL library's `SSL_write`/`SSL_read`.
     pub tls_lib: Option<std::path::PathBuf>,
@@ -297,22 +297,6 @@ const BTF_TRACEPOINTS: [&str; 4] = [
     "tcp_destroy_sock",
     "sock_send_length",
     "sock_recv_length",
-];
-
-/// `--peek` and `--http2 h2c`: the send-family syscalls whose buffers hold what a socket sends.
-const SEND_SYSCALLS: [&str; 4] = [
-    "sys_enter_write",
-    "sys_enter_sendto",
-    "sys_enter_writev",
-    "sys_enter_sendmsg",
-];
-
-/// `--http2 h2c`: the receive-family syscalls whose buffers hold what a socket received.
-const RECV_SYSCALLS: [&str; 4] = [
-    "sys_enter_read",
-    "sys_enter_recvfrom",
-    "sys_enter_readv",
-    "sys_enter_recvmsg",
 ];
 
 /// Layouts and offsets gathered before loading.
@@ -700,7 +684,6 @@ pub fn load(opts: &ProbeOptions) -> Result<Probes, ProbeError> {
             detail: "attached (--follow-forks)".into(),
         });
     }
-    hooks.extend(attach_syscalls(&mut ebpf, opts, "attached"));
     hooks.extend(attach_tls(&mut ebpf, opts, "attached"));
     hooks.extend(attach_go_tls(&mut ebpf, &facts, opts, "attached"));
     Ok(Probes {
@@ -1011,7 +994,6 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
         "loads and attaches",
         btf,
     ));
-    out.extend(attach_syscalls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_tls(&mut ebpf, opts, "loads and attaches"));
     out.extend(attach_go_tls(&mut ebpf, &facts, opts, "loads and attaches"));
     if let Some(e) = &facts.sock_offsets_error {
@@ -1022,33 +1004,6 @@ pub fn survey(opts: &ProbeOptions) -> Result<Vec<HookStatus>, ProbeError> {
         });
     }
     Ok(out)
-}
-
-/// `--peek` and `--http2 h2c`: the syscall entry tracepoints that stash the buffers.
-fn attach_syscalls(ebpf: &mut Ebpf, opts: &ProbeOptions, ok: &str) -> Vec<HookStatus> {
-    let send = (opts.peek || opts.h2c).then_some(SEND_SYSCALLS.iter());
-    let recv = opts.h2c.then_some(RECV_SYSCALLS.iter());
-    let what = match (opts.peek, opts.h2c) {
-        (true, true) => "--peek and --http2",
-        (true, false) => "--peek",
-        _ => "--http2",
-    };
-    send.into_iter()
-        .flatten()
-        .chain(recv.into_iter().flatten())
-        .map(|name| {
-            let result =
-                attach_tracepoint(ebpf, name, "syscalls", name).map_err(|e| error_chain(&e));
-            HookStatus {
-                hook: format!("tracepoint syscalls:{name}"),
-                ok: result.is_ok(),
-                detail: result.map_or_else(
-                    |why| format!("{why}; {what} miss the data of these calls"),
-                    |()| format!("{ok} ({what})"),
-                ),
-            }
-        })
-        .collect()
 }
 
 /// OpenSSL's calls that carry plaintext, and their entry programs (all return to

@@ -104,8 +104,8 @@ pub fn loaded_h2trace_programs() -> usize {
         "ct_drop",
         "ct_refresh_kpro",
         "sched_process_f",
-        "sys_enter_write",
-        "sys_enter_read",
+        "sock_recv_lengt",
+        "tcp_receive_res",
         "ssl_return",
     ];
     let count = || {
