@@ -1,14 +1,16 @@
 //! Connection-churn load for `cargo xtask bench`: a server and client threads in one process,
 //! on one address (loopback inside the bench's private namespace), for a bounded time.
 //!
-//!   churn ADDR --threads T --seconds S --mode close|rst|keep|h2
+//!   churn ADDR --threads T --seconds S --mode close|rst|keep|h2|pipe
 //!   churn ADDR --mode hold --conns N --seconds S
 //!
 //! close: connect, one request/response, the client closes (FIN). rst: the same, closed with
 //! SO_LINGER 0 (RST). keep: one connection per thread doing request/response for the whole
 //! run (the no-churn control). h2: keep, framed as HTTP/2 (the client preface and SETTINGS,
 //! then per exchange HEADERS + DATA on a new stream each way): what h2trace's frame walk costs
-//! per request. Prints `exchanges=N connections=M seconds=S` at the end.
+//! per request. pipe: no network at all, each thread writes 64 bytes into a pipe and reads them
+//! back (what a tracer costs the rest of a host's reads and writes). Prints `exchanges=N
+//! connections=M seconds=S` at the end.
 //! hold: open N connections (2·N sockets), one request/response each, print `holding=N`, keep
 //! them idle for S seconds, then close them all (the tracer's memory with many live sockets).
 //! stuck: close, while N sockets (`--stuck N`, 2,000 by default) sit in CLOSE_WAIT for the
@@ -169,7 +171,7 @@ fn main() {
     let addr: SocketAddr = args
         .first()
         .and_then(|a| a.parse().ok())
-        .expect("usage: churn ADDR [--threads T] [--seconds S] [--mode close|rst|keep|h2]");
+        .expect("usage: churn ADDR [--threads T] [--seconds S] [--mode close|rst|keep|h2|pipe]");
     let threads: usize = get("--threads", "2").parse().expect("--threads");
     let seconds: f64 = get("--seconds", "5").parse().expect("--seconds");
     let mode = get("--mode", "close");
@@ -236,7 +238,15 @@ fn main() {
             std::thread::spawn(move || {
                 let mut kept: Option<TcpStream> = None;
                 let mut stream = 1u32;
+                let mut pipe = (mode == "pipe").then(|| std::io::pipe().expect("pipe"));
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some((r, w)) = &mut pipe {
+                        let mut buf = [0u8; 64];
+                        w.write_all(REQ).expect("pipe write");
+                        r.read_exact(&mut buf).expect("pipe read");
+                        exchanges.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if mode == "h2" {
                         let s = kept.get_or_insert_with(|| {
                             connections.fetch_add(1, Ordering::Relaxed);

@@ -540,7 +540,7 @@ fn run_once(
     };
     let _ = fs::remove_file(&out);
     // The no-churn control is measured by its request/response rate.
-    let units = if mode == "keep" || mode == "h2" {
+    let units = if no_churn(mode) {
         exchanges
     } else {
         connections
@@ -615,6 +615,12 @@ fn print_kernel_cost(s: &Sample, unit: &str) {
     );
 }
 
+/// The loads measured by their exchanges (request/response, or a pipe's write and read)
+/// rather than by connections.
+fn no_churn(mode: &str) -> bool {
+    matches!(mode, "keep" | "h2" | "pipe")
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -684,7 +690,7 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
             let median_rate =
                 |s: &[Sample]| median(&mut s.iter().map(|x| x.rate).collect::<Vec<_>>());
             let base = median_rate(&samples[0]);
-            let no_churn = mode == "keep" || mode == "h2";
+            let no_churn = no_churn(mode);
             let unit = if no_churn { "exchanges" } else { "connections" };
             // What attaching to `inet_sock_set_state` alone leaves: the most any tracer of
             // TCP state changes could keep, when the floor row ran.

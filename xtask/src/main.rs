@@ -55,7 +55,8 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Load modes: close (FIN), rst (abortive), keep (one connection per thread), h2 (keep,
-        /// framed as HTTP/2: the frame walk's cost per request).
+        /// framed as HTTP/2: the frame walk's cost per request), pipe (no network: writes and
+        /// reads through a pipe, what a tracer costs the rest of the host's I/O).
         #[arg(long, value_delimiter = ',', default_value = "close,rst,keep,h2")]
         modes: Vec<String>,
         /// Live sockets for the memory run (connections held idle while h2trace runs, both
