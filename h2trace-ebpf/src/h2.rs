@@ -19,9 +19,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
