@@ -64,7 +64,7 @@ struct Sample {
     written: u64,
     expected: u64,
     state_changes: u64,
-    /// Connections (churn) or exchanges (`keep`, `h2`) of the load.
+    /// Connections (churn) or exchanges (`keep`, `h2`, `pipe`) of the load.
     units: u64,
     /// With `kernel_cost`: each of the tracer's programs that ran, with its runs and run time.
     programs: Vec<ProgramCost>,
@@ -588,12 +588,13 @@ fn print_kernel_cost(s: &Sample, unit: &str) {
          ({} {unit}; the statistics add their own clock reads to every run):",
         s.units
     );
+    let one = unit.trim_end_matches('s');
     println!(
         "{:<18} {:>16} {:>8} {:>16}",
         "program",
-        format!("runs/{}", &unit[..unit.len() - 1]),
+        format!("runs/{one}"),
         "ns/run",
-        format!("ns/{}", &unit[..unit.len() - 1])
+        format!("ns/{one}")
     );
     let mut programs: Vec<&ProgramCost> = s.programs.iter().collect();
     programs.sort_by_key(|p| std::cmp::Reverse(p.ns));
