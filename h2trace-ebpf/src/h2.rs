@@ -32,6 +32,16 @@ use crate::{UserBuf, count, emit_raw, header};
 const STEPS: u32 = 1024;
 
 const PREFACE: [u8; 24] = *b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// [`PREFACE`] as the little-endian words [`head`] returns.
+const PREFACE_WORDS: [u64; 3] = {
+    let mut w = [0u64; 3];
+    let mut i = 0;
+    while i < 24 {
+        w[i / 8] |= (PREFACE[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    w
+};
 
 /// Where a direction is in the current frame.
 const HEADER: u8 = 0;
@@ -221,7 +231,7 @@ fn detect(
     let (ptr, len, iov, iov_n) = first_segment(b)?;
     let side = life.h2_side;
     if let Some(head) = head(ptr, len, iov, iov_n, ret) {
-        if head == PREFACE {
+        if head == PREFACE_WORDS {
             life.h2_preface[d & 1] = 1;
             if side == h2_side::NONE {
                 let side = if d == 0 {
@@ -271,16 +281,20 @@ fn detect(
 }
 
 /// The first 24 bytes of a call, from its first iovec or its first two (a preface may be
-/// split, as readv into small buffers does).
+/// split, as readv into small buffers does), as three little-endian words: compared with
+/// [`PREFACE_WORDS`] in three instructions.
 #[inline(always)]
-fn head(ptr: u64, len: u64, iov: u64, iov_n: u64, ret: u32) -> Option<[u8; 24]> {
+fn head(ptr: u64, len: u64, iov: u64, iov_n: u64, ret: u32) -> Option<[u64; 3]> {
     if ret < 24 {
         return None;
     }
-    // Twice the size that is read, so that masked offsets and lengths stay inside.
-    let mut buf = [0u8; 64];
+    // Twice the size that is read, so that masked offsets and lengths stay inside; 8-aligned,
+    // so that zeroing it is eight 64-bit stores, not 64 single bytes.
+    #[repr(C, align(8))]
+    struct Buf([u8; 64]);
+    let mut buf = Buf([0; 64]);
     let first = len.min(24) as u32;
-    read_user(buf.as_mut_ptr(), first & 31, ptr)?;
+    read_user(buf.0.as_mut_ptr(), first & 31, ptr)?;
     if first < 24 {
         if iov_n < 2 {
             return None;
@@ -290,12 +304,11 @@ fn head(ptr: u64, len: u64, iov: u64, iov_n: u64, ret: u32) -> Option<[u8; 24]> 
         if v[1] < rest as u64 {
             return None;
         }
-        let dst = unsafe { buf.as_mut_ptr().add((first & 31) as usize) };
+        let dst = unsafe { buf.0.as_mut_ptr().add((first & 31) as usize) };
         read_user(dst, rest & 31, v[0])?;
     }
-    let mut out = [0u8; 24];
-    out.copy_from_slice(&buf[..24]);
-    Some(out)
+    // SAFETY: `buf` is 8-aligned and longer than 24 bytes.
+    Some(unsafe { core::ptr::read(buf.0.as_ptr() as *const [u64; 3]) })
 }
 
 /// Make the socket's parse state and set its side.
