@@ -1163,9 +1163,13 @@ pub fn ct_refresh_fentry(ctx: FEntryContext) -> u32 {
 #[inline(always)]
 fn ct_of_packet(ctx: &BtfTracePointContext) {
     let skb: *const u8 = ctx.arg(0);
-    if config!(flags) & flags::CONNTRACK != 0
-        && let Some(nfct) = unsafe { read::<u64>(skb, config!(ct.skb_nfct)) }
-    {
+    let off = config!(ct.skb_nfct);
+    if config!(flags) & flags::CONNTRACK != 0 && off != ABSENT {
+        // SAFETY: `skb` is the tracepoint's BTF-typed `struct sk_buff *` and `off` a constant
+        // of the frozen config, so the verifier checks this plain load against the kernel's
+        // BTF (a fault reads as zero), as in [`btf_is_tcp`]: this runs for every packet the
+        // host sends, and a helper call would cost more than the rest of the fast path.
+        let nfct: u64 = unsafe { core::ptr::read(skb.add(off as usize) as *const u64) };
         // The low three bits are the packet's `enum ip_conntrack_info`.
         let _ = ct_seen(ctx, (nfct & !7) as *const u8, ct_hook::BTF_TRACEPOINT);
     }
