@@ -680,9 +680,19 @@ pub fn bench(root: &Path, o: Opts) -> Result<()> {
     let result = (|| -> Result<()> {
         for mode in o.modes.iter().filter(|m| !m.is_empty()) {
             let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
+            let n = tools.len();
             for round in 0..o.rounds {
-                // Interleaved: every tool once per round, so drift hits all alike.
-                for (i, t) in tools.iter().enumerate() {
+                // Interleaved: every tool once per round, so drift hits all alike. The run
+                // without a tracer first, then the tracers in an order turned by one each
+                // round, so that none always runs right after the same one (bpftrace's exit
+                // and its 100 MiB given back, say).
+                for k in 0..n {
+                    let i = if k == 0 {
+                        0
+                    } else {
+                        1 + (k - 1 + round) % (n - 1)
+                    };
+                    let t = &tools[i];
                     eprint!("\r{mode}: round {}/{} {:<28}", round + 1, o.rounds, t.name);
                     samples[i].push(run_once(t, &churn_bin, &ns, &o, mode, &dir, false)?);
                 }
