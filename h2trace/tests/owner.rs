@@ -13,19 +13,24 @@ fn pid_of(r: &Value) -> Option<u64> {
 }
 
 /// The record of `action` for the socket whose local or remote port is `port`, on `side`.
-fn find<'a>(recs: &'a [Value], act: &str, side: &str, port: u16) -> &'a Value {
+/// The first `act` record whose `side` endpoint is `ip`:`port`. The address as well as the
+/// port: traced without a namespace filter, a record can come from another test's namespace
+/// still being torn down (a socket of its own on port 8080 ending in FIN_WAIT1).
+fn find<'a>(recs: &'a [Value], act: &str, side: &str, ip: &str, port: u16) -> &'a Value {
     recs.iter()
-        .find(|r| action(r) == act && r[side]["port"] == port)
-        .unwrap_or_else(|| panic!("no {act} with {side} port {port}"))
+        .find(|r| action(r) == act && r[side]["ip"] == ip && r[side]["port"] == port)
+        .unwrap_or_else(|| panic!("no {act} with {side} {ip}:{port}"))
 }
 
 /// The connection record (still open at exit, or closed meanwhile) of that socket.
-fn connection<'a>(recs: &'a [Value], side: &str, port: u16) -> &'a Value {
+fn connection<'a>(recs: &'a [Value], side: &str, ip: &str, port: u16) -> &'a Value {
     recs.iter()
         .find(|r| {
-            matches!(action(r), "connection-open" | "connection-closed") && r[side]["port"] == port
+            matches!(action(r), "connection-open" | "connection-closed")
+                && r[side]["ip"] == ip
+                && r[side]["port"] == port
         })
-        .unwrap_or_else(|| panic!("no connection with {side} port {port}"))
+        .unwrap_or_else(|| panic!("no connection with {side} {ip}:{port}"))
 }
 
 #[test]
@@ -67,17 +72,23 @@ fn connections_opened_before_the_start_have_their_owners() {
     let ns_c = NetPair::inode(&net.client);
     for (port, client_pid, server_pid) in expected {
         // The snapshot saw both ends with their processes.
-        let client_snap = find(&recs, "socket-snapshot", "destination", port);
+        let client_snap = find(
+            &recs,
+            "socket-snapshot",
+            "destination",
+            &net.server_v4,
+            port,
+        );
         assert_eq!(client_snap["h2trace"]["netns"], ns_c);
         assert_eq!(client_snap["h2trace"]["snapshot"]["state"], "ESTABLISHED");
         assert_eq!(pid_of(client_snap), Some(client_pid));
-        let server_snap = find(&recs, "socket-snapshot", "source", port);
+        let server_snap = find(&recs, "socket-snapshot", "source", &net.server_v4, port);
         assert_eq!(pid_of(server_snap), Some(server_pid));
         // Still open at exit, said to predate the trace, owned by the same processes.
-        let client_open = connection(&recs, "destination", port);
+        let client_open = connection(&recs, "destination", &net.server_v4, port);
         assert_eq!(client_open["h2trace"]["socket"]["seen_from"], "snapshot");
         assert_eq!(pid_of(client_open), Some(client_pid), "{client_open:#}");
-        let server_open = connection(&recs, "source", port);
+        let server_open = connection(&recs, "source", &net.server_v4, port);
         assert_eq!(
             server_open["h2trace"]["socket"]["seen_from"], "snapshot",
             "{server_open:#}\n{server_snap:#}"
@@ -86,11 +97,17 @@ fn connections_opened_before_the_start_have_their_owners() {
     }
     // The idle one never reached the kernel programs: its record and owner come from the
     // snapshot, with the bytes the kernel had counted before the start.
-    let idle_open = find(&recs, "connection-open", "destination", 8081);
+    let idle_open = find(
+        &recs,
+        "connection-open",
+        "destination",
+        &net.server_v4,
+        8081,
+    );
     assert_eq!(idle_open["h2trace"]["owner_source"], "snapshot");
     assert!(idle_open["source"]["bytes"].as_u64().unwrap() > 0);
     // The busy one: the kernel learned the owner from its I/O.
-    let busy_open = connection(&recs, "destination", 8080);
+    let busy_open = connection(&recs, "destination", &net.server_v4, 8080);
     assert_eq!(busy_open["h2trace"]["owner_source"], "io");
 
     // --pid: that process's sockets only, the ones it had before the start included.
@@ -103,7 +120,7 @@ fn connections_opened_before_the_start_have_their_owners() {
             .all(|r| pid_of(r) == Some(server_pid) || action(r) == "finding"),
         "records of other processes with --pid"
     );
-    let open = connection(&mine, "source", 8080);
+    let open = connection(&mine, "source", &net.server_v4, 8080);
     assert_eq!(open["h2trace"]["socket"]["seen_from"], "snapshot");
 }
 
@@ -132,15 +149,15 @@ fn a_connection_found_at_start_that_closes_while_traced_says_it_predates_the_tra
     validate_all(&recs);
     assert_replay_identical(&path);
     for (side, pid) in [("destination", client_pid), ("source", server_pid)] {
-        let snap = find(&recs, "socket-snapshot", side, 8082);
-        let closed = find(&recs, "connection-closed", side, 8082);
+        let snap = find(&recs, "socket-snapshot", side, &net.server_v4, 8082);
+        let closed = find(&recs, "connection-closed", side, &net.server_v4, 8082);
         assert_eq!(
             closed["h2trace"]["socket"]["seen_from"], "snapshot",
             "{closed:#}\n{snap:#}"
         );
         assert_eq!(pid_of(closed), Some(pid), "{closed:#}");
     }
-    let server_closed = find(&recs, "connection-closed", "source", 8082);
+    let server_closed = find(&recs, "connection-closed", "source", &net.server_v4, 8082);
     assert_eq!(
         server_closed["h2trace"]["connection"]["fin_first"], "peer",
         "{server_closed:#}"
