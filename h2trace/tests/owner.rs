@@ -12,7 +12,6 @@ fn pid_of(r: &Value) -> Option<u64> {
     r["process"]["pid"].as_u64()
 }
 
-/// The record of `action` for the socket whose local or remote port is `port`, on `side`.
 /// The first `act` record whose `side` endpoint is `ip`:`port`. The address as well as the
 /// port: traced without a namespace filter, a record can come from another test's namespace
 /// still being torn down (a socket of its own on port 8080 ending in FIN_WAIT1).
