@@ -397,10 +397,13 @@ fn a_socket_handed_to_another_process_follows_its_user() {
     assert!(wait_timeout(&mut server.0, Duration::from_secs(20)).is_some());
     std::thread::sleep(Duration::from_millis(500));
     let recs = tracer.stop();
-    let c = recs
-        .iter()
-        .find(|r| action(r) == "connection-closed" && r["destination"]["port"] == 8080)
-        .expect("the client's connection");
+    let c = find(
+        &recs,
+        "connection-closed",
+        "destination",
+        &net.server_v4,
+        8080,
+    );
     assert_eq!(c["h2trace"]["owner_source"], "io", "{c:#}");
     assert_eq!(c["process"]["name"], "tcp_peer");
     assert_ne!(
